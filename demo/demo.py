@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Recognise given boxes in your own images with your own class names.
+
+    python demo/demo.py --config-file configs/regionspot_bl.yaml \\
+        --input "photos/*.jpg" --boxes boxes.json \\
+        --vocabulary custom --custom-vocabulary "cat,remote control,sofa" \\
+        --output out/ --opts MODEL.WEIGHTS regionspot_bl.pth
+
+``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
+list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
+``<output>/<name>.jpg`` (boxes, labels, scores and SAM masks drawn with Detectron2's
+Visualizer) and ``<output>/<name>.json`` (the predictions). An image that fails is reported
+with its file name and the others go on; the exit code is 1 if any failed.
+"""
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from regionspot import RegionSpotPredictor, add_regionspot_config
+from regionspot.data.validation import InputError, read_image
+from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
+from regionspot.io import atomic_write, write_json_atomic
+
+logger = logging.getLogger("regionspot.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="RegionSpot demo: label given boxes with any vocabulary")
+    parser.add_argument("--config-file", default="configs/regionspot_bl.yaml", metavar="FILE")
+    parser.add_argument("--input", nargs="+", required=True, help="image paths or glob patterns")
+    parser.add_argument("--boxes", required=True, help="JSON file: {image: [[x0, y0, x1, y1], ...]}")
+    parser.add_argument("--vocabulary", default="lvis", choices=list(BUILTIN_VOCABULARIES) + ["custom"])
+    parser.add_argument("--custom-vocabulary", default="", help='comma-separated names, e.g. "cat,dog,sofa"')
+    parser.add_argument("--output", required=True, help="folder for the drawn images and JSON files")
+    parser.add_argument("--no-masks", action="store_true", help="draw boxes and labels only")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.REGIONSPOT.VOCABULARY = args.vocabulary
+    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = args.custom_vocabulary
+    cfg.freeze()
+    return cfg
+
+
+def expand_inputs(patterns):
+    """Paths in the order given; a pattern that matches nothing is kept to be reported."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        paths.extend(matches if matches else [pattern])
+    return paths
+
+
+def boxes_for(table: dict, path: str):
+    for key in (path, os.path.normpath(path), os.path.basename(path)):
+        if key in table:
+            return table[key]
+    raise InputError(f"no boxes for image {path!r} in the --boxes file (keys are image paths or file names)")
+
+
+def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
+    """Draw predictions with Detectron2's Visualizer; returns an (H, W, 3) uint8 RGB array."""
+    h, w = image.shape[:2]
+    instances = Instances((h, w))
+    instances.pred_boxes = Boxes(predictions.boxes)
+    instances.scores = predictions.scores
+    instances.pred_classes = predictions.classes
+    if draw_masks:
+        instances.pred_masks = predictions.masks
+    metadata = MetadataCatalog.get("__regionspot_demo")
+    metadata.thing_classes = predictions.vocabulary
+    visualizer = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="regionspot")
+    setup_logger(name="detectron2")
+    try:
+        with open(args.boxes) as f:
+            box_table = json.load(f)
+        if not isinstance(box_table, dict):
+            raise InputError(f"--boxes {args.boxes!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}")
+        vocabulary = get_vocabulary(args.vocabulary, args.custom_vocabulary or None)
+    except (OSError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    cfg = setup_cfg(args)
+    predictor = RegionSpotPredictor.from_config(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    import cv2
+
+    failures = []
+    for path in expand_inputs(args.input):
+        start = time.perf_counter()
+        try:
+            image = read_image(path, "RGB")
+            predictor.set_image(image)
+            predictions = predictor.predict(boxes_for(box_table, path), vocabulary)
+        except (InputError, ValueError) as e:
+            logger.error("%s: %s", path, e)
+            failures.append(path)
+            continue
+        stem = os.path.splitext(os.path.basename(path))[0]
+        drawn = draw(image, predictions, not args.no_masks)
+        ok, encoded = cv2.imencode(".jpg", drawn[:, :, ::-1])
+        if not ok:
+            logger.error("%s: could not encode the drawn image", path)
+            failures.append(path)
+            continue
+        atomic_write(os.path.join(args.output, f"{stem}.jpg"), lambda f: f.write(encoded.tobytes()))
+        write_json_atomic(os.path.join(args.output, f"{stem}.json"),
+                          {"image": path, "height": image.shape[0], "width": image.shape[1],
+                           "predictions": predictions.to_json()})
+        logger.info("%s: %d boxes in %.2fs -> %s", path, len(predictions.labels),
+                    time.perf_counter() - start, os.path.join(args.output, stem + ".jpg"))
+    if failures:
+        logger.error("%d image(s) failed: %s", len(failures), ", ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""RegionSpot for Detectron2: recognize any region with frozen SAM and CLIP.
+
+Importing the package registers the ``RegionSpot`` meta-architecture and the bundled
+``regionspot_sample`` dataset with Detectron2.
+"""
+
+__version__ = "0.1.0"
+
+from .config import add_regionspot_config  # noqa: E402
+from .data import datasets as _datasets  # noqa: E402,F401  (dataset registrations)
+from .modeling.meta_arch import RegionSpot  # noqa: E402,F401  (meta-architecture registration)
+from .predictor import RegionSpotPredictor  # noqa: E402,F401
+
+__all__ = ["add_regionspot_config", "RegionSpot", "RegionSpotPredictor", "__version__"]

@@ -1,0 +1,109 @@
+"""Checkpoints of the trainable head: ours and the authors' released files.
+
+SAM and CLIP are frozen and loaded from their official files, so a RegionSpot checkpoint
+holds only the head. Two layouts load:
+- ours: ``{"model": {"head.to_clip.weight", ...}, "optimizer", "scheduler", "iteration"}``;
+- the released one (reference Sec. 4): head keys under ``model.`` (``model.to_clip.weight``,
+  ``model.decoder.layers.0...``, ``model.projector.*``), possibly with the frozen
+  ``model.sam.*`` / ``model.clip_model.*`` tensors, ``trainer`` and ``iteration`` entries.
+Every missing or unexpected head key is named in the log; a shape mismatch is an error.
+Files are written atomically (temporary file, then rename), so an interrupted save never
+leaves a truncated checkpoint behind.
+"""
+
+import os
+from typing import Dict
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+
+from .io import atomic_write
+
+HEAD_PREFIX = "head."
+# Released layout: the core module is `self.model`, holding the head and the frozen encoders.
+RELEASED_PREFIX = "model."
+FROZEN_PREFIXES = ("model.sam.", "model.clip_model.", "position.", "semantic.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded into the RegionSpot head."""
+
+
+def head_state_from_checkpoint(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map a checkpoint's model state (ours or released) to ``head.*`` keys.
+
+    Keys of the frozen encoders are dropped (they come from the official SAM/CLIP files);
+    ``module.`` prefixes (DDP) are stripped. Keys that fit no layout are kept unchanged so the
+    caller reports them as unexpected.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith(FROZEN_PREFIXES):
+            continue
+        if key.startswith(RELEASED_PREFIX):
+            key = HEAD_PREFIX + key[len(RELEASED_PREFIX):]
+        out[key] = value
+    return out
+
+
+class RegionSpotCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer, restricted to the head, atomic, and strict about shapes.
+
+    Use it wherever Detectron2 uses :class:`DetectionCheckpointer` (``--resume``,
+    ``MODEL.WEIGHTS``, periodic checkpoints). The model must be a
+    :class:`regionspot.modeling.meta_arch.RegionSpot` (or DDP-wrapped one).
+    """
+
+    def save(self, name: str, **kwargs) -> None:
+        """Write ``<save_dir>/<name>.pth`` atomically: head weights, checkpointables, ``kwargs``."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()}}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_write(path, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Atomically record the newest checkpoint's name in ``<save_dir>/last_checkpoint``."""
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def _load_file(self, f: str):
+        try:
+            return super()._load_file(f)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {f!r}: {type(e).__name__}: {e}") from e
+
+    def _load_model(self, checkpoint) -> _IncompatibleKeys:
+        state = checkpoint.pop("model")
+        if not isinstance(state, dict):
+            raise CheckpointError("checkpoint has no model state dict under 'model'")
+        self._convert_ndarray_to_tensor(state)
+        given = head_state_from_checkpoint(state)
+        expected = {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()}
+        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in given.items()
+                 if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if wrong:
+            lines = "\n".join(f"  {k}: {s} in the checkpoint, {m} in the model" for k, s, m in wrong)
+            raise CheckpointError(
+                f"checkpoint does not fit the RegionSpot head ({len(wrong)} shape mismatches; "
+                f"check that CLIP_WEIGHTS and the head settings match the checkpoint's variant):\n"
+                f"{lines}"
+            )
+        merged = dict(expected)
+        merged.update({k: v for k, v in given.items() if k in expected})
+        self.model.head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in merged.items()})
+        return _IncompatibleKeys(
+            missing_keys=sorted(k for k in expected if k not in given),
+            unexpected_keys=sorted(k for k in given if k not in expected),
+            incorrect_shapes=[],
+        )
+

@@ -1,0 +1,56 @@
+"""``add_regionspot_config(cfg)``: every ``MODEL.REGIONSPOT.*`` key, with its meaning."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_regionspot_config(cfg: CN) -> None:
+    """Add RegionSpot's keys to a Detectron2 config (in place).
+
+    Defaults reproduce the released RegionSpot-BB evaluation protocol (reference Sec. 2-3);
+    the yaml files under ``configs/`` set the paper's variants.
+    """
+    cfg.MODEL.REGIONSPOT = CN()
+    rs = cfg.MODEL.REGIONSPOT
+    # Frozen foundation models: local copies of the official files (never downloaded).
+    rs.SAM_WEIGHTS = "weights/sam_vit_b_01ec64.pth"
+    rs.CLIP_WEIGHTS = "weights/ViT-B-16.pt"
+    # Position-aware token: "transformer" (mask token 0 after the mask decoder's transformer,
+    # as released), "prompt_encoder" or "mlp" (paper Table 4b).
+    rs.TOKEN_SOURCE = "transformer"
+    # Boxes per SAM mask-decoder call (SAM copies the image embedding per box).
+    rs.BOX_CHUNK_SIZE = 64
+    # CLIP input side S in pixels (224 or 336); positional embeddings are resized to it.
+    rs.CLIP_INPUT_SIZE = 224
+    # Keep CLIP's class token in the semantic feature map (paper Table 4a).
+    rs.USE_CLASS_TOKEN = True
+    # Antialias the resize to S x S (False reproduces the released weights).
+    rs.CLIP_RESIZE_ANTIALIAS = False
+    # Head: decoder depth (Table 4c), heads, FFN width, dropout.
+    rs.NUM_DECODER_LAYERS = 3
+    rs.NUM_HEADS = 8
+    rs.DIM_FEEDFORWARD = 2048
+    rs.DROPOUT = 0.1
+    # logits = LOGIT_SCALE * cos(region, text); CLIP's fixed logit_scale.exp() = 100.
+    rs.LOGIT_SCALE = 100.0
+    # Vocabulary: "dataset" uses each dataset's thing_classes from the MetadataCatalog;
+    # "lvis", "coco", "objects365", or "custom" with CUSTOM_VOCABULARY "a,b,c".
+    rs.VOCABULARY = "dataset"
+    rs.CUSTOM_VOCABULARY = ""
+    # Text embeddings: disk cache keyed by CLIP weights, vocabulary and templates
+    # ("" disables it); prompts encoded per batch.
+    rs.TEXT_CACHE_DIR = "~/.cache/regionspot/text_embeddings"
+    rs.TEXT_BATCH_SIZE = 256
+    # Training loss: sigmoid focal loss (paper Sec. 3).
+    rs.FOCAL_ALPHA = 0.25
+    rs.FOCAL_GAMMA = 2.0
+    # Inference: "softmax" over the vocabulary (released protocol) or "sigmoid"; keep the
+    # TEST_TOPK best (box, class) pairs per image (900 released; the LVIS evaluator keeps 300).
+    rs.TEST_SCORE = "softmax"
+    rs.TEST_TOPK = 900
+    # Test-time proposals: "gt" uses the dataset's ground-truth boxes.
+    rs.TEST_PROPOSALS = "gt"
+    # Run the frozen SAM and CLIP under CUDA autocast (float16); ignored on CPU.
+    rs.ENCODER_AMP = False
+
+    # RegionSpot reads RGB images; SAM and CLIP normalise them themselves.
+    cfg.INPUT.FORMAT = "RGB"

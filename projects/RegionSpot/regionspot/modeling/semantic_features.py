@@ -1,0 +1,129 @@
+"""The semantic feature map of the whole image from frozen CLIP (paper Sec. 3, "ViL model").
+
+The released implementation feeds the full image to OpenAI CLIP's ViT and keeps the output
+tokens of the last residual block: class token included (switchable, paper Table 4a),
+without ``ln_post`` and without the ``proj`` projection. Shapes: ViT-B/16 at 224 px ->
+197 x 768; ViT-L/14 at 224 -> 257 x 1024; at 336 -> 577 x 1024.
+
+Input: the image is divided by 255 and resized (squashed, aspect not kept, no crop) to
+S x S by bilinear interpolation, then normalised with CLIP's mean/std. The released weights
+were trained with a non-antialiased resize (torchvision < 0.17 on tensors); antialiasing is
+an explicit option here, off by default, instead of a library default.
+"""
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize a ViT positional embedding to a new square patch grid.
+
+    Args:
+        pos: (1 + g0 * g0, D) embedding, class position first.
+        grid: new grid side g.
+
+    Returns:
+        (1 + g * g, D), class position unchanged, patch positions resized bicubically
+        (align_corners=False), as the released code does for S != the native resolution.
+    """
+    g0 = int(round((pos.shape[0] - 1) ** 0.5))
+    if g0 == grid:
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
+    return torch.cat([cls_pos, patch_pos])
+
+
+class ClipSemanticFeatures(nn.Module):
+    """Frozen CLIP ViT -> semantic feature map V (all tokens of the last block).
+
+    Args:
+        clip_model: an OpenAI ``clip.model.CLIP`` with a ViT image tower.
+        input_size: S, the square input side in pixels (224 or 336 in the paper); must be a
+            multiple of the patch size.
+        use_class_token: keep the class token as the first row of the feature map.
+        antialias: antialias the resize to S x S (False reproduces the released weights).
+
+    Raises:
+        ValueError: ``input_size`` is not a positive multiple of the patch size.
+    """
+
+    def __init__(self, clip_model: nn.Module, input_size: int = 224, use_class_token: bool = True,
+                 antialias: bool = False):
+        super().__init__()
+        self.clip = clip_model.eval().requires_grad_(False)
+        visual = clip_model.visual
+        patch = visual.conv1.kernel_size[0]
+        if input_size <= 0 or input_size % patch:
+            raise ValueError(f"CLIP input size must be a positive multiple of the patch size {patch}, "
+                             f"got {input_size}")
+        self.input_size = input_size
+        self.use_class_token = use_class_token
+        self.antialias = antialias
+        pos = resize_positional_embedding(visual.positional_embedding.detach(), input_size // patch)
+        self.register_buffer("positional_embedding", pos, persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1), persistent=False)
+
+    @property
+    def width(self) -> int:
+        """D, channels of the feature map (768 for ViT-B/16, 1024 for ViT-L/14)."""
+        return self.clip.visual.conv1.out_channels
+
+    @property
+    def embed_dim(self) -> int:
+        """E, CLIP's joint image-text embedding size (512 for ViT-B/16, 768 for ViT-L/14)."""
+        return self.clip.text_projection.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """L, rows of the feature map: (S / patch)^2, plus 1 with the class token."""
+        return self.positional_embedding.shape[0] - (0 if self.use_class_token else 1)
+
+    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Resize and normalise images for CLIP.
+
+        Args:
+            images: B tensors (3, H_i, W_i) uint8 RGB (sizes may differ).
+
+        Returns:
+            (B, 3, S, S) float32 on CLIP's device.
+        """
+        device = self.pixel_mean.device
+        out = []
+        for image in images:
+            x = image.to(device).float()[None] / 255.0
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=self.antialias)
+            out.append((x[0] - self.pixel_mean) / self.pixel_std)
+        return torch.stack(out)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Semantic feature map.
+
+        Args:
+            pixels: (B, 3, S, S) from :meth:`preprocess`.
+
+        Returns:
+            (B, L, D) float32 tokens of the last block (class token first when kept), before
+            ``ln_post``/``proj``.
+        """
+        visual = self.clip.visual
+        dtype = visual.conv1.weight.dtype
+        x = visual.conv1(pixels.to(dtype))  # (B, D, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(x)
+        x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's blocks are (L, B, D)
+        if not self.use_class_token:
+            x = x[:, 1:]
+        return x.float()

@@ -1,0 +1,70 @@
+"""Shared fixtures: small random SAM and CLIP written in the official file formats, and a
+RegionSpot model built from them through the real config and loading code."""
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="session")
+def sam_path(weights_dir):
+    from regionspot.modeling.random_backbones import write_random_sam
+
+    return write_random_sam(str(weights_dir / "sam_random_tiny.pth"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_path(weights_dir):
+    from regionspot.modeling.random_backbones import write_random_clip
+
+    return write_random_clip(str(weights_dir / "clip_random_tiny.pt"), "tiny", seed=0)
+
+
+def make_cfg(sam_path, clip_path, cache_dir, **overrides):
+    """The sample CPU config with the random weights and a custom vocabulary."""
+    from detectron2.config import get_cfg
+    from regionspot import add_regionspot_config
+
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"))
+    cfg.MODEL.REGIONSPOT.SAM_WEIGHTS = sam_path
+    cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS = clip_path
+    cfg.MODEL.REGIONSPOT.TEXT_CACHE_DIR = str(cache_dir)
+    cfg.MODEL.REGIONSPOT.VOCABULARY = "custom"
+    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = "cat,dog,car,person"
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, last, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(sam_path, clip_path, tmp_path_factory):
+    return make_cfg(sam_path, clip_path, tmp_path_factory.mktemp("text_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_cfg).eval()

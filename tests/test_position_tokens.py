@@ -1,0 +1,87 @@
+"""Position-aware tokens and masks from SAM, against SamPredictor's own path."""
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from regionspot.modeling.position_tokens import SamPositionTokens
+from regionspot.modeling.weights import load_sam
+
+
+@pytest.fixture(scope="module")
+def sam(sam_path):
+    return load_sam(sam_path)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.RandomState(0)
+    return (rng.rand(300, 470, 3) * 255).astype(np.uint8)  # non-square
+
+
+BOXES = torch.tensor([[10.0, 20.0, 200.0, 250.0], [300.0, 10.0, 460.0, 290.0], [0.0, 0.0, 470.0, 300.0]])
+
+
+def _reference(sam, image, boxes):
+    """SamPredictor.set_image + predict_torch, with a hook reading hs[:, 1] (reference Sec. 3)."""
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    captured = []
+    handle = sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    try:
+        with torch.no_grad():
+            masks, _, low_res = predictor.predict_torch(
+                None, None, predictor.transform.apply_boxes_torch(boxes, image.shape[:2]), multimask_output=False)
+    finally:
+        handle.remove()
+    return captured[0][:, 1], masks[:, 0], low_res
+
+
+def _ours(sam, image, boxes, **kwargs):
+    tokens = SamPositionTokens(sam, **kwargs)
+    pixels, resized = tokens.preprocess(torch.from_numpy(image).permute(2, 0, 1))
+    with torch.no_grad():
+        embedding = tokens.encode_images(pixels[None])[0]
+        tok, low_res = tokens(embedding, boxes, image.shape[:2])
+    return tokens, tok, low_res, resized
+
+
+def test_token_equals_sam_predictor_path(sam, image):
+    ref_tokens, ref_masks, ref_low_res = _reference(sam, image, BOXES)
+    tokens, tok, low_res, resized = _ours(sam, image, BOXES)
+    assert tok.shape == (3, 256)
+    torch.testing.assert_close(tok, ref_tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(low_res, ref_low_res, rtol=0, atol=1e-6)
+    assert torch.equal(tokens.paste_masks(low_res, resized, image.shape[:2]), ref_masks)
+
+
+def test_box_chunking_does_not_change_tokens(sam, image):
+    _, one, _, _ = _ours(sam, image, BOXES, box_chunk_size=1)
+    _, all_, _, _ = _ours(sam, image, BOXES, box_chunk_size=64)
+    torch.testing.assert_close(one, all_, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("source,dim", [("prompt_encoder", 256), ("mlp", 32), ("transformer", 256)])
+def test_token_sources(sam, image, source, dim):
+    tokens, tok, _, _ = _ours(sam, image, BOXES, token_source=source)
+    assert tokens.token_dim == dim and tok.shape == (3, dim)
+    if source == "prompt_encoder":  # the two box-corner embeddings, averaged
+        sparse, _ = sam.prompt_encoder(points=None, masks=None,
+                                       boxes=tokens.transform.apply_boxes_torch(BOXES, image.shape[:2]))
+        torch.testing.assert_close(tok, sparse.mean(1))
+
+
+def test_different_boxes_give_different_tokens(sam, image):
+    _, tok, _, _ = _ours(sam, image, BOXES)
+    assert (tok[0] - tok[1]).abs().max() > 1e-4
+
+
+def test_no_boxes(sam, image):
+    _, tok, low_res, _ = _ours(sam, image, torch.zeros(0, 4))
+    assert tok.shape == (0, 256) and low_res.shape[0] == 0
+
+
+def test_unknown_token_source(sam):
+    with pytest.raises(ValueError, match="token_source"):
+        SamPositionTokens(sam, token_source="iou_token")
