@@ -1,0 +1,78 @@
+"""Packaging for RegionSpot (``projects/RegionSpot/regionspot``, import name ``regionspot``).
+
+Install everything with the project's installer rather than with pip alone::
+
+    python scripts/install_deps.py      # into the Python that runs it
+    bash scripts/run_tests.sh           # or: create/reuse .venv, install, run the tests
+
+(the README shows the same commands). Two dependencies cannot be expressed here:
+
+* ``detectron2`` is not published on PyPI under its own name. Its official source is its
+  GitHub repository, which needs torch at build time and compiles C++ ops. The installer
+  keeps a working detectron2 if there is one, installs the official repository where GitHub
+  can be reached, and otherwise builds the pure-Python part of the ``pb1-detectron2==0.6``
+  sdist (the v0.6 sources) with small compatibility patches. Every route installs a
+  distribution named ``detectron2``, which is what ``install_requires`` below asks for, so
+  ``pip install -e .`` run on its own fails until the installer has provided it.
+* ``lvis`` (the LVIS API) declares ``opencv-python``, which would clash with
+  ``opencv-python-headless`` (both own ``cv2/``); the installer installs it with
+  ``--no-deps`` and patches its removed-in-numpy-1.24 ``np.float``.
+
+This file must stay importable without torch: pip runs it in an isolated build environment.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+PROJECT_DIR = "projects/RegionSpot"
+PACKAGE = "regionspot"
+
+
+def read_version() -> str:
+    """Return ``__version__`` from the package's ``__init__.py`` without importing it."""
+    init_py = HERE / PROJECT_DIR / PACKAGE / "__init__.py"
+    try:
+        text = init_py.read_text(encoding="utf-8")
+    except OSError:
+        return "0.1.0"
+    match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return match.group(1) if match else "0.1.0"
+
+
+setup(
+    name="regionspot",
+    version=read_version(),
+    description="RegionSpot: open-vocabulary region recognition with frozen SAM and CLIP, "
+    "on Detectron2",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"": PROJECT_DIR},
+    packages=find_packages(where=PROJECT_DIR),
+    package_data={PACKAGE: ["*.json", "**/*.json", "*.yaml", "**/*.yaml"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        # clip-anytorch does `from pkg_resources import packaging`; setuptools 81 removed
+        # pkg_resources, and torch 2.14 declares setuptools>=77.0.3.
+        "setuptools>=77.0.3,<81",
+        "segment-anything==1.0",
+        "clip-anytorch",
+        "ftfy",
+        "regex",
+        "tqdm",
+        # Provided by scripts/install_deps.py (see the module docstring).
+        "detectron2",
+        "fvcore",
+        "iopath<0.1.10",  # detectron2 0.6 declares iopath<0.1.10
+        "opencv-python-headless",
+        "pycocotools",
+        "matplotlib",
+        # Offline sample photographs (skimage.data, sklearn.datasets.load_sample_images).
+        "scikit-image",
+        "scikit-learn",
+    ],
+    extras_require={"test": ["pytest"]},
+)
