@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 from typing import Any, Callable, IO
 
 
@@ -13,10 +14,13 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> st
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(fd, mode) as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
