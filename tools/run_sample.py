@@ -109,10 +109,14 @@ def main(argv=None) -> int:
              for a in sample["annotations"] if a["image_id"] == image["id"]]
     from regionspot.io import write_json_atomic
 
+    from detectron2.data import MetadataCatalog
+
+    vocabulary = MetadataCatalog.get("regionspot_sample").thing_classes
     boxes_file = write_json_atomic(os.path.join(out, "demo_boxes.json"), {DEMO_IMAGE: boxes})
     run("demo on a photo", [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", CONFIG,
                             "--input", os.path.join(image_root, DEMO_IMAGE), "--boxes", boxes_file,
-                            "--vocabulary", "lvis", "--output", os.path.join(out, "demo"),
+                            "--vocabulary", "custom", "--custom-vocabulary", ",".join(vocabulary),
+                            "--output", os.path.join(out, "demo"),
                             "--opts"] + common + ["MODEL.WEIGHTS", weights],
         os.path.join(out, "logs", "demo.log"))
 
@@ -123,8 +127,8 @@ def main(argv=None) -> int:
     print(BANNER)
     print(f"\ntraining loss (sigmoid focal): iteration {losses[0][0]}: {losses[0][1]:.4f} -> "
           f"iteration {losses[-1][0]}: {losses[-1][1]:.4f}")
-    print(f"\nLVIS AP on the sample's {len(sample['images'])} images (the training images), "
-          f"{before['protocol']}:")
+    print(f"\nLVIS AP on the sample's {len(sample['images'])} images (the training images), vocabulary: the "
+          f"sample's {len(vocabulary)} LVIS categories; {before['protocol']}:")
     print(f"  {'':22s}" + "".join(f"{k:>8s}" for k in keys))
     for name, m in (("untrained head", before), ("trained head", after)):
         for task in m["results"]:

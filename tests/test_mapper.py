@@ -1,0 +1,128 @@
+"""The dataset mapper: one augmentation for image and boxes, GT boxes kept at test time,
+clear errors for bad images and boxes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectron2.structures import BoxMode
+
+from conftest import make_cfg
+from regionspot.data.mapper import RegionSpotDatasetMapper
+from regionspot.data.validation import InputError
+
+H, W = 200, 320  # non-square
+BOX = [40.0, 30.0, 150.0, 120.0]  # XYXY
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    """A dark image with one bright rectangle exactly where BOX is."""
+    image = np.zeros((H, W, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = map(int, BOX)
+    image[y0:y1, x0:x1] = 255
+    path = tmp_path / "photo.png"
+    Image.fromarray(image).save(path)
+    return str(path)
+
+
+def _dict(path, boxes=(BOX,), mode=BoxMode.XYXY_ABS):
+    return {"file_name": path, "height": H, "width": W, "image_id": 1,
+            "annotations": [{"bbox": list(b), "bbox_mode": mode, "category_id": 2, "iscrowd": 0,
+                             "segmentation": [[0, 0, 1, 0, 1, 1]]} for b in boxes]}
+
+
+def _mapper(tiny_cfg, is_train, flip=False, min_size=400):
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TRAIN = (min_size,)
+    cfg.INPUT.MIN_SIZE_TEST = min_size
+    cfg.INPUT.RANDOM_FLIP = "horizontal" if flip else "none"
+    mapper = RegionSpotDatasetMapper(cfg, is_train)
+    if flip:  # force the flip
+        mapper.augmentations.augs[-1].prob = 1.0
+    return mapper
+
+
+def _bright_box(image):
+    ys, xs = np.nonzero(image[0].numpy() > 128)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_image_and_boxes_get_the_same_augmentation(tiny_cfg, image_file, flip):
+    out = _mapper(tiny_cfg, True, flip=flip)(_dict(image_file))
+    image, box = out["image"], out["instances"].gt_boxes.tensor[0]
+    scale = 400 / H
+    assert image.shape == (3, 400, round(W * scale)) and image.dtype == torch.uint8
+    np.testing.assert_allclose(box.numpy(), _bright_box(image), atol=1.5)  # box still frames the object
+    expected = np.array(BOX) * scale
+    if flip:
+        expected = np.array([W * scale - expected[2], expected[1], W * scale - expected[0], expected[3]])
+    np.testing.assert_allclose(box.numpy(), expected, atol=1e-3)
+    assert not out["instances"].has("gt_masks")  # boxes only; masks come from SAM
+
+
+def test_ground_truth_boxes_reach_the_model_at_test_time(tiny_cfg, image_file):
+    out = _mapper(tiny_cfg, False)(_dict(image_file, [[40, 30, 110, 90]], BoxMode.XYWH_ABS))
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor[0].numpy(), np.array(BOX) * 2, atol=1e-3)
+    assert out["instances"].gt_classes.tolist() == [2]
+
+
+def test_image_without_boxes(tiny_cfg, image_file):
+    out = _mapper(tiny_cfg, False)(_dict(image_file, []))
+    assert len(out["instances"]) == 0
+
+
+def test_boxes_through_every_resize_back_to_the_original_frame(tiny_model, tiny_cfg, image_file):
+    """original -> mapper resize (short side 400) -> SAM's 256 long side -> results in original pixels."""
+    boxes = [BOX, [0.0, 0.0, W, H], [300.0, 150.0, 320.0, 200.0]]
+    out = _mapper(tiny_cfg, False)(_dict(image_file, boxes))
+    tiny_model.test_topk = 1000
+    try:
+        result = tiny_model([out])[0]["instances"]
+    finally:
+        tiny_model.test_topk = 900
+    assert result.image_size == (H, W)
+    assert len(result) == len(boxes) * 4  # every (box, class) pair of the 4-class vocabulary
+    got = {tuple(np.round(b.numpy(), 3)) for b in result.pred_boxes.tensor}
+    assert got == {tuple(np.round(np.array(b, dtype=np.float32), 3)) for b in boxes}
+    masks = result.pred_masks
+    assert masks.shape == (len(result), H, W) and masks.dtype == torch.bool
+
+
+def test_missing_image_is_named(tiny_cfg, tmp_path):
+    with pytest.raises(InputError, match="image file not found: .*nothere.jpg"):
+        _mapper(tiny_cfg, False)(_dict(str(tmp_path / "nothere.jpg")))
+
+
+def test_corrupt_image_is_named(tiny_cfg, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="cannot read image .*broken.jpg"):
+        _mapper(tiny_cfg, False)(_dict(str(bad)))
+
+
+@pytest.mark.parametrize("box,message", [
+    ([10, 10, float("nan"), 50], "NaN"),
+    ([10, 10, 10, 50], "zero area"),
+    ([10, 10, W + 30, 50], "outside"),
+])
+def test_bad_boxes_are_named_with_their_file(tiny_cfg, image_file, box, message):
+    with pytest.raises(InputError, match=f"photo.png.*box 1 .*{message}"):
+        _mapper(tiny_cfg, True)(_dict(image_file, [BOX, box]))
+
+
+def test_box_slightly_outside_is_clipped(tiny_cfg, image_file):
+    out = _mapper(tiny_cfg, False)(_dict(image_file, [[-0.5, 0.0, W + 0.5, H]]))
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor[0].numpy(), [0, 0, W * 2, H * 2], atol=1e-3)
+
+
+def test_mapper_does_not_modify_the_dataset_dict(tiny_cfg, image_file):
+    d = _dict(image_file)
+    before = copy.deepcopy(d)
+    _mapper(tiny_cfg, True)(d)
+    assert d == before
