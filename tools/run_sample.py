@@ -61,8 +61,8 @@ def read_losses(train_dir: str):
     with open(os.path.join(train_dir, "metrics.json")) as f:
         for line in f:
             row = json.loads(line)
-            if "loss_region_focal" in row:
-                rows.append((row["iteration"], row["loss_region_focal"]))
+            if "total_loss" in row:  # = loss_region_focal, the only loss
+                rows.append((row["iteration"], row["total_loss"]))
     return rows
 
 

@@ -1,0 +1,66 @@
+"""demo/demo.py: draws predictions and writes JSON per image; failures are named, others go on."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo import demo
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.RandomState(0)
+    paths = []
+    for name, size in (("a.png", (240, 320)), ("b.jpg", (300, 200))):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _run(tmp_path, sam_path, clip_path, inputs, boxes, vocab=("custom", "cat,dog,remote control")):
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps(boxes))
+    argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", *inputs,
+            "--boxes", str(boxes_file), "--vocabulary", vocab[0], "--custom-vocabulary", vocab[1],
+            "--output", str(tmp_path / "out"),
+            "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")]
+    return demo.main(argv)
+
+
+def test_writes_drawing_and_predictions(tmp_path, images, sam_path, clip_path, monkeypatch):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    boxes = {"a.png": [[10, 10, 100, 120], [150, 40, 300, 230]], str(images[1]): [[0, 0, 200, 300]]}
+    assert _run(tmp_path, sam_path, clip_path, [str(tmp_path / "in" / "*")], boxes) == 0
+    out = tmp_path / "out"
+    pred = json.loads((out / "a.json").read_text())
+    assert [p["box_xyxy"] for p in pred["predictions"]] == boxes["a.png"]
+    assert {p["label"] for p in pred["predictions"]} <= {"cat", "dog", "remote control"}
+    drawn = np.asarray(Image.open(out / "a.jpg"))
+    assert drawn.shape == (240, 320, 3)
+    original = np.asarray(Image.open(images[0]))
+    assert np.abs(drawn.astype(int) - original.astype(int)).mean() > 1  # something was drawn
+    assert (out / "b.jpg").exists() and (out / "b.json").exists()
+
+
+def test_failures_are_named_and_the_rest_goes_on(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    boxes = {"a.png": [[10, 10, 100, 120]], "b.jpg": [[0, 0, 500, 300]], "missing.png": [[0, 0, 5, 5]]}
+    inputs = [str(images[0]), str(images[1]), str(tmp_path / "missing.png")]
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        code = _run(tmp_path, sam_path, clip_path, inputs, boxes)
+    assert code == 1
+    assert "b.jpg" in caplog.text and "outside" in caplog.text
+    assert "missing.png" in caplog.text and "not found" in caplog.text
+    assert (tmp_path / "out" / "a.json").exists() and not (tmp_path / "out" / "b.json").exists()
+
+
+def test_empty_custom_vocabulary_is_refused(tmp_path, images, sam_path, clip_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        code = _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": [[1, 1, 9, 9]]}, ("custom", " , "))
+    assert code == 2 and "custom vocabulary" in caplog.text
