@@ -38,21 +38,18 @@ EVAL_PROTOCOL = (
 )
 
 
-class FullModelGradientClipping:
-    """Wraps an optimizer class so ``step`` first clips the global gradient norm of all its
-    parameters (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model``; the released recipe clips the
-    whole model at 1.0)."""
+def with_full_model_clipping(optimizer_cls, max_norm: float):
+    """An ``optimizer_cls`` whose ``step`` first clips the global gradient norm of all its
+    parameters to ``max_norm`` (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model``; the released
+    recipe clips the whole model at 1.0). Detectron2's own clipping is per parameter."""
 
-    @staticmethod
-    def wrap(optimizer_cls, max_norm: float):
-        class Clipped(optimizer_cls):
-            def step(self, closure=None):
-                params = [p for group in self.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-                return super().step(closure=closure)
+    class FullModelClipped(optimizer_cls):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure=closure)
 
-        Clipped.__name__ = f"FullModelClipped{optimizer_cls.__name__}"
-        return Clipped
+    return FullModelClipped
 
 
 class Trainer(DefaultTrainer):
@@ -84,7 +81,7 @@ class Trainer(DefaultTrainer):
         )
         clip = cfg.SOLVER.CLIP_GRADIENTS
         if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-            optimizer_cls = FullModelGradientClipping.wrap(torch.optim.AdamW, clip.CLIP_VALUE)
+            optimizer_cls = with_full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)
             return optimizer_cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)

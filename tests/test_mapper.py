@@ -126,3 +126,11 @@ def test_mapper_does_not_modify_the_dataset_dict(tiny_cfg, image_file):
     before = copy.deepcopy(d)
     _mapper(tiny_cfg, True)(d)
     assert d == before
+
+
+def test_unknown_proposal_source_is_refused(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.TEST_PROPOSALS = "rpn"
+    with pytest.raises(ValueError, match="TEST_PROPOSALS must be one of"):
+        RegionSpotDatasetMapper(cfg, False)

@@ -114,3 +114,17 @@ def test_vocabulary_switch_and_empty_vocabulary(model):
     assert model.text_embeddings.shape == (2, 32)
     with pytest.raises(ValueError, match="vocabulary is empty"):
         model.set_vocabulary([])
+
+
+def test_input_without_boxes_is_named(model):
+    bad = {k: v for k, v in BATCH[0].items() if k != "instances"}
+    with pytest.raises(ValueError, match="img0.png.*no boxes"):
+        model.eval()([bad])
+
+
+def test_precomputed_text_embeddings(model):
+    emb = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    model.set_vocabulary(["a", "b", "c"], text_embeddings=emb)
+    assert torch.equal(model.text_embeddings, emb)
+    with pytest.raises(ValueError, match=r"\(2, 32\)"):
+        model.set_vocabulary(["a", "b"], text_embeddings=emb)

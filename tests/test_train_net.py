@@ -97,3 +97,20 @@ def test_eval_only_with_ground_truth_boxes(tmp_path, dataset, sam_path, clip_pat
     assert {d["image_id"] for d in detections} == set(range(1, 9))  # every image but the blank one
     sample_ids = set(sample_vocabulary_metadata()["thing_dataset_id_to_contiguous_id"])
     assert {d["category_id"] for d in detections} <= sample_ids  # contiguous ids mapped back to LVIS ids
+
+
+def test_two_process_training_on_cpu(tmp_path, sam_path, clip_path):
+    """`--num-gpus 2` runs Detectron2's DDP launcher with gloo on a CPU machine."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    cmd = [sys.executable, "train_net.py", "--config-file", "configs/regionspot_sample_cpu.yaml", "--num-gpus", "2",
+           "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+           "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(out, "cache"), "OUTPUT_DIR", out,
+           "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "DATASETS.TEST", "()"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size: 2" in (proc.stdout + proc.stderr).lower() or os.path.exists(os.path.join(out, "model_final.pth"))
+    assert torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["iteration"] == 2

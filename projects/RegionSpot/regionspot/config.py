@@ -47,7 +47,7 @@ def add_regionspot_config(cfg: CN) -> None:
     # TEST_TOPK best (box, class) pairs per image (900 released; the LVIS evaluator keeps 300).
     rs.TEST_SCORE = "softmax"
     rs.TEST_TOPK = 900
-    # Test-time proposals: "gt" uses the dataset's ground-truth boxes.
+    # Test-time proposals: "gt" uses the dataset's ground-truth boxes (the only source so far).
     rs.TEST_PROPOSALS = "gt"
     # Run the frozen SAM and CLIP under CUDA autocast (float16); ignored on CPU.
     rs.ENCODER_AMP = False

@@ -9,7 +9,6 @@ test mapper drops them and crashes).
 """
 
 import copy
-import logging
 from typing import Dict
 
 import numpy as np
@@ -23,7 +22,8 @@ from detectron2.structures import BoxMode
 
 from .validation import InputError, check_boxes, read_image
 
-logger = logging.getLogger(__name__)
+# Where test-time proposals come from: "gt" = the dataset's ground-truth boxes.
+TEST_PROPOSALS = ("gt",)
 
 
 class RegionSpotDatasetMapper(DatasetMapper):
@@ -39,15 +39,16 @@ class RegionSpotDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, keep_test_boxes: bool = True, **kwargs):
+    def __init__(self, is_train: bool, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
-        self.keep_test_boxes = keep_test_boxes
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["keep_test_boxes"] = cfg.MODEL.REGIONSPOT.TEST_PROPOSALS == "gt"
+        if cfg.MODEL.REGIONSPOT.TEST_PROPOSALS not in TEST_PROPOSALS:
+            raise ValueError(f"MODEL.REGIONSPOT.TEST_PROPOSALS must be one of {TEST_PROPOSALS}, got "
+                             f"{cfg.MODEL.REGIONSPOT.TEST_PROPOSALS!r}")
         return ret
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -74,8 +75,6 @@ class RegionSpotDatasetMapper(DatasetMapper):
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
-        if not self.is_train and not self.keep_test_boxes:
-            return dataset_dict
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
         instances = utils.annotations_to_instances(annos, image_shape)
         if self.is_train:

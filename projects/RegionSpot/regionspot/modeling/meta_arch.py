@@ -169,18 +169,29 @@ class RegionSpot(nn.Module):
         return self
 
     # ----------------------------------------------------------------- vocabulary
-    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+    def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None) -> None:
         """Score boxes against these class names from now on.
 
-        Text embeddings are computed on first use (or read from the disk cache) and kept in
-        memory per vocabulary, so switching back and forth is free.
+        Args:
+            class_names: the C names of the vocabulary.
+            text_embeddings: optional precomputed (C, E) L2-normalised embeddings for them
+                (e.g. a large vocabulary encoded once offline); by default they are computed
+                on first use, or read from the disk cache, with the prompt ensemble.
+
+        Embeddings are kept in memory per vocabulary, so switching back and forth is free.
 
         Raises:
-            ValueError: the vocabulary is empty.
+            ValueError: the vocabulary is empty, or ``text_embeddings`` is not (C, E).
         """
         names = list(class_names)
         if not names:
             raise ValueError("vocabulary is empty: give at least one class name")
+        if text_embeddings is not None:
+            expected = (len(names), self.semantic.embed_dim)
+            if tuple(text_embeddings.shape) != expected:
+                raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, "
+                                 f"got {tuple(text_embeddings.shape)}")
+            self._text_embeddings[tuple(names)] = text_embeddings.float().to(self.device)
         self.class_names = names
 
     @property
@@ -197,7 +208,8 @@ class RegionSpot(nn.Module):
         return emb
 
     # ----------------------------------------------------------------- encoders
-    def _amp(self):
+    def encoder_autocast(self):
+        """Autocast context of the frozen encoders: float16 on CUDA when ENCODER_AMP, else a no-op."""
         enabled = self.encoder_amp and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
 
@@ -213,7 +225,7 @@ class RegionSpot(nn.Module):
             resized_sizes: B (h, w) sizes of each image inside SAM's padded input.
             semantic_features: (B, L, D) float32 CLIP feature maps.
         """
-        with self._amp():
+        with self.encoder_autocast():
             sam_inputs = [self.position.preprocess(image) for image in images]
             sam_embeddings = self.position.encode_images(torch.stack([x for x, _ in sam_inputs]))
             semantic = self.semantic(self.semantic.preprocess(images))
@@ -224,7 +236,7 @@ class RegionSpot(nn.Module):
                       image_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Position-aware tokens (N, T) float32 and low-res masks (N, 1, 4g, 4g) of one image's
         boxes ((N, 4) XYXY_ABS pixels of an image of ``image_size`` (H, W))."""
-        with self._amp():
+        with self.encoder_autocast():
             return self.position(sam_embedding, boxes, image_size)
 
     def region_embeddings(self, tokens: List[torch.Tensor], semantic: torch.Tensor) -> List[torch.Tensor]:
@@ -252,8 +264,11 @@ class RegionSpot(nn.Module):
             if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {x.get('file_name', '?')!r} must be a (3, H, W) uint8 RGB "
                                  f"tensor, got {tuple(image.shape)} {image.dtype}")
-        boxes = [x["instances"].gt_boxes.tensor.to(self.device) if "instances" in x
-                 else torch.zeros(0, 4, device=self.device) for x in batched_inputs]
+        for x in batched_inputs:
+            if "instances" not in x:
+                raise ValueError(f"image {x.get('file_name', '?')!r} has no boxes to recognise: RegionSpot "
+                                 f"needs 'instances' with gt_boxes (the proposals) at train and test time")
+        boxes = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
         sam_embeddings, resized_sizes, semantic = self.encode_images(images)
         tokens, masks = [], []
         for emb, b, image in zip(sam_embeddings, boxes, images):

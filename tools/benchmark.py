@@ -1,0 +1,583 @@
+#!/usr/bin/env python
+"""Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU.
+
+    python tools/benchmark.py [--device cpu|cuda] [--models small,bb,bl] [--num-boxes 1,10,100]
+                              [--repeats R] [--warmup W] [--amp] [--output FILE] [--quick]
+
+What is measured
+----------------
+For each model config (``--models``; ``small`` = tiny SAM + tiny CLIP, ``bb`` = SAM ViT-B +
+CLIP ViT-B/16 at 224 px, ``bl`` = SAM ViT-B + CLIP ViT-L/14 at 224 px, ``bl336`` = the same
+at 336 px) the model is built with RANDOM weights (``regionspot.modeling.random_backbones``)
+and run in eval mode under ``torch.no_grad()`` on one random uint8 test image, by default
+800 x 1066 (what the test mapper makes of a 480 x 640 COCO/LVIS photo: short side 800), with
+N random valid boxes for each N of ``--num-boxes``. Results are reported at the "original"
+size (``--original-size``, default 480 x 640), as in evaluation. The image stays on the CPU
+as the data loader gives it, so host-to-device copies count in the encoder stages.
+
+Per stage (the model's own methods, in the order ``RegionSpot.forward`` runs them):
+
+- ``sam_image_encoder``: ``model.position.preprocess`` (resize longest side to 1024,
+  normalise, pad) + ``model.position.encode_images``; once per image, independent of N;
+- ``clip_semantic``: ``model.semantic.preprocess`` + ``model.semantic`` (CLIP feature map);
+  once per image, independent of N;
+- ``sam_mask_decoder``: ``model.region_tokens`` for the N boxes (prompt encoder + mask decoder,
+  in chunks of ``--box-chunk-size``);
+- ``head``: ``model.region_embeddings`` for the N tokens;
+- ``postprocess``: ``model.postprocess``: scores against the vocabulary (softmax), top-k
+  (box, class) pairs (TEST_TOPK = 900 by default), box rescaling and, unless ``--no-masks``,
+  SAM's masks pasted at the original size (``Sam.postprocess_masks`` for the kept boxes, then
+  one (H, W) mask per kept pair: with 900 pairs that is 900 x H x W bools, as the model returns);
+- ``end_to_end``: the whole ``model([input])`` call, timed separately; ``images_per_second``
+  = 1000 / ``end_to_end_ms``. It also includes the input checks and the box copy, so it is
+  slightly more than ``sum_of_stages_ms``.
+
+The encoders run under the model's own autocast context (fp16 with ``--amp`` on CUDA, i.e.
+``encoder_amp=True``; autocast is never used on the CPU, so ``amp_effective`` is false there).
+
+Each time is the MEDIAN over ``repeats`` timed runs that follow ``warmup`` untimed runs; on
+CUDA the device is synchronised before and after every stage, so a stage's time is its own.
+All samples are kept in the JSON (``samples_ms``). Default repeats / warmup:
+
+- CUDA: warmup 5, repeats 20 for every config;
+- CPU: ``small`` warmup 1, repeats 5; ``bb``/``bl``/``bl336`` warmup 0, repeats 1 (SAM ViT-B's
+  image encoder alone takes several seconds per image on a few cores). With warmup 0 the
+  stage timings include first-call costs (allocator, oneDNN primitive creation: 10-20 % on the
+  SAM ViT-B encoder here), so ``sum_of_stages_ms`` can exceed ``end_to_end_ms``; the
+  end-to-end runs come after the stage runs and are warm. The text-embedding estimate from one
+  class is rough for the tiny model (per-call overhead dominates 81 tiny prompts).
+- ``--quick`` (for the test): ``small`` only, N = 1, 10, warmup 1, repeats 2, image and
+  original size 480 x 640.
+Explicit ``--repeats``/``--warmup`` apply to every config.
+
+Text embeddings (the classifier, ``--vocabulary``, LVIS's 1203 classes by default, 81 prompt
+templates each) are computed BEFORE timing, so they never count in the stages, and are timed
+separately (``text_embeddings``). The full computation is C x 81 prompts through CLIP's text
+tower: seconds on a GPU, hours on a CPU. ``--text-classes K`` encodes only the first K classes
+(default: all on CUDA, 1 on the CPU); their time is then extrapolated linearly to C classes
+(``estimated: true``; every prompt costs the same, the context is always 77 tokens), and
+random unit vectors of the real shape (C, E) stand in for the classifier, so scoring and top-k
+cost exactly what they cost with real embeddings. The model's disk cache is not used.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only, not the caching allocator's
+reserve), reset per config: ``peak_bytes`` over the timed runs of the config, per N
+``end_to_end_peak_bytes`` of the forward alone, ``weights_bytes`` after loading the model and
+``text_embeddings.peak_bytes``. On the CPU there is no per-phase figure: ``peak_bytes`` is the
+process's peak resident set size (``getrusage`` ``ru_maxrss``) read after the config, since the
+process started, never reset; configs run smallest first, so it is mostly the current one's,
+but it includes Python, the libraries and everything run before (``memory.kind`` says which).
+
+Parameters: the trainable head and the frozen SAM (image encoder, prompt encoder, mask
+decoder) and CLIP (image tower, rest = text tower and embeddings) of each config.
+
+How to read the numbers
+-----------------------
+Random weights give representative speed (the same shapes and operations as the released
+weights; only accuracy is meaningless), but every number depends on the device, its clocks,
+the thread count and whatever else runs on the machine: the JSON records the device, torch
+version, threads and the load average before and after. On a CPU shared with other work, do
+not use more threads than there are idle cores (``--threads``): OpenMP threads that wait for a
+descheduled sibling make every small operation take milliseconds (seen here: SAM's mask
+decoder 7 ms with 1 thread, 850 ms with 2 threads on 2 cores while another job ran). Per image, the cost is
+``sam_image_encoder + clip_semantic`` (fixed) plus the N-dependent ``sam_mask_decoder + head +
+postprocess``; compare configs on the same device only. A table is printed at the end; the
+JSON (written atomically) goes to ``--output`` (default
+``output/benchmark/benchmark_<device>.json``).
+"""
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+
+import torch  # noqa: E402
+
+SCHEMA = "regionspot-benchmark/1"
+
+# config name -> (SAM preset, CLIP preset, CLIP input size)
+CONFIGS: Dict[str, Tuple[str, str, int]] = {
+    "small": ("tiny", "tiny", 224),
+    "bb": ("vit_b", "ViT-B/16", 224),
+    "bl": ("vit_b", "ViT-L/14", 224),
+    "bl336": ("vit_b", "ViT-L/14@336px", 336),
+}
+DEFAULT_MODELS = "small,bb,bl"
+STAGES_PER_IMAGE = ("sam_image_encoder", "clip_semantic")
+STAGES_PER_BOX_SET = ("sam_mask_decoder", "head", "postprocess")
+
+
+# ----------------------------------------------------------------------------- settings
+def parse_size(text: str) -> Tuple[int, int]:
+    """"800x1066" -> (800, 1066) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 800x1066, got {text!r}")
+    if h < 16 or w < 16:
+        raise argparse.ArgumentTypeError(f"image sides must be at least 16 pixels, got {text!r}")
+    return h, w
+
+
+def parse_int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def parse_models(text: str) -> List[str]:
+    names = [v.strip().lower() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"models must be among {sorted(CONFIGS)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--models", type=parse_models, default=None, help=f"comma-separated, among "
+                   f"{','.join(CONFIGS)} (default {DEFAULT_MODELS})")
+    p.add_argument("--num-boxes", type=parse_int_list, default=None, help="N values (default 1,10,100)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default: per device, see above)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: per device, see above)")
+    p.add_argument("--image-size", type=parse_size, default=None, help="HxW of the test image (default 800x1066)")
+    p.add_argument("--original-size", type=parse_size, default=None,
+                   help="HxW results are reported at (default 480x640)")
+    p.add_argument("--amp", action="store_true", help="frozen encoders under CUDA autocast fp16 (encoder_amp)")
+    p.add_argument("--no-masks", action="store_true", help="mask_on=False: no mask pasting in post-processing")
+    p.add_argument("--vocabulary", default="lvis", choices=("lvis", "coco", "objects365"),
+                   help="classes to score against (default lvis, 1203 classes)")
+    p.add_argument("--text-classes", type=int, default=None,
+                   help="classes actually encoded to time the text embeddings; 0 = all "
+                        "(default: all on cuda, 1 on cpu; fewer than all -> extrapolated)")
+    p.add_argument("--test-topk", type=int, default=900, help="(box, class) pairs kept per image (default 900)")
+    p.add_argument("--box-chunk-size", type=int, default=64, help="boxes per mask-decoder call (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json)")
+    p.add_argument("--quick", action="store_true",
+                   help="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill the defaults: explicit flags > --quick > per-device defaults."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    for name in ("repeats", "warmup", "text_classes", "test_topk", "box_chunk_size", "threads"):
+        value = getattr(args, name)
+        low = 1 if name in ("repeats", "test_topk", "box_chunk_size", "threads") else 0
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.quick:
+        args.models = args.models or ["small"]
+        args.num_boxes = args.num_boxes or [1, 10]
+        args.repeats = 2 if args.repeats is None else args.repeats
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.image_size = args.image_size or (480, 640)
+        args.original_size = args.original_size or (480, 640)
+    args.models = args.models or parse_models(DEFAULT_MODELS)
+    args.num_boxes = args.num_boxes or [1, 10, 100]
+    args.image_size = args.image_size or (800, 1066)
+    args.original_size = args.original_size or (480, 640)
+    if args.text_classes is None:
+        args.text_classes = 0 if args.device == "cuda" else 1
+    if args.output is None:
+        args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_{args.device}.json")
+    return args
+
+
+def repeats_for(config: str, args: argparse.Namespace) -> Tuple[int, int]:
+    """(warmup, repeats) of a config: explicit flags, else the per-device defaults."""
+    if args.device == "cuda":
+        warmup, repeats = 5, 20
+    elif config == "small":
+        warmup, repeats = 1, 5
+    else:
+        warmup, repeats = 0, 1
+    return (warmup if args.warmup is None else args.warmup,
+            repeats if args.repeats is None else args.repeats)
+
+
+# ----------------------------------------------------------------------------- helpers
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name or platform.machine() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    """(fn(), milliseconds), the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, (time.perf_counter() - start) * 1000.0
+
+
+def random_boxes(n: int, height: int, width: int, generator: torch.Generator, min_size: float = 8.0) -> torch.Tensor:
+    """(n, 4) float32 XYXY boxes inside a height x width image, each side >= min_size."""
+    u = torch.rand(n, 4, generator=generator)
+    x1 = u[:, 0] * (width - min_size)
+    y1 = u[:, 1] * (height - min_size)
+    x2 = x1 + min_size + u[:, 2] * (width - x1 - min_size)
+    y2 = y1 + min_size + u[:, 3] * (height - y1 - min_size)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(model) -> Dict[str, int]:
+    sam, clip_model = model.position.sam, model.semantic.clip
+    counts = {
+        "head": count_params(model.head),
+        "head_trainable": sum(p.numel() for p in model.head.parameters() if p.requires_grad),
+        "sam_image_encoder": count_params(sam.image_encoder),
+        "sam_prompt_encoder": count_params(sam.prompt_encoder),
+        "sam_mask_decoder": count_params(sam.mask_decoder),
+        "sam_total": count_params(sam),
+        "clip_visual": count_params(clip_model.visual),
+        "clip_total": count_params(clip_model),
+    }
+    counts["clip_text_and_rest"] = counts["clip_total"] - counts["clip_visual"]
+    counts["frozen_total"] = counts["sam_total"] + counts["clip_total"]
+    return counts
+
+
+def summary(samples: Sequence[float]) -> Dict[str, object]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": list(samples)}
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(config: str, args: argparse.Namespace, class_names: List[str], device: torch.device):
+    from regionspot.modeling.meta_arch import RegionSpot
+    from regionspot.modeling.random_backbones import random_clip, random_sam
+
+    sam_preset, clip_preset, clip_size = CONFIGS[config]
+    sam = random_sam(sam_preset, seed=args.seed)
+    clip_model = random_clip(clip_preset, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = RegionSpot(
+        sam=sam, clip_model=clip_model, clip_weights_id=f"random-{clip_preset}-seed{args.seed}",
+        class_names=class_names, clip_input_size=clip_size, mask_on=not args.no_masks,
+        text_cache_dir=None, encoder_amp=args.amp, test_topk=args.test_topk,
+        box_chunk_size=args.box_chunk_size,
+    )
+    return model.to(device).eval()
+
+
+def prepare_text_embeddings(model, args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
+    """Compute (or, with --text-classes K < C, time K classes and stand in for) the classifier."""
+    from regionspot.modeling.text_embeddings import PROMPT_TEMPLATES, encode_class_names
+
+    names = list(model.class_names)
+    num_classes, num_templates = len(names), len(PROMPT_TEMPLATES)
+    k = num_classes if args.text_classes in (0, None) else min(args.text_classes, num_classes)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if k == num_classes:
+        # The model's own path (no disk cache): what the first inference call would pay.
+        emb, ms = timed(lambda: model.text_embeddings, device)
+        estimated, total_ms = False, ms
+    else:
+        _, ms = timed(lambda: encode_class_names(model.semantic.clip, names[:k],
+                                                 batch_size=model.text_batch_size), device)
+        estimated, total_ms = True, ms * num_classes / k
+        g = torch.Generator().manual_seed(args.seed)
+        stand_in = torch.nn.functional.normalize(
+            torch.randn(num_classes, model.semantic.embed_dim, generator=g), dim=-1).to(device)
+        # Same shape, dtype and device as the real embeddings; model.text_embeddings returns it.
+        model.set_vocabulary(names, text_embeddings=stand_in)
+        emb = model.text_embeddings
+    assert emb.shape == (num_classes, model.semantic.embed_dim) and emb.device.type == device.type
+    return {
+        "num_classes": num_classes, "num_templates": num_templates, "classes_encoded": k,
+        "ms": ms, "estimated": estimated, "ms_all_classes": total_ms,
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "note": ("all classes encoded through the model (no disk cache)" if not estimated else
+                 f"first {k} classes encoded, time scaled x{num_classes / k:g} to all classes; "
+                 f"random unit vectors ({num_classes}, {model.semantic.embed_dim}) used as the classifier"),
+    }
+
+
+# ----------------------------------------------------------------------------- measurements
+def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], original: Tuple[int, int],
+               device: torch.device) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]]]:
+    """One run of the pipeline stage by stage: the per-image stages once, then the per-box
+    stages for every N. Returns ({stage: ms}, {N: {stage: ms}})."""
+    image_size = tuple(image.shape[-2:])
+    inputs = {"height": original[0], "width": original[1]}
+
+    def sam_stage():
+        with model.encoder_autocast():  # the model's own encoder autocast context, as in encode_images
+            pixels, resized = model.position.preprocess(image)
+            return model.position.encode_images(pixels[None]), resized
+
+    def clip_stage():
+        with model.encoder_autocast():
+            return model.semantic(model.semantic.preprocess([image])).float()
+
+    with torch.no_grad():
+        (embedding, resized), t_sam = timed(sam_stage, device)
+        semantic, t_clip = timed(clip_stage, device)
+        per_n = {}
+        for n, b in boxes.items():
+            (tokens, masks), t_dec = timed(lambda: model.region_tokens(embedding[0], b, image_size), device)
+            embeddings, t_head = timed(lambda: model.region_embeddings([tokens], semantic), device)
+            result, t_post = timed(
+                lambda: model.postprocess(embeddings[0], b, masks, resized, inputs, image_size), device)
+            assert len(result) == min(model.test_topk, n * len(model.class_names))
+            per_n[n] = {"sam_mask_decoder": t_dec, "head": t_head, "postprocess": t_post}
+    return {"sam_image_encoder": t_sam, "clip_semantic": t_clip}, per_n
+
+
+def end_to_end_input(image: torch.Tensor, boxes: torch.Tensor, original: Tuple[int, int]) -> Dict:
+    from detectron2.structures import Boxes, Instances
+
+    instances = Instances(tuple(image.shape[-2:]))
+    instances.gt_boxes = Boxes(boxes.cpu())
+    return {"image": image, "instances": instances, "height": original[0], "width": original[1]}
+
+
+def benchmark_config(config: str, args: argparse.Namespace, class_names: List[str],
+                     device: torch.device) -> Dict[str, object]:
+    sam_preset, clip_preset, clip_size = CONFIGS[config]
+    warmup, repeats = repeats_for(config, args)
+    log = lambda msg: print(f"[{config}] {msg}", flush=True)  # noqa: E731
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model = build_model(config, args, class_names, device)
+    weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    log(f"built (SAM {sam_preset}, CLIP {clip_preset} @ {clip_size}) in {time.perf_counter() - start:.1f}s")
+
+    text = prepare_text_embeddings(model, args, device)
+    log(f"text embeddings for {text['num_classes']} classes: {text['ms_all_classes']:.0f} ms"
+        + (f" (estimated from {text['classes_encoded']})" if text["estimated"] else ""))
+
+    g = torch.Generator().manual_seed(args.seed)
+    h, w = args.image_size
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)  # stays on the CPU
+    all_boxes = random_boxes(max(args.num_boxes), h, w, g)
+    boxes = {n: all_boxes[:n].to(device) for n in args.num_boxes}
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    image_samples: Dict[str, List[float]] = {s: [] for s in STAGES_PER_IMAGE}
+    box_samples = {n: {s: [] for s in STAGES_PER_BOX_SET} for n in args.num_boxes}
+    for i in range(warmup + repeats):
+        per_image, per_n = stage_pass(model, image, boxes, args.original_size, device)
+        if i >= warmup:
+            for s, ms in per_image.items():
+                image_samples[s].append(ms)
+            for n, stages in per_n.items():
+                for s, ms in stages.items():
+                    box_samples[n][s].append(ms)
+    log("stages: " + ", ".join(f"{s} {statistics.median(v):.1f} ms" for s, v in image_samples.items()))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+    per_n_results = {}
+    for n in args.num_boxes:
+        inputs = [end_to_end_input(image, boxes[n], args.original_size)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        e2e = []
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                outputs, ms = timed(lambda: model(inputs), device)
+                if i >= warmup:
+                    e2e.append(ms)
+        n_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = max(peak, n_peak or 0)
+        row = {f"{s}_ms": statistics.median(image_samples[s]) for s in STAGES_PER_IMAGE}
+        row.update({f"{s}_ms": statistics.median(box_samples[n][s]) for s in STAGES_PER_BOX_SET})
+        row["sum_of_stages_ms"] = sum(row[f"{s}_ms"] for s in STAGES_PER_IMAGE + STAGES_PER_BOX_SET)
+        row["end_to_end_ms"] = statistics.median(e2e)
+        row["images_per_second"] = 1000.0 / row["end_to_end_ms"]
+        row["end_to_end_peak_bytes"] = n_peak
+        row["num_detections"] = len(outputs[0]["instances"])
+        row["samples_ms"] = {**{s: box_samples[n][s] for s in STAGES_PER_BOX_SET}, "end_to_end": e2e}
+        per_n_results[str(n)] = row
+        log(f"N={n}: end-to-end {row['end_to_end_ms']:.1f} ms ({row['images_per_second']:.2f} img/s)")
+
+    if device.type == "cuda":
+        memory = {"kind": "cuda_max_memory_allocated", "peak_bytes": peak, "weights_bytes": weights_bytes,
+                  "note": "torch.cuda.max_memory_allocated over this config's timed stage and end-to-end "
+                          "runs (reset per config, text embeddings excluded; see text_embeddings.peak_bytes)"}
+    else:
+        memory = {"kind": "cpu_process_peak_rss", "peak_bytes": peak_rss_bytes(), "weights_bytes": None,
+                  "note": "ru_maxrss of the whole benchmark process since it started, read after this "
+                          "config; never reset, so it also covers earlier configs, Python and libraries"}
+    result = {
+        "sam": sam_preset, "clip": clip_preset, "clip_input_size": clip_size,
+        "warmup": warmup, "repeats": repeats,
+        "params": parameter_counts(model),
+        "text_embeddings": text,
+        "image_stages_ms": {s: summary(v) for s, v in image_samples.items()},
+        "num_boxes": per_n_results,
+        "memory": memory,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+def format_table(report: Dict[str, object]) -> str:
+    mem_kind = "peak CUDA alloc" if report["device"]["type"] == "cuda" else "process peak RSS"
+    head = ("config", "N", "SAM enc", "CLIP", "decoder", "head", "post", "sum", "e2e ms", "img/s", "mem MiB")
+    rows = [head]
+    for config, res in report["configs"].items():
+        for n, row in res["num_boxes"].items():
+            mem = row["end_to_end_peak_bytes"] if row["end_to_end_peak_bytes"] is not None \
+                else res["memory"]["peak_bytes"]
+            rows.append((config, n) + tuple(f"{row[f'{s}_ms']:.1f}" for s in STAGES_PER_IMAGE + STAGES_PER_BOX_SET)
+                        + (f"{row['sum_of_stages_ms']:.1f}", f"{row['end_to_end_ms']:.1f}",
+                           f"{row['images_per_second']:.3g}", f"{mem / 2 ** 20:.0f}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).rjust(wd) for c, wd in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    s = report["settings"]
+    out = [f"RegionSpot benchmark on {report['device']['name']} ({report['device']['type']}), torch "
+           f"{report['torch_version']}, {report['threads']} threads, image {s['image_size'][0]}x{s['image_size'][1]}"
+           f" -> original {s['original_size'][0]}x{s['original_size'][1]}, amp {s['amp_effective']}, "
+           f"masks {s['mask_on']}, {s['num_classes']} classes, top-k {s['test_topk']}",
+           "times: median ms (SAM enc/CLIP per image; decoder/head/post for N boxes); "
+           f"mem: {mem_kind} (MiB); RANDOM weights: speed only", ""] + lines + [""]
+    for config, res in report["configs"].items():
+        p, t = res["params"], res["text_embeddings"]
+        out.append(f"{config}: warmup {res['warmup']}, repeats {res['repeats']}; params head {p['head']:,} "
+                   f"(trainable), frozen SAM {p['sam_total']:,} + CLIP {p['clip_total']:,}; text embeddings "
+                   f"for {t['num_classes']} classes x {t['num_templates']} templates: "
+                   f"{t['ms_all_classes'] / 1000:.2f} s{' (estimated)' if t['estimated'] else ''}")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = resolve_settings(parser.parse_args(argv), parser)
+    previous_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:  # main() may be called in-process (tests): leave threads and warning filters as found
+        with warnings.catch_warnings():
+            for message in (".*pkg_resources is deprecated.*", ".*enable_nested_tensor.*",
+                            ".*torch.jit.script.*deprecated.*"):
+                warnings.filterwarnings("ignore", message=message)
+            return run_benchmark(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    amp_effective = bool(args.amp and device.type == "cuda")
+    if args.amp and not amp_effective:
+        print("note: --amp has no effect on the CPU (the model only autocasts on CUDA)", flush=True)
+
+    from regionspot.data.vocabularies import get_vocabulary
+    from regionspot.io import write_json_atomic
+
+    class_names = get_vocabulary(args.vocabulary)
+    report: Dict[str, object] = {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count(),
+                   "cuda_version": torch.version.cuda if device.type == "cuda" else None},
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": git_commit(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "load_average_before": load_average(),
+        "settings": {
+            "image_size": list(args.image_size), "original_size": list(args.original_size),
+            "num_boxes": list(args.num_boxes), "models": list(args.models),
+            "repeats": args.repeats, "warmup": args.warmup,
+            "repeats_note": "null = per-device default; the values used are in each config",
+            "amp_requested": bool(args.amp), "amp_effective": amp_effective,
+            "mask_on": not args.no_masks, "vocabulary": args.vocabulary, "num_classes": len(class_names),
+            "test_topk": args.test_topk, "box_chunk_size": args.box_chunk_size, "seed": args.seed,
+            "quick": bool(args.quick),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "timing": "median over `repeats` runs after `warmup` untimed runs, time.perf_counter, device "
+                      "synchronised before and after each stage; model in eval mode under torch.no_grad",
+            "weights": "random (regionspot.modeling.random_backbones): speed is representative, accuracy is not",
+        },
+        "configs": {},
+    }
+    for config in args.models:
+        report["configs"][config] = benchmark_config(config, args, class_names, device)
+        report["load_average_after"] = load_average()
+        write_json_atomic(args.output, report)  # partial results survive a later failure
+    print("\n" + format_table(report), flush=True)
+    print(f"\nwrote {os.path.abspath(args.output)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
