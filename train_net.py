@@ -16,14 +16,13 @@ from collections import OrderedDict
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import LVISEvaluator
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.io import write_json_atomic
 from regionspot.data.mapper import RegionSpotDatasetMapper
@@ -136,10 +135,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -23,13 +23,13 @@ import time
 
 import numpy as np
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from regionspot import RegionSpotPredictor, add_regionspot_config
+from regionspot import RegionSpotPredictor
+from regionspot.config import load_config
 from regionspot.data.validation import InputError, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
 from regionspot.io import atomic_write, write_json_atomic
@@ -51,10 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.REGIONSPOT.VOCABULARY = args.vocabulary
     cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = args.custom_vocabulary
     cfg.freeze()

@@ -37,12 +37,9 @@ def clip_path(weights_dir):
 
 def make_cfg(sam_path, clip_path, cache_dir, **overrides):
     """The sample CPU config with the random weights and a custom vocabulary."""
-    from detectron2.config import get_cfg
-    from regionspot import add_regionspot_config
+    from regionspot.config import load_config
 
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"))
     cfg.MODEL.REGIONSPOT.SAM_WEIGHTS = sam_path
     cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS = clip_path
     cfg.MODEL.REGIONSPOT.TEXT_CACHE_DIR = str(cache_dir)

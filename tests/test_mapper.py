@@ -10,7 +10,6 @@ from PIL import Image
 
 from detectron2.structures import BoxMode
 
-from conftest import make_cfg
 from regionspot.data.mapper import RegionSpotDatasetMapper
 from regionspot.data.validation import InputError
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from regionspot.modeling import text_embeddings as te
+from regionspot.modeling.random_backbones import random_clip
 from regionspot.modeling.text_embeddings import (
     CLIP_IMAGENET_TEMPLATES,
     PROMPT_TEMPLATES,
@@ -21,20 +22,7 @@ NAMES = ["cat", "dog", "traffic light", "wall-other-merged", "aerosol_can"]
 
 
 def _tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(
-        embed_dim=32,
-        image_resolution=224,
-        vision_layers=2,
-        vision_width=64,
-        vision_patch_size=16,
-        context_length=77,
-        vocab_size=49408,
-        transformer_width=64,
-        transformer_heads=1,
-        transformer_layers=2,
-    )
-    return model.float().eval()
+    return random_clip("tiny", seed)
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,17 @@
 
 import json
 
-import clip
 import pytest
-import torch
 
 from regionspot.data import vocabularies as vocab_mod
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
 from regionspot.modeling.text_embeddings import encode_class_names
+from regionspot.modeling.random_backbones import random_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    torch.manual_seed(0)
-    model = clip.model.CLIP(
-        embed_dim=32,
-        image_resolution=224,
-        vision_layers=2,
-        vision_width=64,
-        vision_patch_size=16,
-        context_length=77,
-        vocab_size=49408,
-        transformer_width=64,
-        transformer_heads=1,
-        transformer_layers=2,
-    )
-    return model.float().eval()
+    return random_clip("tiny", 0)
 
 
 def test_builtin_names():

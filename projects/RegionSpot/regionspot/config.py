@@ -54,3 +54,15 @@ def add_regionspot_config(cfg: CN) -> None:
 
     # RegionSpot reads RGB images; SAM and CLIP normalise them themselves.
     cfg.INPUT.FORMAT = "RGB"
+
+
+def load_config(config_file: str, opts=()) -> CN:
+    """Detectron2's default config + :func:`add_regionspot_config`, merged with a yaml file
+    and ``KEY VALUE`` overrides (not frozen)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
