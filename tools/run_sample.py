@@ -134,6 +134,9 @@ def main(argv=None) -> int:
         for task in m["results"]:
             row = m["results"][task]
             print(f"  {name + ' ' + task:22s}" + "".join(f"{row.get(k, float('nan')):8.1f}" for k in keys))
+    if "segm" in after["results"]:
+        print("  (mask AP compares the random SAM's masks with the sample's ground truth, which is the boxes\n"
+              "   themselves as the sample is annotated with boxes only: expect ~0 until real SAM weights are used)")
     print(f"\ndemo: {os.path.join(out, 'demo', os.path.splitext(DEMO_IMAGE)[0] + '.jpg')} (+ .json)")
     print(f"outputs: {out}")
     ap_before, ap_after = before["results"]["bbox"]["AP"], after["results"]["bbox"]["AP"]

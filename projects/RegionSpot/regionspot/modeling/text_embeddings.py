@@ -17,10 +17,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import List, Optional, Sequence
 
 import torch
+
+from ..io import atomic_write
 
 __all__ = [
     "CLIP_IMAGENET_TEMPLATES",
@@ -402,27 +403,12 @@ def _read_cache(path: str, weights_id: str, names: List[str], templates: List[st
 
 
 def _write_cache(path: str, entry: dict) -> None:
-    """Write ``entry`` to ``path`` atomically (temp file in the same dir + os.replace); never raises."""
-    cache_dir = os.path.dirname(path)
-    tmp_path = None
+    """Write ``entry`` to ``path`` atomically (:func:`regionspot.io.atomic_write`); never raises."""
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix=".text_", suffix=".pt.tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(entry, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        tmp_path = None
+        atomic_write(path, lambda f: torch.save(entry, f))
     except Exception as e:
         logger.warning("Could not write text-embedding cache file %s (%s: %s); continuing without it.",
                        path, type(e).__name__, e)
-    finally:
-        if tmp_path is not None:
-            try:
-                os.remove(tmp_path)
-            except OSError:
-                pass
 
 
 def load_or_compute_text_embeddings(
