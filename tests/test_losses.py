@@ -11,8 +11,17 @@ def test_matches_focal_loss_definition():
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     labels = torch.tensor([0])
     per = sigmoid_focal_loss(logits, torch.tensor([[1.0, 0.0, 0.0]]), alpha=0.25, gamma=2.0, reduction="none")[0]
-    expected = per[0] + (per[1] + per[2]) / 2
-    torch.testing.assert_close(region_focal_loss(logits, labels), expected)
+    torch.testing.assert_close(region_focal_loss(logits, labels, negative_classes=2.0), per.sum())
+    torch.testing.assert_close(region_focal_loss(logits, labels, negative_classes=1.0), per[0] + (per[1] + per[2]) / 2)
+
+
+def test_default_equals_the_released_sum_on_objects365():
+    """K = 364: the released sum over classes on 365 classes."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 365) * 3, torch.randint(0, 365, (5,))
+    targets = torch.nn.functional.one_hot(labels, 365).float()
+    released = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum") / 5
+    torch.testing.assert_close(region_focal_loss(logits, labels), released)
 
 
 def test_scale_does_not_depend_on_vocabulary_size():

@@ -43,6 +43,9 @@ def add_regionspot_config(cfg: CN) -> None:
     # Training loss: sigmoid focal loss (paper Sec. 3).
     rs.FOCAL_ALPHA = 0.25
     rs.FOCAL_GAMMA = 2.0
+    # The negatives of a region weigh as much as this many classes whatever the vocabulary
+    # size (364: the released sum-over-classes loss on Objects365's 365 classes).
+    rs.FOCAL_NEGATIVE_CLASSES = 364.0
     # Inference: "softmax" over the vocabulary (released protocol) or "sigmoid"; keep the
     # TEST_TOPK best (box, class) pairs per image (900 released; the LVIS evaluator keeps 300).
     rs.TEST_SCORE = "softmax"

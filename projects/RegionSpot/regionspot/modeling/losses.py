@@ -5,20 +5,26 @@ from fvcore.nn import sigmoid_focal_loss
 
 
 def region_focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
-                      gamma: float = 2.0) -> torch.Tensor:
+                      gamma: float = 2.0, negative_classes: float = 364.0) -> torch.Tensor:
     """Sigmoid focal loss over the vocabulary, normalised so its scale does not depend on it.
 
-    The released code sums the focal loss of every (region, class) pair, so the loss (and the
-    weight of the one positive class against the negatives) grows with the vocabulary: 365
-    Objects365 classes, 601 OpenImages, 13k V3Det. Here each region contributes the loss of
-    its positive class plus the *mean* loss of its negative classes, averaged over regions:
+    The released code sums the focal loss of every (region, class) pair, so the loss, and the
+    weight of the negatives against the one positive class, grows with the vocabulary: 365
+    Objects365 classes, 601 OpenImages, 13k V3Det. Here the negatives of a region always
+    weigh as much as ``negative_classes`` classes, whatever the vocabulary size C:
 
-        L = mean_i [ FL(p_i,y_i; 1) + 1/(C-1) sum_{c != y_i} FL(p_i,c; 0) ]
+        L = mean_i [ FL(p_i,y_i; 1) + K/(C-1) sum_{c != y_i} FL(p_i,c; 0) ],  K = negative_classes
+
+    With the default K = 364 the loss equals the released one (sum over classes per region)
+    on Objects365's 365 classes, and keeps that balance on any other vocabulary. Too small a K
+    leaves false positives nearly free, and one "hub" class can then win every region's
+    softmax while per-class rankings still look good.
 
     Args:
         logits: (M, C) float matching logits of M regions against C classes.
         labels: (M,) int64 class index in [0, C) of each region.
         alpha, gamma: focal-loss parameters (0.25 and 2 as in the paper).
+        negative_classes: K, the total weight of a region's negatives, in classes.
 
     Returns:
         scalar float32 loss; 0 (connected to ``logits``) when M == 0.
@@ -38,5 +44,5 @@ def region_focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float =
     targets[torch.arange(m, device=logits.device), labels] = 1.0
     loss = sigmoid_focal_loss(logits.float(), targets, alpha=alpha, gamma=gamma, reduction="none")
     positive = (loss * targets).sum(dim=1)
-    negative = (loss * (1 - targets)).sum(dim=1) / max(c - 1, 1)
+    negative = (loss * (1 - targets)).sum(dim=1) * (negative_classes / max(c - 1, 1))
     return (positive + negative).mean()

@@ -99,6 +99,7 @@ class RegionSpot(nn.Module):
         logit_scale: float = 100.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        focal_negative_classes: float = 364.0,
         test_score: str = "softmax",
         test_topk: int = 900,
         mask_on: bool = False,
@@ -120,6 +121,7 @@ class RegionSpot(nn.Module):
         self.clip_weights_id = clip_weights_id
         self.logit_scale = logit_scale
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.focal_negative_classes = focal_negative_classes
         self.test_score, self.test_topk = test_score, test_topk
         self.mask_on = mask_on
         self.encoder_amp = encoder_amp
@@ -149,6 +151,7 @@ class RegionSpot(nn.Module):
             logit_scale=rs.LOGIT_SCALE,
             focal_alpha=rs.FOCAL_ALPHA,
             focal_gamma=rs.FOCAL_GAMMA,
+            focal_negative_classes=rs.FOCAL_NEGATIVE_CLASSES,
             test_score=rs.TEST_SCORE,
             test_topk=rs.TEST_TOPK,
             mask_on=cfg.MODEL.MASK_ON,
@@ -264,7 +267,6 @@ class RegionSpot(nn.Module):
             if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {x.get('file_name', '?')!r} must be a (3, H, W) uint8 RGB "
                                  f"tensor, got {tuple(image.shape)} {image.dtype}")
-        for x in batched_inputs:
             if "instances" not in x:
                 raise ValueError(f"image {x.get('file_name', '?')!r} has no boxes to recognise: RegionSpot "
                                  f"needs 'instances' with gt_boxes (the proposals) at train and test time")
@@ -296,7 +298,8 @@ class RegionSpot(nn.Module):
             return {"loss_region_focal": sum(p.sum() for p in self.head.parameters()) * 0.0}
         logits = region_logits(torch.cat([e for e, _ in pairs]), self.text_embeddings, self.logit_scale)
         labels = torch.cat([c for _, c in pairs])
-        return {"loss_region_focal": region_focal_loss(logits, labels, self.focal_alpha, self.focal_gamma)}
+        return {"loss_region_focal": region_focal_loss(logits, labels, self.focal_alpha, self.focal_gamma,
+                                                        self.focal_negative_classes)}
 
     def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(N, C) float32 scores of N region embeddings ((N, E)) against the vocabulary:
