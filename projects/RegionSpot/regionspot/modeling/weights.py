@@ -195,12 +195,13 @@ def load_sam(path: str) -> nn.Module:
     state = _torch_load(path, "SAM")
     if not isinstance(state, dict):
         raise WeightsError(f"SAM weights file {path!r} does not hold a state dict")
-    sam = build_sam(sam_architecture(state))
+    arch = sam_architecture(state)
+    sam = build_sam(arch)
     try:
         sam.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(f"SAM weights file {path!r} does not match SAM's layout: {e}") from e
-    logger.info("Loaded SAM from %s (%s)", path, sam_architecture(state))
+    logger.info("Loaded SAM from %s (%s)", path, arch)
     return sam.requires_grad_(False)
 
 
