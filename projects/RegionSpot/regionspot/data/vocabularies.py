@@ -13,7 +13,7 @@ import json
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary"]
+__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "check_vocabulary", "clean_class_name"]
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365")
 
@@ -23,6 +23,86 @@ _OBJECTS365_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "obj
 
 def _valid_names() -> str:
     return ", ".join(BUILTIN_VOCABULARIES + (_CUSTOM,))
+
+
+# Suffixes removed from class names before they are put into a prompt template
+# (COCO-panoptic style names such as "wall-other-merged").
+_STRIPPED_SUFFIXES = ("-other", "-merged", "-stuff")
+
+
+def clean_class_name(name: str) -> str:
+    """Return the text put into the prompt templates for one class name.
+
+    Removes the trailing suffixes ``-other``, ``-merged`` and ``-stuff`` (repeatedly, so
+    ``"wall-other-merged"`` becomes ``"wall"``); nothing else is changed (no lower-casing, no
+    underscore replacement, no whitespace stripping: CLIP's tokenizer already lower-cases and
+    collapses whitespace).
+
+    Source: the released implementation applies ``.replace('-other', '')``,
+    ``.replace('-merged', '')`` and ``.replace('-stuff', '')`` to every name and nothing else.
+    Stripping only *trailing* suffixes gives the same text for every such dataset name
+    without mangling a name that merely contains e.g. ``"-stuff"`` in the middle.
+
+    Raises:
+        TypeError: ``name`` is not a ``str``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"class name must be a str, got {type(name).__name__}: {name!r}")
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _STRIPPED_SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                changed = True
+    return name
+
+
+def check_vocabulary(class_names: Sequence[str], what: str = "vocabulary") -> List[str]:
+    """The one check of a vocabulary, used wherever class names enter RegionSpot.
+
+    A vocabulary is a non-empty sequence of non-blank ``str`` class names (after
+    :func:`clean_class_name`) with no two names that read the same to CLIP (same text after
+    suffix removal, lower-casing and whitespace collapsing): such names would get identical
+    text embeddings and make the softmax over the vocabulary ambiguous.
+
+    Args:
+        class_names: C names; their order defines the class indices.
+        what: how to name the vocabulary in errors (e.g. ``"custom vocabulary"``).
+
+    Returns:
+        The names as a new ``list[str]``.
+
+    Raises:
+        TypeError: ``class_names`` is a single ``str``/``bytes`` instead of a sequence.
+        ValueError: the vocabulary is empty ("<what> is empty"); a name is not a ``str`` or
+            is blank (its index is named); duplicate names (all of them are named).
+    """
+    if isinstance(class_names, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of class-name strings, not a single "
+                        f"{type(class_names).__name__}: {class_names!r}")
+    names = list(class_names)
+    if not names:
+        raise ValueError(f"{what} is empty: give at least one class name")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"{what}: class name at index {i} is not a str "
+                             f"(got {type(name).__name__}: {name!r})")
+        if not clean_class_name(name).strip():
+            raise ValueError(f"{what}: class name at index {i} is empty or blank "
+                             f"(after removing -other/-merged/-stuff suffixes): {name!r}")
+    seen, duplicates = {}, {}
+    for i, name in enumerate(names):
+        key = " ".join(clean_class_name(name).lower().split())
+        if key in seen:
+            duplicates.setdefault(key, [seen[key]]).append(i)
+        else:
+            seen[key] = i
+    if duplicates:
+        parts = ["; ".join(f"{names[j]!r} (index {j})" for j in idxs) for idxs in duplicates.values()]
+        raise ValueError(f"{what} contains duplicate class names (the same text for CLIP after suffix "
+                         f"removal, lower-casing and whitespace collapsing): " + " | ".join(parts))
+    return names
 
 
 def _lvis_v1() -> List[str]:
@@ -59,37 +139,16 @@ def _objects365_v2() -> tuple:
 
 
 def _parse_custom(custom: Union[str, Sequence[str], None]) -> List[str]:
-    if custom is None:
+    if custom is None or isinstance(custom, bytes):
         raise ValueError("custom vocabulary is empty: pass class names as 'a,b,c' or a list of str")
     if isinstance(custom, str):
         if not custom.strip():
             raise ValueError(f"custom vocabulary is empty: got {custom!r}")
         items = custom.split(",")
-    elif isinstance(custom, bytes):
-        raise ValueError("custom vocabulary must be a str or a sequence of str, not bytes")
     else:
         items = list(custom)
-        if not items:
-            raise ValueError("custom vocabulary is empty: got an empty sequence")
-    names = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise ValueError(
-                f"custom vocabulary item at index {i} is not a str (got {type(item).__name__}: {item!r})"
-            )
-        name = item.strip()
-        if not name:
-            raise ValueError(f"custom vocabulary item at index {i} is empty in {custom!r}")
-        names.append(name)
-    seen = set()
-    dups = []
-    for name in names:
-        if name in seen and name not in dups:
-            dups.append(name)
-        seen.add(name)
-    if dups:
-        raise ValueError(f"custom vocabulary contains duplicate class names: {dups}")
-    return names
+    names = [item.strip() if isinstance(item, str) else item for item in items]
+    return check_vocabulary(names, "custom vocabulary")
 
 
 def get_vocabulary(name: str, custom: Union[str, Sequence[str], None] = None) -> List[str]:

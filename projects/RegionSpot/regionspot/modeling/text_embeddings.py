@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..data.vocabularies import check_vocabulary, clean_class_name
 from ..io import atomic_write
 
 __all__ = [
@@ -127,48 +128,8 @@ CLIP_IMAGENET_TEMPLATES = (
 # part of the disk-cache key, so do not reorder casually.
 PROMPT_TEMPLATES = ("{}.",) + CLIP_IMAGENET_TEMPLATES
 
-# Suffixes removed from class names before they are put into a template
-# (COCO-panoptic style names such as "wall-other-merged").
-_STRIPPED_SUFFIXES = ("-other", "-merged", "-stuff")
-
 # Bump when the way embeddings are computed changes, so old cache files miss.
 _CACHE_FORMAT_VERSION = 1
-
-
-def clean_class_name(name: str) -> str:
-    """Return the text put into the prompt templates for one class name.
-
-    Removes the trailing suffixes ``-other``, ``-merged`` and ``-stuff``
-    (repeatedly, so ``"wall-other-merged"`` becomes ``"wall"``); nothing else
-    is changed (no lower-casing, no underscore replacement, no whitespace
-    stripping: the CLIP tokenizer already lower-cases and collapses
-    whitespace).
-
-    Source: released implementation, which applies
-    ``.replace('-other', '').replace('-merged', '').replace('-stuff', '')`` to
-    every name and does nothing else.  Stripping only *trailing* suffixes gives
-    the same text for every such dataset name, without mangling a name that
-    merely contains e.g. ``"-stuff"`` in the middle.
-
-    Args:
-        name: a class name.
-
-    Returns:
-        The cleaned name (a ``str``).
-
-    Raises:
-        TypeError: if ``name`` is not a ``str``.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"class name must be a str, got {type(name).__name__}: {name!r}")
-    changed = True
-    while changed:
-        changed = False
-        for suffix in _STRIPPED_SUFFIXES:
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                changed = True
-    return name
 
 
 def weights_fingerprint(path: str) -> str:
@@ -198,49 +159,6 @@ def weights_fingerprint(path: str) -> str:
         raise IsADirectoryError(f"weights path is a directory, not a file: {real}")
     payload = f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8")
     return "file:" + hashlib.sha256(payload).hexdigest()
-
-
-def _validate_class_names(class_names: Sequence[str]) -> List[str]:
-    """Check a vocabulary and return it as a list (see encode_class_names for the rules)."""
-    if isinstance(class_names, (str, bytes)):
-        raise TypeError(
-            "class_names must be a sequence of class-name strings, not a single "
-            f"{type(class_names).__name__}: {class_names!r}"
-        )
-    names = list(class_names)
-    if not names:
-        raise ValueError("vocabulary is empty: at least one class name is required")
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise ValueError(
-                f"class name at index {i} is not a str (got {type(name).__name__}: {name!r})"
-            )
-        if not clean_class_name(name).strip():
-            raise ValueError(
-                f"class name at index {i} is empty or whitespace "
-                f"(after removing -other/-merged/-stuff suffixes): {name!r}"
-            )
-    # Two names whose prompts are identical for CLIP (its tokenizer lower-cases
-    # and collapses whitespace) get identical embeddings, which makes
-    # softmax scores ambiguous.
-    seen = {}
-    duplicates = {}
-    for i, name in enumerate(names):
-        key = " ".join(clean_class_name(name).lower().split())
-        if key in seen:
-            duplicates.setdefault(key, [seen[key]]).append(i)
-        else:
-            seen[key] = i
-    if duplicates:
-        parts = [
-            ", ".join(f"{names[j]!r} (index {j})" for j in idxs) for idxs in duplicates.values()
-        ]
-        raise ValueError(
-            "vocabulary contains duplicate class names (identical text for CLIP "
-            "after suffix removal, lower-casing and whitespace collapsing): "
-            + "; ".join(parts)
-        )
-    return names
 
 
 def _validate_templates(templates: Sequence[str]) -> List[str]:
@@ -307,7 +225,7 @@ def encode_class_names(
             empty templates; ``batch_size < 1``.
         TypeError: ``class_names`` is a single string.
     """
-    names = _validate_class_names(class_names)
+    names = check_vocabulary(class_names)
     templates = _validate_templates(templates)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -462,7 +380,7 @@ def load_or_compute_text_embeddings(
             duplicate class names (names listed), invalid templates, empty or
             non-str ``weights_id``, ``batch_size < 1``.
     """
-    names = _validate_class_names(class_names)
+    names = check_vocabulary(class_names)
     templates = _validate_templates(templates)
     if not isinstance(weights_id, str) or not weights_id.strip():
         raise ValueError(
