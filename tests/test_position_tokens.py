@@ -24,36 +24,50 @@ BOXES = torch.tensor([[10.0, 20.0, 200.0, 250.0], [300.0, 10.0, 460.0, 290.0], [
 
 
 def _reference(sam, image, boxes):
-    """SamPredictor.set_image + predict_torch, with a hook reading hs[:, 1] (reference Sec. 3)."""
+    """SamPredictor.set_image + predict_torch, with a hook reading hs[:, 1] (docs/method.md §3)."""
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     captured = []
     handle = sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: captured.append(o[0]))
     try:
         with torch.no_grad():
-            masks, _, low_res = predictor.predict_torch(
+            masks, iou, low_res = predictor.predict_torch(
                 None, None, predictor.transform.apply_boxes_torch(boxes, image.shape[:2]), multimask_output=False)
     finally:
         handle.remove()
-    return captured[0][:, 1], masks[:, 0], low_res
+    return captured[0][:, 1], masks[:, 0], low_res, iou[:, 0]
 
 
-def _ours(sam, image, boxes, **kwargs):
+def _ours(sam, image, boxes, with_iou=False, **kwargs):
     tokens = SamPositionTokens(sam, **kwargs)
     pixels, resized = tokens.preprocess(torch.from_numpy(image).permute(2, 0, 1))
     with torch.no_grad():
         embedding = tokens.encode_images(pixels[None])[0]
-        tok, low_res = tokens(embedding, boxes, image.shape[:2])
-    return tokens, tok, low_res, resized
+        tok, low_res, iou = tokens(embedding, boxes, image.shape[:2])
+    return (tokens, tok, low_res, resized) + ((iou,) if with_iou else ())
 
 
 def test_token_equals_sam_predictor_path(sam, image):
-    ref_tokens, ref_masks, ref_low_res = _reference(sam, image, BOXES)
-    tokens, tok, low_res, resized = _ours(sam, image, BOXES)
+    ref_tokens, ref_masks, ref_low_res, ref_iou = _reference(sam, image, BOXES)
+    tokens, tok, low_res, resized, iou = _ours(sam, image, BOXES, with_iou=True)
     assert tok.shape == (3, 256)
     torch.testing.assert_close(tok, ref_tokens, rtol=0, atol=1e-6)
     torch.testing.assert_close(low_res, ref_low_res, rtol=0, atol=1e-6)
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-6)  # SAM's predicted IoU (TAP's protocol)
     assert torch.equal(tokens.paste_masks(low_res, resized, image.shape[:2]), ref_masks)
+
+
+def test_masks_are_pasted_in_chunks_without_changing_them(sam, image, monkeypatch):
+    import regionspot.modeling.position_tokens as module
+
+    tokens, _, low_res, resized = _ours(sam, image, BOXES)
+    whole = tokens.paste_masks(low_res, resized, image.shape[:2])
+    calls = []
+    original = sam.postprocess_masks
+    monkeypatch.setattr(module, "MASK_PASTE_CHUNK", 2)
+    monkeypatch.setattr(sam, "postprocess_masks", lambda m, *a: calls.append(len(m)) or original(m, *a))
+    assert torch.equal(tokens.paste_masks(low_res, resized, image.shape[:2]), whole)
+    assert calls == [2, 1]
 
 
 def test_box_chunking_does_not_change_tokens(sam, image):

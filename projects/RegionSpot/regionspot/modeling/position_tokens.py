@@ -13,13 +13,33 @@ Token sources (paper Table 4b):
 """
 
 import contextlib
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
+
+# Masks pasted per call of Sam.postprocess_masks: each costs two float32 frames (S x S and the
+# output size) before thresholding, so pasting in chunks bounds that memory.
+MASK_PASTE_CHUNK = 16
+
+
+class BoxPrompts(NamedTuple):
+    """What SAM gives for N box prompts of one image (:meth:`SamPositionTokens.forward`).
+
+    Attributes:
+        tokens: (N, T) float32 position-aware tokens.
+        low_res_masks: (N, 1, 4g, 4g) float32 mask logits of SAM's single-mask output, in the
+            padded S x S frame at 1/4 resolution (see :meth:`SamPositionTokens.paste_masks`).
+        iou_predictions: (N,) float32, SAM's predicted IoU of each mask (its IoU head; TAP's
+            protocol fuses it into the score, the released protocol does not use it).
+    """
+
+    tokens: torch.Tensor
+    low_res_masks: torch.Tensor
+    iou_predictions: torch.Tensor
 
 
 @contextlib.contextmanager
@@ -101,8 +121,8 @@ class SamPositionTokens(nn.Module):
 
     def forward(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Position-aware tokens and low-resolution masks for the boxes of one image.
+    ) -> BoxPrompts:
+        """Position-aware tokens, low-resolution masks and IoU predictions for one image's boxes.
 
         Args:
             image_embedding: (256, g, g) SAM embedding of the image.
@@ -110,19 +130,17 @@ class SamPositionTokens(nn.Module):
                 was given, whose size is ``image_size`` = (H, W).
 
         Returns:
-            tokens: (N, :attr:`token_dim`) float32.
-            low_res_masks: (N, 1, 4g, 4g) float32 mask logits of SAM's single-mask output,
-                in the padded S x S frame at 1/4 resolution (see :meth:`paste_masks`).
+            :class:`BoxPrompts` (tokens (N, :attr:`token_dim`), low-res masks, IoU predictions).
         """
         n = boxes.shape[0]
         device = image_embedding.device
         if n == 0:
             side = image_embedding.shape[-1] * 4
-            return (torch.zeros(0, self.token_dim, device=device),
-                    torch.zeros(0, 1, side, side, device=device))
+            return BoxPrompts(torch.zeros(0, self.token_dim, device=device),
+                              torch.zeros(0, 1, side, side, device=device), torch.zeros(0, device=device))
         boxes_sam = self.transform.apply_boxes_torch(boxes.to(device).float(), image_size)
         image_pe = self.sam.prompt_encoder.get_dense_pe()
-        tokens, masks = [], []
+        tokens, masks, ious = [], [], []
         for chunk in boxes_sam.split(self.box_chunk_size):
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
             decoder = self.sam.mask_decoder
@@ -132,7 +150,7 @@ class SamPositionTokens(nn.Module):
             with contextlib.ExitStack() as stack:
                 if hooked is not None:
                     stack.enter_context(_capture_output(hooked, store))
-                low_res, _iou = decoder(
+                low_res, iou = decoder(
                     image_embeddings=image_embedding[None],
                     image_pe=image_pe,
                     sparse_prompt_embeddings=sparse,
@@ -147,7 +165,8 @@ class SamPositionTokens(nn.Module):
                 token = sparse.mean(dim=1)  # the two box-corner embeddings
             tokens.append(token.float())
             masks.append(low_res.float())
-        return torch.cat(tokens), torch.cat(masks)
+            ious.append(iou[:, 0].float())
+        return BoxPrompts(torch.cat(tokens), torch.cat(masks), torch.cat(ious))
 
     def paste_masks(
         self,
@@ -158,7 +177,8 @@ class SamPositionTokens(nn.Module):
         """Binary masks in an output frame, as SAM post-processes them.
 
         ``Sam.postprocess_masks`` (upscale to S, crop the padding, resize to the image size),
-        threshold at 0. Call it only for the masks that are kept after top-k.
+        threshold at 0, :data:`MASK_PASTE_CHUNK` masks at a time so the float intermediates
+        stay small. Call it only for the boxes that are kept after post-processing.
 
         Args:
             low_res_masks: (K, 1, 4g, 4g) from :meth:`forward`.
@@ -170,5 +190,9 @@ class SamPositionTokens(nn.Module):
         """
         if low_res_masks.shape[0] == 0:
             return torch.zeros(0, *output_size, dtype=torch.bool, device=low_res_masks.device)
-        masks = self.sam.postprocess_masks(low_res_masks, tuple(resized_size), tuple(output_size))
-        return masks[:, 0] > self.sam.mask_threshold
+        out = torch.empty(low_res_masks.shape[0], *output_size, dtype=torch.bool, device=low_res_masks.device)
+        for start in range(0, low_res_masks.shape[0], MASK_PASTE_CHUNK):
+            chunk = low_res_masks[start:start + MASK_PASTE_CHUNK]
+            masks = self.sam.postprocess_masks(chunk, tuple(resized_size), tuple(output_size))
+            out[start:start + chunk.shape[0]] = masks[:, 0] > self.sam.mask_threshold
+        return out
