@@ -3,11 +3,12 @@
 
 Train the head (SAM and CLIP stay frozen):
     python train_net.py --config-file configs/regionspot_bl.yaml --num-gpus 8
-Evaluate with ground-truth boxes as proposals on an LVIS-format dataset:
-    python train_net.py --config-file configs/regionspot_bl.yaml --eval-only MODEL.WEIGHTS W
+Evaluate on an LVIS-format dataset, with ground-truth boxes, a detector's boxes from a file,
+an RPN or SAM's automatic masks as proposals (configs/eval_lvis_{gt,glip,rpn,sam_auto}.yaml):
+    python train_net.py --config-file configs/eval_lvis_glip.yaml --eval-only \
+        MODEL.WEIGHTS W MODEL.REGIONSPOT.PROPOSAL_FILE glip_lvis_val.json
 """
 
-import copy
 import json
 import logging
 import os
@@ -17,24 +18,24 @@ import torch
 
 import detectron2.utils.comm as comm
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import LVISEvaluator
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.evaluation import inference_on_dataset
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import create_small_table
 
 from regionspot.config import load_config
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.io import write_json_atomic
+from regionspot.data.build import build_regionspot_test_loader
 from regionspot.data.mapper import RegionSpotDatasetMapper
+from regionspot.evaluation import RegionSpotLVISEvaluator
+from regionspot.evaluation.protocol import evaluation_protocol
 from regionspot.modeling.meta_arch import vocabulary_from_config
 
 logger = logging.getLogger("regionspot")
 
-EVAL_PROTOCOL = (
-    "protocol: ground-truth boxes as proposals; each box scored against the whole vocabulary "
-    "({score}); top {topk} (box, class) pairs per image; LVIS evaluator keeps 300 per image "
-    "(standard AP)"
-)
+TABLE_KEYS = ("AP", "APr", "APc", "APf", "AP50", "AP75")
 
 
 def with_full_model_clipping(optimizer_cls, max_norm: float):
@@ -51,8 +52,18 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
     return FullModelClipped
 
 
+def unwrap(model):
+    """The RegionSpot module inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 class Trainer(DefaultTrainer):
     """:class:`DefaultTrainer` with RegionSpot's mapper, optimizer, checkpointer and evaluator."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # The training vocabulary is set once, before the first step, outside the forward.
+        unwrap(self.model).set_vocabulary(vocabulary_from_config(cfg))
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -60,17 +71,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=RegionSpotDatasetMapper(cfg, False))
+        return build_regionspot_test_loader(cfg, dataset_name)[0]
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, protocol: str = ""):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "lvis")
         if evaluator_type != "lvis":
             raise NotImplementedError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; "
                                       f"RegionSpot evaluates LVIS-format datasets")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return LVISEvaluator(dataset_name, tasks, distributed=True, output_dir=output_folder)
+        return RegionSpotLVISEvaluator(dataset_name, tasks, distributed=True, output_dir=output_folder,
+                                       max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, protocol=protocol)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -90,7 +102,8 @@ class Trainer(DefaultTrainer):
         model = super().build_model(cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        logger.info("RegionSpot: %d trainable head parameters, %d frozen (SAM + CLIP)", trainable, total - trainable)
+        logger.info("RegionSpot: %d trainable head parameters, %d frozen (SAM, CLIP and the RPN if any)",
+                    trainable, total - trainable)
         return model
 
     def build_hooks(self):
@@ -112,26 +125,44 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate on each of ``DATASETS.TEST`` with that dataset's vocabulary; write
-        ``<OUTPUT_DIR>/inference/<dataset>/metrics.json`` atomically."""
-        unwrapped = model.module if hasattr(model, "module") else model
+        """Evaluate on each of ``DATASETS.TEST`` with that dataset's vocabulary and the configured
+        proposals; print each AP table with its protocol and write
+        ``<OUTPUT_DIR>/inference/<dataset>/metrics.json`` atomically. The model's training
+        vocabulary is restored afterwards (periodic evaluation during training)."""
+        regionspot = unwrap(model)
+        previous = (regionspot.class_names, regionspot.text_embeddings)
         results = OrderedDict()
-        for idx, name in enumerate(cfg.DATASETS.TEST):
-            unwrapped.set_vocabulary(vocabulary_from_config(cfg, name))
-            one = copy.deepcopy(cfg)
-            one.defrost()
-            one.DATASETS.TEST = (name,)
-            res = super().test(one, model, [evaluators[idx]] if evaluators else None)
-            results[name] = res
-            if comm.is_main_process():
-                rs = cfg.MODEL.REGIONSPOT
-                protocol = EVAL_PROTOCOL.format(score=rs.TEST_SCORE, topk=rs.TEST_TOPK)
-                logger.info("Results on %s (%s): %s", name, protocol, json.dumps(res))
-                folder = os.path.join(cfg.OUTPUT_DIR, "inference", name)
-                write_json_atomic(os.path.join(folder, "metrics.json"),
-                                  {"dataset": name, "protocol": protocol, "weights": cfg.MODEL.WEIGHTS,
-                                   "results": res})
+        try:
+            for idx, name in enumerate(cfg.DATASETS.TEST):
+                vocabulary = vocabulary_from_config(cfg, name)
+                regionspot.set_vocabulary(vocabulary)  # text embeddings computed here, not in the forward
+                protocol = evaluation_protocol(cfg, name, len(vocabulary))
+                loader, coverage = build_regionspot_test_loader(cfg, name)
+                evaluator = evaluators[idx] if evaluators else cls.build_evaluator(
+                    cfg, name, protocol=protocol["description"])
+                res = inference_on_dataset(model, loader, evaluator)
+                results[name] = res
+                if comm.is_main_process():
+                    report_results(cfg, name, res, protocol, coverage)
+        finally:
+            if previous[0] is not None:
+                regionspot.set_vocabulary(previous[0], previous[1])
         return results
+
+
+def report_results(cfg, dataset_name: str, results: dict, protocol: dict, coverage) -> None:
+    """Log an AP table per task with the protocol under it, and write the metrics file."""
+    for task, metrics in results.items():
+        row = {k: metrics[k] for k in TABLE_KEYS if k in metrics}
+        logger.info("%s AP on %s:\n%s\nprotocol: %s", task, dataset_name, create_small_table(row),
+                    protocol["description"])
+    if coverage:
+        logger.info("proposal file coverage on %s: %s", dataset_name, json.dumps(coverage))
+    folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    write_json_atomic(os.path.join(folder, "metrics.json"),
+                      {"dataset": dataset_name, "weights": cfg.MODEL.WEIGHTS,
+                       "proposals": cfg.MODEL.REGIONSPOT.PROPOSALS, "protocol": protocol,
+                       "proposal_coverage": coverage, "results": results})
 
 
 def setup(args):

@@ -1,10 +1,19 @@
 #!/usr/bin/env python
-"""Recognise given boxes in your own images with your own class names.
+"""Recognise regions in your own images with your own class names.
+
+Given boxes (e.g. a detector's, or drawn by hand):
 
     python demo/demo.py --config-file configs/regionspot_bl.yaml \\
         --input "photos/*.jpg" --boxes boxes.json \\
         --vocabulary custom --custom-vocabulary "cat,remote control,sofa" \\
         --output out/ --opts MODEL.WEIGHTS regionspot_bl.pth
+
+Everything in the photo, with no detector and no box file (SAM's automatic masks; or
+``--proposals rpn`` with ``MODEL.REGIONSPOT.RPN_WEIGHTS`` set):
+
+    python demo/demo.py --config-file configs/regionspot_bl.yaml --input photo.jpg \\
+        --proposals sam_auto --vocabulary lvis --min-score 0.2 --output out/ \\
+        --opts MODEL.WEIGHTS regionspot_bl.pth
 
 ``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
 list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
@@ -23,12 +32,13 @@ import time
 
 import numpy as np
 
-from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from regionspot import RegionSpotPredictor
+from regionspot.predictor import PREDICTOR_SOURCES
 from regionspot.config import load_config
 from regionspot.data.validation import InputError, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
@@ -38,10 +48,16 @@ logger = logging.getLogger("regionspot.demo")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="RegionSpot demo: label given boxes with any vocabulary")
+    parser = argparse.ArgumentParser(description="RegionSpot demo: label regions with any vocabulary")
     parser.add_argument("--config-file", default="configs/regionspot_bl.yaml", metavar="FILE")
     parser.add_argument("--input", nargs="+", required=True, help="image paths or glob patterns")
-    parser.add_argument("--boxes", required=True, help="JSON file: {image: [[x0, y0, x1, y1], ...]}")
+    regions = parser.add_mutually_exclusive_group(required=True)
+    regions.add_argument("--boxes", help="JSON file: {image: [[x0, y0, x1, y1], ...]}")
+    regions.add_argument("--proposals", choices=PREDICTOR_SOURCES,
+                         help="find the regions instead: sam_auto (SAM's automatic masks) or rpn "
+                              "(needs MODEL.REGIONSPOT.RPN_WEIGHTS)")
+    parser.add_argument("--min-score", type=float, default=0.0,
+                        help="keep regions whose score (proposal score x class probability) is at least this")
     parser.add_argument("--vocabulary", default="lvis", choices=list(BUILTIN_VOCABULARIES) + ["custom"])
     parser.add_argument("--custom-vocabulary", default="", help='comma-separated names, e.g. "cat,dog,sofa"')
     parser.add_argument("--output", required=True, help="folder for the drawn images and JSON files")
@@ -54,6 +70,9 @@ def setup_cfg(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.REGIONSPOT.VOCABULARY = args.vocabulary
     cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = args.custom_vocabulary
+    if args.proposals == "rpn" and not cfg.MODEL.REGIONSPOT.RPN_WEIGHTS:
+        raise ValueError("--proposals rpn needs the RPN's weights: add --opts MODEL.REGIONSPOT.RPN_WEIGHTS FILE "
+                         "(and the RPN's architecture keys, see configs/eval_lvis_rpn.yaml)")
     cfg.freeze()
     return cfg
 
@@ -83,8 +102,7 @@ def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
     instances.pred_classes = predictions.classes
     if draw_masks:
         instances.pred_masks = predictions.masks
-    metadata = MetadataCatalog.get("__regionspot_demo")
-    metadata.thing_classes = predictions.vocabulary
+    metadata = Metadata(name="regionspot_demo", thing_classes=list(predictions.vocabulary))
     visualizer = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
     return visualizer.draw_instance_predictions(instances).get_image()
 
@@ -94,16 +112,18 @@ def main(argv=None) -> int:
     setup_logger(name="regionspot")
     setup_logger(name="detectron2")
     try:
-        with open(args.boxes) as f:
-            box_table = json.load(f)
-        if not isinstance(box_table, dict):
-            raise InputError(f"--boxes {args.boxes!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}")
+        box_table = None
+        if args.boxes:
+            with open(args.boxes) as f:
+                box_table = json.load(f)
+            if not isinstance(box_table, dict):
+                raise InputError(f"--boxes {args.boxes!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}")
         vocabulary = get_vocabulary(args.vocabulary, args.custom_vocabulary or None)
+        cfg = setup_cfg(args)
     except (OSError, ValueError) as e:
         logger.error("%s", e)
         return 2
-    cfg = setup_cfg(args)
-    predictor = RegionSpotPredictor.from_config(cfg)
+    predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary)
     os.makedirs(args.output, exist_ok=True)
     import cv2
 
@@ -113,7 +133,11 @@ def main(argv=None) -> int:
         try:
             image = read_image(path, "RGB")
             predictor.set_image(image)
-            predictions = predictor.predict(boxes_for(box_table, path), vocabulary)
+            if box_table is not None:
+                predictions = predictor.predict(boxes_for(box_table, path))
+            else:
+                predictions = predictor.predict(proposals=args.proposals)
+            predictions = predictions.select(predictions.scores >= args.min_score)
         except (InputError, ValueError) as e:
             logger.error("%s: %s", path, e)
             failures.append(path)

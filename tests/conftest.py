@@ -59,9 +59,17 @@ def tiny_cfg(sam_path, clip_path, tmp_path_factory):
     return make_cfg(sam_path, clip_path, tmp_path_factory.mktemp("text_cache"))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_cfg):
+def build_tiny_model(cfg):
+    """build_model(cfg) with the config's vocabulary set (what train_net does before a forward)."""
     from detectron2.modeling import build_model
+    from regionspot.modeling.meta_arch import vocabulary_from_config
 
     torch.manual_seed(0)
-    return build_model(tiny_cfg).eval()
+    model = build_model(cfg)
+    model.set_vocabulary(vocabulary_from_config(cfg))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    return build_tiny_model(tiny_cfg).eval()

@@ -113,3 +113,19 @@ def test_settings_resolution(tool):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             tool.resolve_settings(parser.parse_args(["--device", "cuda"]), parser)
+
+
+def test_mask_output_memory_does_not_grow_with_pairs(report):
+    """900 (box, class) pairs on 10 boxes hold 10 masks, not 900."""
+    out = report["configs"]["small"]["mask_output"]
+    h, w = out["image_size"]
+    assert (h, w) == (480, 640) and out["pairs"] == 900  # --quick; 800x1333 by default
+    few, many = out["cases"]
+    assert few["num_boxes"] == 10 and few["num_detections"] == 900
+    assert few["distinct_masks"] <= 10 and few["mask_bytes"] == few["distinct_masks"] * h * w
+    assert few["per_pair_layout_bytes"] == 900 * h * w and few["mask_bytes"] * 50 < few["per_pair_layout_bytes"]
+    assert many["num_boxes"] == 900 and many["distinct_masks"] > few["distinct_masks"]
+    for case in (few, many):
+        assert _positive_finite(case["postprocess_ms"]) and _positive_finite(case["rle_encode_ms"])
+        assert isinstance(case["peak_increase_bytes"], int)
+    assert report["settings"]["mask_image_size"] == [480, 640] and report["settings"]["mask_pairs"] == 900

@@ -83,3 +83,8 @@ def test_corrupt_checkpoint(model, tmp_path):
     path.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         RegionSpotCheckpointer(model).load(str(path))
+
+
+def test_missing_checkpoint_is_named(model, tmp_path):
+    with pytest.raises(CheckpointError, match="absent.pth.*MODEL.WEIGHTS"):
+        RegionSpotCheckpointer(model).load(str(tmp_path / "absent.pth"))

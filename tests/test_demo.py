@@ -64,3 +64,22 @@ def test_empty_custom_vocabulary_is_refused(tmp_path, images, sam_path, clip_pat
     with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
         code = _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": [[1, 1, 9, 9]]}, ("custom", " , "))
     assert code == 2 and "custom vocabulary" in caplog.text
+
+
+def test_recognise_everything_without_boxes(tmp_path, images, sam_path, clip_path, monkeypatch):
+    """--proposals sam_auto: no box file; SAM's automatic masks give the regions."""
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+            "--proposals", "sam_auto", "--vocabulary", "custom", "--custom-vocabulary", "cat,dog",
+            "--output", str(tmp_path / "out"), "--min-score", "0",
+            "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"),
+            "MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE", "4", "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH", "0.0",
+            "MODEL.REGIONSPOT.SAM_AUTO.STABILITY_SCORE_THRESH", "0.0"]
+    assert demo.main(argv) == 0
+    pred = json.loads((tmp_path / "out" / "a.json").read_text())["predictions"]
+    assert pred and all(p["label"] in ("cat", "dog") and 0 <= p["proposal_score"] <= 1 for p in pred)
+    assert all(p["score"] <= p["proposal_score"] + 1e-6 for p in pred)  # proposal score x class probability
+    # rpn without weights is refused before any image
+    argv[argv.index("sam_auto")] = "rpn"
+    assert demo.main(argv) == 2

@@ -130,6 +130,28 @@ def test_mapper_does_not_modify_the_dataset_dict(tiny_cfg, image_file):
 def test_unknown_proposal_source_is_refused(tiny_cfg):
     cfg = tiny_cfg.clone()
     cfg.defrost()
-    cfg.MODEL.REGIONSPOT.TEST_PROPOSALS = "rpn"
-    with pytest.raises(ValueError, match="TEST_PROPOSALS must be one of"):
+    cfg.MODEL.REGIONSPOT.PROPOSALS = "selective_search"
+    with pytest.raises(ValueError, match="PROPOSALS must be one of"):
         RegionSpotDatasetMapper(cfg, False)
+
+
+def test_file_proposals_go_through_detectron2s_transform(tiny_cfg, image_file):
+    """Precomputed proposals (Detectron2's dataset-dict keys) get the image's resize and the top-k."""
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.PROPOSALS = "file"
+    cfg.MODEL.REGIONSPOT.PROPOSAL_TOPK = 2
+    cfg.INPUT.MIN_SIZE_TEST = 400
+    mapper = RegionSpotDatasetMapper(cfg, False)
+    d = _dict(image_file)
+    d["proposal_boxes"] = np.array([BOX, [0, 0, 10, 10], [5, 5, 50, 60]], dtype=np.float32)
+    d["proposal_objectness_logits"] = np.array([3.0, 1.0, -1.0], dtype=np.float32)
+    d["proposal_bbox_mode"] = BoxMode.XYXY_ABS
+    out = mapper(d)
+    proposals = out["proposals"]
+    assert len(proposals) == 2 and proposals.image_size == tuple(out["image"].shape[1:])
+    np.testing.assert_allclose(proposals.proposal_boxes.tensor[0].numpy(), np.array(BOX) * 2, atol=1e-4)
+    np.testing.assert_allclose(proposals.objectness_logits.numpy(), [3.0, 1.0])
+    with pytest.raises(InputError, match="photo.png.*no proposals attached"):
+        mapper(_dict(image_file))
+    assert "proposals" not in RegionSpotDatasetMapper(cfg, True)(_dict(image_file))  # training: ground truth only

@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from conftest import make_cfg
+from conftest import build_tiny_model, make_cfg
 
 
 def _input(h, w, boxes, classes=None, seed=0):
@@ -25,8 +25,7 @@ BATCH = [_input(240, 320, [[10, 10, 100, 120], [150, 40, 300, 230]], [0, 2]),
 
 @pytest.fixture
 def model(tiny_cfg):
-    torch.manual_seed(0)
-    return build_model(tiny_cfg)
+    return build_tiny_model(tiny_cfg)
 
 
 def test_only_the_head_trains(model):
@@ -66,23 +65,26 @@ def test_batch_without_boxes_gives_a_zero_loss_that_reaches_every_parameter(mode
 
 def test_inference_protocol(model):
     model.eval()
-    model.test_topk = 5
+    model.protocol = model.protocol.replace(topk=5)
     out = model(BATCH)
     assert [len(o["instances"]) for o in out] == [5, 0, 5]  # top-k (box, class) pairs; empty image handled
     inst = out[0]["instances"]
     assert inst.scores.dtype == torch.float32 and (inst.scores[:-1] >= inst.scores[1:]).all()
     assert inst.pred_classes.max() < 4
-    # scores are the softmax over the vocabulary of that box
-    emb = model.region_embeddings([model.region_tokens(
-        model.encode_images([BATCH[0]["image"]])[0][0], BATCH[0]["instances"].gt_boxes.tensor, (240, 320))[0]],
-        model.encode_images([BATCH[0]["image"]])[2])[0]
-    probs = model.class_scores(emb)
+    # scores are the softmax over the vocabulary of that box (ground truth: proposal score 1)
+    features = model.encode_images([BATCH[0]["image"]])
+    from regionspot.modeling.proposals.gt import proposals_from_ground_truth
+
+    recognition = model.recognize(features, [proposals_from_ground_truth(BATCH[0]["instances"])],
+                                  model.text_embeddings)[0]
+    probs = recognition.logits.softmax(-1)
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
     torch.testing.assert_close(inst.scores, probs.flatten().topk(5).values)
+    assert torch.equal(inst.proposal_scores, torch.ones(5))
 
 
 def test_masks_only_when_mask_on(sam_path, clip_path, tmp_path):
-    model = build_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.MASK_ON": False})).eval()
+    model = build_tiny_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.MASK_ON": False})).eval()
     assert not model([BATCH[0]])[0]["instances"].has("pred_masks")
 
 
@@ -96,8 +98,25 @@ def test_results_are_reported_in_the_original_image_size(model):
     assert inst.pred_masks.shape[1:] == (480, 640)
 
 
+def test_a_box_with_many_classes_has_one_mask(model):
+    """900 (box, class) pairs on 2 boxes hold 2 bitmaps, pasted once each."""
+    model.eval()
+    vocabulary = [f"class {i}" for i in range(450)]
+    model.set_vocabulary(vocabulary, torch.nn.functional.normalize(torch.randn(450, 32), dim=-1))
+    model.protocol = model.protocol.replace(topk=900)
+    inst = model([dict(BATCH[0], height=480, width=640)])[0]["instances"]
+    masks = inst.pred_masks
+    assert len(inst) == 900 and len(masks) == 900 and masks.bitmaps.shape == (2, 480, 640)
+    for box in range(2):  # every detection of a box points at that box's bitmap
+        rows = (inst.pred_boxes.tensor == inst.pred_boxes.tensor[box]).all(1)
+        assert len(set(masks.index[rows].tolist())) == 1
+    assert torch.equal(masks[3], masks.bitmaps[masks.index[3]])
+    sub = inst[inst.pred_classes == inst.pred_classes[0]]  # Instances indexing keeps the sharing
+    assert sub.pred_masks.bitmaps is masks.bitmaps
+
+
 def test_sigmoid_scores_option(sam_path, clip_path, tmp_path):
-    model = build_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "sigmoid"})).eval()
+    model = build_tiny_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "sigmoid"})).eval()
     assert len(model([BATCH[2]])[0]["instances"]) == 12
     with pytest.raises(ValueError, match="TEST_SCORE"):
         build_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "max"}))
@@ -111,9 +130,21 @@ def test_wrong_image_tensor_is_named(model):
 
 def test_vocabulary_switch_and_empty_vocabulary(model):
     model.set_vocabulary(["apple", "pear"])
-    assert model.text_embeddings.shape == (2, 32)
+    assert model.text_embeddings.shape == (2, 32) and model.class_names == ["apple", "pear"]
     with pytest.raises(ValueError, match="vocabulary is empty"):
         model.set_vocabulary([])
+    with pytest.raises(ValueError, match="duplicate"):
+        model.encode_vocabulary(["Pear", "pear"])
+
+
+def test_forward_needs_a_vocabulary_set_outside(tiny_cfg, monkeypatch):
+    """Text embeddings are never computed inside the forward."""
+    model = build_model(tiny_cfg).eval()
+    with pytest.raises(RuntimeError, match="set_vocabulary"):
+        model([BATCH[0]])
+    model.set_vocabulary(["cat", "dog"])
+    monkeypatch.setattr(model, "encode_vocabulary", lambda *a: pytest.fail("text encoded in the forward"))
+    assert len(model([BATCH[0]])[0]["instances"]) == 4
 
 
 def test_input_without_boxes_is_named(model):

@@ -92,7 +92,7 @@ def test_eval_only_with_ground_truth_boxes(tmp_path, dataset, sam_path, clip_pat
         assert {"AP", "APr", "APc", "APf"} <= set(metrics[task])
     written = json.load(open(os.path.join(out, "inference", DATASET, "metrics.json")))
     assert written["results"]["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"])
-    assert "ground-truth boxes" in written["protocol"]
+    assert "ground-truth boxes" in written["protocol"]["description"] and written["proposals"] == "gt"
     detections = json.load(open(os.path.join(out, "inference", DATASET, "lvis_instances_results.json")))
     assert {d["image_id"] for d in detections} == set(range(1, 9))  # every image but the blank one
     sample_ids = set(sample_vocabulary_metadata()["thing_dataset_id_to_contiguous_id"])

@@ -15,22 +15,31 @@ N random valid boxes for each N of ``--num-boxes``. Results are reported at the 
 size (``--original-size``, default 480 x 640), as in evaluation. The image stays on the CPU
 as the data loader gives it, so host-to-device copies count in the encoder stages.
 
-Per stage (the model's own methods, in the order ``RegionSpot.forward`` runs them):
+Per stage: the model's own public recognition path (the one ``RegionSpot.forward``, the
+predictor and the demo call), one method per stage, in order:
 
-- ``sam_image_encoder``: ``model.position.preprocess`` (resize longest side to 1024,
-  normalise, pad) + ``model.position.encode_images``; once per image, independent of N;
-- ``clip_semantic``: ``model.semantic.preprocess`` + ``model.semantic`` (CLIP feature map);
-  once per image, independent of N;
-- ``sam_mask_decoder``: ``model.region_tokens`` for the N boxes (prompt encoder + mask decoder,
-  in chunks of ``--box-chunk-size``);
-- ``head``: ``model.region_embeddings`` for the N tokens;
-- ``postprocess``: ``model.postprocess``: scores against the vocabulary (softmax), top-k
-  (box, class) pairs (TEST_TOPK = 900 by default), box rescaling and, unless ``--no-masks``,
-  SAM's masks pasted at the original size (``Sam.postprocess_masks`` for the kept boxes, then
-  one (H, W) mask per kept pair: with 900 pairs that is 900 x H x W bools, as the model returns);
-- ``end_to_end``: the whole ``model([input])`` call, timed separately; ``images_per_second``
-  = 1000 / ``end_to_end_ms``. It also includes the input checks and the box copy, so it is
-  slightly more than ``sum_of_stages_ms``.
+- ``sam_image_encoder``: ``model.encode_sam`` (resize longest side to 1024, normalise, pad,
+  SAM's image encoder); once per image, independent of N;
+- ``clip_semantic``: ``model.encode_semantic`` (CLIP feature map); once per image;
+- ``sam_mask_decoder``: ``model.prompt_boxes`` for the N boxes (prompt encoder + mask
+  decoder, in chunks of ``--box-chunk-size``);
+- ``head``: ``model.recognize`` with those prompts (the head and the logits);
+- ``postprocess``: ``model.postprocess``: softmax over the vocabulary, top-k (box, class)
+  pairs (TEST_TOPK = 900 by default), box rescaling and, unless ``--no-masks``, SAM's mask of
+  each kept box pasted once at the original size (shared by the box's classes);
+- ``end_to_end``: the whole ``model([input])`` call (ground-truth boxes as proposals), timed
+  separately; ``images_per_second`` = 1000 / ``end_to_end_ms``. It also includes the input
+  checks and the box copy, so it is slightly more than ``sum_of_stages_ms``. The last staged
+  result must equal the end-to-end result (one path): the run fails otherwise.
+
+Mask output memory (``mask_output``, once, with the first config): the post-processing of
+``--mask-pairs`` (900) (box, class) pairs on a ``--mask-image-size`` (800 x 1333; 480 x 640
+with ``--quick``) image, for
+10 boxes (90 classes each on average) and for as many boxes as pairs (one class each): the
+distinct masks held, their bytes, the bytes one mask per pair would take (the layout before
+masks were shared; computed, not run), the peak memory increase during post-processing (CUDA:
+``max_memory_allocated``; CPU: resident set size sampled every 0.5 ms) and the time to
+RLE-encode the masks as the evaluator does (each distinct mask once).
 
 The encoders run under the model's own autocast context (fp16 with ``--amp`` on CUDA, i.e.
 ``encoder_amp=True``; autocast is never used on the CPU, so ``amp_effective`` is false there).
@@ -47,7 +56,7 @@ All samples are kept in the JSON (``samples_ms``). Default repeats / warmup:
   end-to-end runs come after the stage runs and are warm. The text-embedding estimate from one
   class is rough for the tiny model (per-call overhead dominates 81 tiny prompts).
 - ``--quick`` (for the test): ``small`` only, N = 1, 10, warmup 1, repeats 2, image and
-  original size 480 x 640.
+  original size 480 x 640 (and the mask-output image).
 Explicit ``--repeats``/``--warmup`` apply to every config.
 
 Text embeddings (the classifier, ``--vocabulary``, LVIS's 1203 classes by default, 81 prompt
@@ -167,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes actually encoded to time the text embeddings; 0 = all "
                         "(default: all on cuda, 1 on cpu; fewer than all -> extrapolated)")
     p.add_argument("--test-topk", type=int, default=900, help="(box, class) pairs kept per image (default 900)")
+    p.add_argument("--mask-image-size", type=parse_size, default=None,
+                   help="HxW of the mask-output memory measurement (default 800x1333; --quick 480x640)")
+    p.add_argument("--mask-pairs", type=int, default=900,
+                   help="(box, class) pairs of the mask-output measurement (default 900)")
     p.add_argument("--box-chunk-size", type=int, default=64, help="boxes per mask-decoder call (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -182,9 +195,9 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    for name in ("repeats", "warmup", "text_classes", "test_topk", "box_chunk_size", "threads"):
+    for name in ("repeats", "warmup", "text_classes", "test_topk", "box_chunk_size", "threads", "mask_pairs"):
         value = getattr(args, name)
-        low = 1 if name in ("repeats", "test_topk", "box_chunk_size", "threads") else 0
+        low = 1 if name in ("repeats", "test_topk", "box_chunk_size", "threads", "mask_pairs") else 0
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if args.quick:
@@ -194,7 +207,9 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         args.warmup = 1 if args.warmup is None else args.warmup
         args.image_size = args.image_size or (480, 640)
         args.original_size = args.original_size or (480, 640)
+        args.mask_image_size = args.mask_image_size or (480, 640)
     args.models = args.models or parse_models(DEFAULT_MODELS)
+    args.mask_image_size = args.mask_image_size or (800, 1333)
     args.num_boxes = args.num_boxes or [1, 10, 100]
     args.image_size = args.image_size or (800, 1066)
     args.original_size = args.original_size or (480, 640)
@@ -305,8 +320,9 @@ def summary(samples: Sequence[float]) -> Dict[str, object]:
 
 
 # ----------------------------------------------------------------------------- model
-def build_model(config: str, args: argparse.Namespace, class_names: List[str], device: torch.device):
+def build_model(config: str, args: argparse.Namespace, device: torch.device):
     from regionspot.modeling.meta_arch import RegionSpot
+    from regionspot.modeling.postprocess import RecognitionProtocol
     from regionspot.modeling.random_backbones import random_clip, random_sam
 
     sam_preset, clip_preset, clip_size = CONFIGS[config]
@@ -315,37 +331,36 @@ def build_model(config: str, args: argparse.Namespace, class_names: List[str], d
     torch.manual_seed(args.seed)
     model = RegionSpot(
         sam=sam, clip_model=clip_model, clip_weights_id=f"random-{clip_preset}-seed{args.seed}",
-        class_names=class_names, clip_input_size=clip_size, mask_on=not args.no_masks,
-        text_cache_dir=None, encoder_amp=args.amp, test_topk=args.test_topk,
-        box_chunk_size=args.box_chunk_size,
+        clip_input_size=clip_size, mask_on=not args.no_masks, text_cache_dir=None, encoder_amp=args.amp,
+        protocol=RecognitionProtocol(topk=args.test_topk), box_chunk_size=args.box_chunk_size,
     )
     return model.to(device).eval()
 
 
-def prepare_text_embeddings(model, args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
-    """Compute (or, with --text-classes K < C, time K classes and stand in for) the classifier."""
-    from regionspot.modeling.text_embeddings import PROMPT_TEMPLATES, encode_class_names
+def prepare_text_embeddings(model, class_names: List[str], args: argparse.Namespace,
+                            device: torch.device) -> Dict[str, object]:
+    """Compute (or, with --text-classes K < C, time K classes and stand in for) the classifier,
+    and set it as the model's vocabulary."""
+    from regionspot.modeling.text_embeddings import PROMPT_TEMPLATES
 
-    names = list(model.class_names)
+    names = list(class_names)
     num_classes, num_templates = len(names), len(PROMPT_TEMPLATES)
     k = num_classes if args.text_classes in (0, None) else min(args.text_classes, num_classes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if k == num_classes:
-        # The model's own path (no disk cache): what the first inference call would pay.
-        emb, ms = timed(lambda: model.text_embeddings, device)
+        # The model's own path (no disk cache): what computing the classifier costs.
+        emb, ms = timed(lambda: model.encode_vocabulary(names), device)
         estimated, total_ms = False, ms
     else:
-        _, ms = timed(lambda: encode_class_names(model.semantic.clip, names[:k],
-                                                 batch_size=model.text_batch_size), device)
+        _, ms = timed(lambda: model.encode_vocabulary(names[:k]), device)
         estimated, total_ms = True, ms * num_classes / k
         g = torch.Generator().manual_seed(args.seed)
-        stand_in = torch.nn.functional.normalize(
+        # Same shape, dtype and device as the real embeddings.
+        emb = torch.nn.functional.normalize(
             torch.randn(num_classes, model.semantic.embed_dim, generator=g), dim=-1).to(device)
-        # Same shape, dtype and device as the real embeddings; model.text_embeddings returns it.
-        model.set_vocabulary(names, text_embeddings=stand_in)
-        emb = model.text_embeddings
-    assert emb.shape == (num_classes, model.semantic.embed_dim) and emb.device.type == device.type
+    model.set_vocabulary(names, text_embeddings=emb)
+    assert model.text_embeddings.shape == (num_classes, model.semantic.embed_dim)
     return {
         "num_classes": num_classes, "num_templates": num_templates, "classes_encoded": k,
         "ms": ms, "estimated": estimated, "ms_all_classes": total_ms,
@@ -358,33 +373,43 @@ def prepare_text_embeddings(model, args: argparse.Namespace, device: torch.devic
 
 # ----------------------------------------------------------------------------- measurements
 def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], original: Tuple[int, int],
-               device: torch.device) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]]]:
-    """One run of the pipeline stage by stage: the per-image stages once, then the per-box
-    stages for every N. Returns ({stage: ms}, {N: {stage: ms}})."""
-    image_size = tuple(image.shape[-2:])
-    inputs = {"height": original[0], "width": original[1]}
+               device: torch.device) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]], Dict[int, object]]:
+    """One run of the recognition path stage by stage: the per-image stages once, then the
+    per-box stages for every N. Returns ({stage: ms}, {N: {stage: ms}}, {N: Instances})."""
+    from regionspot.modeling.meta_arch import ImageFeatures
+    from regionspot.modeling.proposals.gt import proposals_from_ground_truth
 
-    def sam_stage():
-        with model.encoder_autocast():  # the model's own encoder autocast context, as in encode_images
-            pixels, resized = model.position.preprocess(image)
-            return model.position.encode_images(pixels[None]), resized
+    from detectron2.structures import Boxes, Instances
 
-    def clip_stage():
-        with model.encoder_autocast():
-            return model.semantic(model.semantic.preprocess([image])).float()
-
+    images = [image]
     with torch.no_grad():
-        (embedding, resized), t_sam = timed(sam_stage, device)
-        semantic, t_clip = timed(clip_stage, device)
-        per_n = {}
+        (embeddings, sizes), t_sam = timed(lambda: model.encode_sam(images), device)
+        semantic, t_clip = timed(lambda: model.encode_semantic(images), device)
+        features = ImageFeatures.from_batch(images, embeddings, sizes, semantic)
+        per_n, results = {}, {}
         for n, b in boxes.items():
-            (tokens, masks), t_dec = timed(lambda: model.region_tokens(embedding[0], b, image_size), device)
-            embeddings, t_head = timed(lambda: model.region_embeddings([tokens], semantic), device)
-            result, t_post = timed(
-                lambda: model.postprocess(embeddings[0], b, masks, resized, inputs, image_size), device)
-            assert len(result) == min(model.test_topk, n * len(model.class_names))
+            gt = Instances(tuple(image.shape[-2:]))
+            gt.gt_boxes = Boxes(b)
+            proposals = [proposals_from_ground_truth(gt)]
+            prompts, t_dec = timed(lambda: model.prompt_boxes(features, proposals), device)
+            recognition, t_head = timed(
+                lambda: model.recognize(features, proposals, model.text_embeddings, prompts)[0], device)
+            result, t_post = timed(lambda: model.postprocess(recognition, original), device)
+            assert len(result) == min(model.protocol.topk, n * len(model.class_names))
             per_n[n] = {"sam_mask_decoder": t_dec, "head": t_head, "postprocess": t_post}
-    return {"sam_image_encoder": t_sam, "clip_semantic": t_clip}, per_n
+            results[n] = result
+    return {"sam_image_encoder": t_sam, "clip_semantic": t_clip}, per_n, results
+
+
+def same_detections(a, b) -> bool:
+    """True when two Instances hold the same boxes, scores and classes (and masks)."""
+    if len(a) != len(b) or not torch.equal(a.pred_classes, b.pred_classes):
+        return False
+    if not (torch.equal(a.scores, b.scores) and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)):
+        return False
+    if a.has("pred_masks") != b.has("pred_masks"):
+        return False
+    return not a.has("pred_masks") or torch.equal(a.pred_masks.tensor(), b.pred_masks.tensor())
 
 
 def end_to_end_input(image: torch.Tensor, boxes: torch.Tensor, original: Tuple[int, int]) -> Dict:
@@ -396,7 +421,7 @@ def end_to_end_input(image: torch.Tensor, boxes: torch.Tensor, original: Tuple[i
 
 
 def benchmark_config(config: str, args: argparse.Namespace, class_names: List[str],
-                     device: torch.device) -> Dict[str, object]:
+                     device: torch.device, measure_masks: bool = False) -> Dict[str, object]:
     sam_preset, clip_preset, clip_size = CONFIGS[config]
     warmup, repeats = repeats_for(config, args)
     log = lambda msg: print(f"[{config}] {msg}", flush=True)  # noqa: E731
@@ -406,11 +431,11 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    model = build_model(config, args, class_names, device)
+    model = build_model(config, args, device)
     weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     log(f"built (SAM {sam_preset}, CLIP {clip_preset} @ {clip_size}) in {time.perf_counter() - start:.1f}s")
 
-    text = prepare_text_embeddings(model, args, device)
+    text = prepare_text_embeddings(model, class_names, args, device)
     log(f"text embeddings for {text['num_classes']} classes: {text['ms_all_classes']:.0f} ms"
         + (f" (estimated from {text['classes_encoded']})" if text["estimated"] else ""))
 
@@ -424,8 +449,9 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
         torch.cuda.reset_peak_memory_stats(device)
     image_samples: Dict[str, List[float]] = {s: [] for s in STAGES_PER_IMAGE}
     box_samples = {n: {s: [] for s in STAGES_PER_BOX_SET} for n in args.num_boxes}
+    staged = {}
     for i in range(warmup + repeats):
-        per_image, per_n = stage_pass(model, image, boxes, args.original_size, device)
+        per_image, per_n, staged = stage_pass(model, image, boxes, args.original_size, device)
         if i >= warmup:
             for s, ms in per_image.items():
                 image_samples[s].append(ms)
@@ -447,6 +473,8 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
                 if i >= warmup:
                     e2e.append(ms)
         n_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if not same_detections(outputs[0]["instances"], staged[n]):
+            raise RuntimeError(f"[{config}] N={n}: the staged path and model.forward give different detections")
         peak = max(peak, n_peak or 0)
         row = {f"{s}_ms": statistics.median(image_samples[s]) for s in STAGES_PER_IMAGE}
         row.update({f"{s}_ms": statistics.median(box_samples[n][s]) for s in STAGES_PER_BOX_SET})
@@ -477,11 +505,91 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
         "memory": memory,
         "wall_seconds": time.perf_counter() - start,
     }
+    if measure_masks:
+        result["mask_output"] = measure_mask_output(model, args, device)
+        log("mask output at {} pairs: ".format(args.mask_pairs) + "; ".join(
+            f"{c['num_boxes']} boxes -> {c['distinct_masks']} masks, {c['mask_bytes'] / 2 ** 20:.1f} MiB "
+            f"(one per pair: {c['per_pair_layout_bytes'] / 2 ** 20:.0f} MiB), peak +{c['peak_increase_bytes'] / 2 ** 20:.0f} MiB"
+            for c in result["mask_output"]["cases"]))
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class _RssSampler:
+    """Peak resident set size of this process while a block runs (sampled every 0.5 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def measure_mask_output(model, args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
+    """Memory and time of mask output at ``--mask-pairs`` (box, class) pairs (see the docstring)."""
+    from regionspot.evaluation.lvis_evaluation import encode_masks_once
+    from regionspot.modeling.proposals.gt import proposals_from_ground_truth
+
+    from detectron2.structures import Boxes, Instances
+
+    h, w = args.mask_image_size
+    g = torch.Generator().manual_seed(args.seed + 1)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    features = model.encode_images([image])
+    protocol = model.protocol.replace(topk=args.mask_pairs)
+    cases = []
+    for n in sorted({10, args.mask_pairs}):
+        gt = Instances((h, w))
+        gt.gt_boxes = Boxes(random_boxes(n, h, w, g).to(device))
+        proposals = [proposals_from_ground_truth(gt)]
+        recognition = model.recognize(features, proposals, model.text_embeddings)[0]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            result, ms = timed(lambda: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
+            peak_increase = torch.cuda.max_memory_allocated(device) - before
+        else:
+            with _RssSampler() as rss:
+                result, ms = timed(lambda: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
+            peak_increase = rss.peak - rss.start
+        masks = result.pred_masks.to("cpu")
+        _, encode_ms = timed(lambda: encode_masks_once(masks), torch.device("cpu"))
+        cases.append({
+            "num_boxes": n, "num_detections": len(result), "distinct_masks": int(masks.bitmaps.shape[0]),
+            "mask_bytes": masks.bitmaps.numel() * masks.bitmaps.element_size(),
+            "per_pair_layout_bytes": len(result) * h * w,
+            "peak_increase_bytes": int(peak_increase),
+            "postprocess_ms": ms, "rle_encode_ms": encode_ms,
+        })
+    return {"image_size": [h, w], "pairs": args.mask_pairs,
+            "peak_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_rss_sampled",
+            "note": "mask_bytes: the distinct (H, W) bool masks the output holds; per_pair_layout_bytes: "
+                    "one mask per (box, class) pair (computed, not run); peak_increase_bytes: memory "
+                    "growth during post-processing",
+            "cases": cases}
 
 
 # ----------------------------------------------------------------------------- report
@@ -559,6 +667,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "repeats_note": "null = per-device default; the values used are in each config",
             "amp_requested": bool(args.amp), "amp_effective": amp_effective,
             "mask_on": not args.no_masks, "vocabulary": args.vocabulary, "num_classes": len(class_names),
+            "mask_image_size": list(args.mask_image_size), "mask_pairs": args.mask_pairs,
             "test_topk": args.test_topk, "box_chunk_size": args.box_chunk_size, "seed": args.seed,
             "quick": bool(args.quick),
             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
@@ -570,8 +679,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
         },
         "configs": {},
     }
-    for config in args.models:
-        report["configs"][config] = benchmark_config(config, args, class_names, device)
+    for i, config in enumerate(args.models):
+        report["configs"][config] = benchmark_config(config, args, class_names, device,
+                                                     measure_masks=(i == 0 and not args.no_masks))
         report["load_average_after"] = load_average()
         write_json_atomic(args.output, report)  # partial results survive a later failure
     print("\n" + format_table(report), flush=True)

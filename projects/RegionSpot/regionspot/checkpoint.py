@@ -3,7 +3,7 @@
 SAM and CLIP are frozen and loaded from their official files, so a RegionSpot checkpoint
 holds only the head. Two layouts load:
 - ours: ``{"model": {"head.to_clip.weight", ...}, "optimizer", "scheduler", "iteration"}``;
-- the released one (reference Sec. 4): head keys under ``model.`` (``model.to_clip.weight``,
+- the released one (docs/method.md §4): head keys under ``model.`` (``model.to_clip.weight``,
   ``model.decoder.layers.0...``, ``model.projector.*``), possibly with the frozen
   ``model.sam.*`` / ``model.clip_model.*`` tensors, ``trainer`` and ``iteration`` entries.
 Every missing or unexpected head key is named in the log; a shape mismatch is an error.
@@ -23,7 +23,7 @@ from .io import atomic_write
 HEAD_PREFIX = "head."
 # Released layout: the core module is `self.model`, holding the head and the frozen encoders.
 RELEASED_PREFIX = "model."
-FROZEN_PREFIXES = ("model.sam.", "model.clip_model.", "position.", "semantic.")
+FROZEN_PREFIXES = ("model.sam.", "model.clip_model.", "position.", "semantic.", "rpn.")
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +75,13 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         """Atomically record the newest checkpoint's name in ``<save_dir>/last_checkpoint``."""
         path = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def load(self, path: str, checkpointables=None):
+        """Load ``path`` (see :meth:`_load_model`); a missing local file is a clear error."""
+        if path and "://" not in path and not os.path.isfile(os.path.expanduser(path)):
+            raise CheckpointError(f"RegionSpot checkpoint not found: {path!r} (MODEL.WEIGHTS); give the path of a "
+                                  f"released RegionSpot checkpoint or of one written by train_net.py")
+        return super().load(os.path.expanduser(path) if path else path, checkpointables)
 
     def _load_file(self, f: str):
         try:

@@ -6,7 +6,7 @@ from detectron2.config import CfgNode as CN
 def add_regionspot_config(cfg: CN) -> None:
     """Add RegionSpot's keys to a Detectron2 config (in place).
 
-    Defaults reproduce the released RegionSpot-BB evaluation protocol (reference Sec. 2-3);
+    Defaults reproduce the released RegionSpot-BB evaluation protocol (docs/method.md §2-3);
     the yaml files under ``configs/`` set the paper's variants.
     """
     cfg.MODEL.REGIONSPOT = CN()
@@ -46,17 +46,55 @@ def add_regionspot_config(cfg: CN) -> None:
     # The negatives of a region weigh as much as this many classes whatever the vocabulary
     # size (364: the released sum-over-classes loss on Objects365's 365 classes).
     rs.FOCAL_NEGATIVE_CLASSES = 364.0
-    # Inference: "softmax" over the vocabulary (released protocol) or "sigmoid"; keep the
-    # TEST_TOPK best (box, class) pairs per image (900 released; the LVIS evaluator keeps 300).
+    # Inference protocol (modeling/postprocess.py). Class scores: "softmax" over the vocabulary
+    # (released) or "sigmoid"; fused score = proposal score ** PROPOSAL_SCORE_POWER x class
+    # probability (1: released behaviour with detector boxes; 0: ignore the proposal score).
     rs.TEST_SCORE = "softmax"
+    rs.PROPOSAL_SCORE_POWER = 1.0
+    # Selection: "topk" keeps the TEST_TOPK best (box, class) pairs per image (900 released;
+    # the LVIS evaluator then keeps TEST.DETECTIONS_PER_IMAGE = 300); "tap" is TAP's protocol
+    # (every class above TAP_CLASS_THRESH per box, score sqrt(p x SAM's predicted IoU)).
+    rs.TEST_PROTOCOL = "topk"
     rs.TEST_TOPK = 900
-    # Test-time proposals: "gt" uses the dataset's ground-truth boxes (the only source so far).
-    rs.TEST_PROPOSALS = "gt"
+    # Per-class NMS IoU among the detections (0: off, as released; TAP uses 0.5).
+    rs.TEST_NMS_THRESH = 0.0
+    rs.TAP_CLASS_THRESH = 0.001
+
+    # Proposals: where the boxes to recognise come from at test time (training always uses the
+    # ground truth): "gt" (the dataset's boxes, score 1), "file" (a detector's results on disk),
+    # "rpn" (Detectron2's RPN, built from MODEL.BACKBONE/RESNETS/FPN/ANCHOR_GENERATOR/RPN) or
+    # "sam_auto" (SAM's automatic mask generator). See modeling/proposals/.
+    rs.PROPOSALS = "gt"
+    # "file": one file for the single test dataset (or DATASETS.PROPOSAL_FILES_TEST, one per
+    # dataset); format "auto" (from the content), "glip", "coco" or "detectron2".
+    rs.PROPOSAL_FILE = ""
+    rs.PROPOSAL_FILE_FORMAT = "auto"
+    # Selection of predicted proposals (file, rpn, sam_auto): score threshold, class-agnostic
+    # NMS IoU (0: off), then at most PROPOSAL_TOPK per image, best first.
+    rs.PROPOSAL_SCORE_THRESH = 0.0
+    rs.PROPOSAL_NMS_THRESH = 0.0
+    rs.PROPOSAL_TOPK = 1000
+    # "rpn": the RPN's own weights file (Detectron2 .pkl/.pth) and the channel order its pixel
+    # mean/std expect (BGR for Detectron2's model zoo and RegionCLIP's RPN).
+    rs.RPN_WEIGHTS = ""
+    rs.RPN_INPUT_FORMAT = "BGR"
+    # "sam_auto": segment_anything's SamAutomaticMaskGenerator settings (its defaults).
+    rs.SAM_AUTO = CN()
+    rs.SAM_AUTO.POINTS_PER_SIDE = 32
+    rs.SAM_AUTO.POINTS_PER_BATCH = 64
+    rs.SAM_AUTO.PRED_IOU_THRESH = 0.88
+    rs.SAM_AUTO.STABILITY_SCORE_THRESH = 0.95
+    rs.SAM_AUTO.BOX_NMS_THRESH = 0.7
+    rs.SAM_AUTO.CROP_N_LAYERS = 0
+    rs.SAM_AUTO.MIN_MASK_REGION_AREA = 0
+
     # Run the frozen SAM and CLIP under CUDA autocast (float16); ignored on CPU.
     rs.ENCODER_AMP = False
 
     # RegionSpot reads RGB images; SAM and CLIP normalise them themselves.
     cfg.INPUT.FORMAT = "RGB"
+    # LVIS's standard cap on detections per image, applied by the LVIS evaluator.
+    cfg.TEST.DETECTIONS_PER_IMAGE = 300
 
 
 def load_config(config_file: str, opts=()) -> CN:

@@ -3,9 +3,16 @@
 Modelled on ``segment_anything.SamPredictor``: :meth:`RegionSpotPredictor.set_image` runs
 the expensive frozen encoders (SAM's image encoder, CLIP's semantic feature map) once;
 :meth:`RegionSpotPredictor.predict` then costs one SAM mask-decoder pass and one head pass
-per call, for any number of boxes and any vocabulary.
+per call, for any number of boxes and any vocabulary. Boxes come from the caller, or from a
+proposal source the model computes itself ("sam_auto": recognise everything; "rpn").
+
+The predictor walks the model's own recognition path (``encode_images`` -> proposals ->
+``recognize`` -> ``postprocess`` with the "per_box" selection); it keeps its own vocabulary
+and text embeddings, so several predictors can share one model without disturbing each other
+or the model's evaluation vocabulary.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -14,22 +21,30 @@ import torch
 
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
 from .checkpoint import RegionSpotCheckpointer
 from .data.validation import InputError, check_boxes
+from .data.vocabularies import check_vocabulary
+
+PREDICTOR_SOURCES = ("sam_auto", "rpn")
+# Vocabularies whose text embeddings a predictor keeps in memory.
+TEXT_EMBEDDINGS_KEPT = 8
 
 
 @dataclass
 class RegionPredictions:
-    """Predictions for N boxes of one image (all tensors on the CPU).
+    """Predictions for N boxes of one image (all tensors on the CPU), in box order.
 
     Attributes:
         boxes: (N, 4) float32, XYXY_ABS pixels of the image given to ``set_image``.
         classes: (N,) int64 index of the best class in ``vocabulary``.
         labels: N class names.
-        scores: (N,) float32 score of the best class.
-        probabilities: (N, C) float32 scores against the whole vocabulary.
-        masks: (N, H, W) bool SAM masks in the image's pixels.
+        scores: (N,) float32 score of the best class (proposal score ** power x probability).
+        probabilities: (N, C) float32 class probabilities against the whole vocabulary.
+        proposal_scores: (N,) float32 proposal scores (1 for given boxes).
+        masks: (N, H, W) bool masks in the image's pixels (SAM's box-prompted masks, or the
+            automatic mask generator's with ``proposals="sam_auto"``).
         vocabulary: the C class names scored against.
     """
 
@@ -38,14 +53,26 @@ class RegionPredictions:
     labels: List[str]
     scores: torch.Tensor
     probabilities: torch.Tensor
+    proposal_scores: torch.Tensor
     masks: torch.Tensor
     vocabulary: List[str]
 
+    def select(self, keep: torch.Tensor) -> "RegionPredictions":
+        """The predictions of the boxes where ``keep`` ((N,) bool or int64 indices) says so."""
+        keep = torch.as_tensor(keep)
+        return RegionPredictions(
+            boxes=self.boxes[keep], classes=self.classes[keep],
+            labels=[self.labels[i] for i in torch.arange(len(self.labels))[keep].tolist()],
+            scores=self.scores[keep], probabilities=self.probabilities[keep],
+            proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary)
+
     def to_json(self) -> List[dict]:
-        """One dict per box: box (XYXY pixels), label, class index and score."""
+        """One dict per box: box (XYXY pixels), label, class index, score, proposal score."""
         return [
-            {"box_xyxy": [round(v, 2) for v in box], "label": label, "class_id": int(c), "score": float(s)}
-            for box, label, c, s in zip(self.boxes.tolist(), self.labels, self.classes, self.scores)
+            {"box_xyxy": [round(v, 2) for v in box], "label": label, "class_id": int(c), "score": float(s),
+             "proposal_score": float(p)}
+            for box, label, c, s, p in zip(self.boxes.tolist(), self.labels, self.classes, self.scores,
+                                           self.proposal_scores)
         ]
 
 
@@ -57,31 +84,78 @@ class RegionSpotPredictor:
         min_size, max_size: test-time resize of the image before both encoders, as the test
             mapper does (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``: short side 800, long
             side at most 1333 for the paper's configs).
+        vocabulary: the default class names of :meth:`predict` (optional; see
+            :meth:`set_vocabulary`).
 
     Example::
 
-        predictor = RegionSpotPredictor.from_config(cfg)
+        predictor = RegionSpotPredictor.from_config(cfg, vocabulary=["cat", "dog"])
         predictor.set_image(image_rgb)               # (H, W, 3) uint8
-        out = predictor.predict(boxes, ["cat", "dog"])
+        out = predictor.predict(boxes)               # given boxes
+        out = predictor.predict(proposals="sam_auto", vocabulary=["cat", "sofa", "lamp"])
         out.labels, out.scores, out.masks
     """
 
-    def __init__(self, model, min_size: int = 800, max_size: int = 1333):
+    def __init__(self, model, min_size: int = 800, max_size: int = 1333,
+                 vocabulary: Optional[Sequence[str]] = None):
         self.model = model.eval()
         self.resize = T.ResizeShortestEdge(min_size, max_size)
+        self.protocol = model.protocol.replace(selection="per_box")
+        self._text_embeddings: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.vocabulary: Optional[List[str]] = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
         self.reset_image()
 
     @classmethod
-    def from_config(cls, cfg) -> "RegionSpotPredictor":
+    def from_config(cls, cfg, vocabulary: Optional[Sequence[str]] = None) -> "RegionSpotPredictor":
         """Build the model of ``cfg`` and load ``MODEL.WEIGHTS`` (the head) when set."""
         model = build_model(cfg)
         if cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        return cls(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        return cls(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, vocabulary=vocabulary)
 
+    # ----------------------------------------------------------------- vocabulary
+    def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None) -> None:
+        """This predictor's default vocabulary (the model is not changed).
+
+        Args:
+            class_names: C class names.
+            text_embeddings: optional precomputed (C, E) embeddings; by default computed now
+                (or read from the disk cache) with the model's CLIP.
+
+        Raises:
+            ValueError: an invalid vocabulary (empty, blank or duplicate names) or embeddings
+                of the wrong shape.
+        """
+        names = check_vocabulary(class_names)
+        if text_embeddings is not None:
+            self._remember(names, self.model.check_text_embeddings(text_embeddings, len(names)))
+        else:
+            self.text_embeddings_for(names)
+        self.vocabulary = names
+
+    def text_embeddings_for(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(C, E) text embeddings of a vocabulary, computed once and kept (the last
+        :data:`TEXT_EMBEDDINGS_KEPT` vocabularies)."""
+        names = check_vocabulary(class_names)
+        key = tuple(names)
+        if key in self._text_embeddings:
+            self._text_embeddings.move_to_end(key)
+            return self._text_embeddings[key]
+        return self._remember(names, self.model.encode_vocabulary(names))
+
+    def _remember(self, names: List[str], embeddings: torch.Tensor) -> torch.Tensor:
+        self._text_embeddings[tuple(names)] = embeddings
+        while len(self._text_embeddings) > TEXT_EMBEDDINGS_KEPT:
+            self._text_embeddings.popitem(last=False)
+        return embeddings
+
+    # ----------------------------------------------------------------- image
     def reset_image(self) -> None:
         """Forget the current image."""
         self._image_size = None
+        self._transform = None
         self._features = None
 
     @property
@@ -107,52 +181,66 @@ class RegionSpotPredictor:
         if image_format == "BGR":
             image = image[..., ::-1]
         self.reset_image()
-        resized = self.resize.get_transform(image).apply_image(image)
+        transform = self.resize.get_transform(image)  # the test mapper's resize
+        resized = transform.apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        sam_embeddings, sam_sizes, semantic = self.model.encode_images([tensor])
+        self._features = self.model.encode_images([tensor])
         self._image_size = image.shape[:2]
-        self._resized_size = resized.shape[:2]
-        self._features = (sam_embeddings[0], sam_sizes[0], semantic)
+        self._transform = transform
 
+    # ----------------------------------------------------------------- predict
     @torch.no_grad()
-    def predict(self, boxes, vocabulary: Optional[Sequence[str]] = None) -> RegionPredictions:
-        """Label, score and mask each box of the current image.
+    def predict(self, boxes=None, vocabulary: Optional[Sequence[str]] = None, *,
+                proposals: Optional[str] = None) -> RegionPredictions:
+        """Label, score and mask each region of the current image.
 
         Args:
-            boxes: (N, 4) array-like, XYXY_ABS pixels of the image given to :meth:`set_image`.
-            vocabulary: class names to choose from; None keeps the model's current vocabulary.
-                Text embeddings are cached per vocabulary.
+            boxes: (N, 4) array-like, XYXY_ABS pixels of the image given to :meth:`set_image`;
+                or None with ``proposals``.
+            vocabulary: class names to choose from for this call (None: the predictor's
+                vocabulary). Text embeddings are computed once per vocabulary and kept.
+            proposals: instead of ``boxes``, regions the model finds itself: "sam_auto" (SAM's
+                automatic masks, "recognise everything") or "rpn" (needs a model built with
+                ``MODEL.REGIONSPOT.RPN_WEIGHTS``); regions are sorted by decreasing proposal
+                score and selected with the ``PROPOSAL_*`` settings.
 
         Returns:
-            :class:`RegionPredictions` (N may be 0).
+            :class:`RegionPredictions` (N may be 0), one row per box in box order.
 
         Raises:
             RuntimeError: :meth:`set_image` was not called.
-            InputError: boxes with NaN, zero area or outside the image; an empty vocabulary.
+            InputError: boxes with NaN, zero area or outside the image; both or neither of
+                ``boxes`` and ``proposals``; an unknown source; no vocabulary.
+            ValueError: an invalid vocabulary, or "rpn" on a model without an RPN.
         """
         if not self.is_image_set:
             raise RuntimeError("call set_image(image) before predict(boxes)")
-        if vocabulary is not None:
-            vocabulary = list(vocabulary)
-            if not vocabulary:
-                raise InputError("vocabulary is empty: give at least one class name")
-            self.model.set_vocabulary(vocabulary)
-        (h, w), (rh, rw) = self._image_size, self._resized_size
-        boxes = check_boxes(boxes, (h, w), "boxes")
-        sam_embedding, sam_size, semantic = self._features
-        device = self.model.device
-        scaled = boxes.to(device) * torch.tensor([rw / w, rh / h, rw / w, rh / h], device=device)
-        tokens, low_res = self.model.region_tokens(sam_embedding, scaled, (rh, rw))
-        names = list(self.model.class_names)
-        if tokens.shape[0] == 0:
-            empty = torch.zeros(0)
-            return RegionPredictions(boxes, empty.long(), [], empty, torch.zeros(0, len(names)),
-                                     torch.zeros(0, h, w, dtype=torch.bool), names)
-        embeddings = self.model.region_embeddings([tokens], semantic)[0]
-        probabilities = self.model.class_scores(embeddings)
-        scores, classes = probabilities.max(dim=1)
-        masks = self.model.position.paste_masks(low_res, sam_size, (h, w))
+        if (boxes is None) == (proposals is None):
+            raise InputError('give either boxes (N, 4) or proposals="sam_auto"/"rpn", not both or neither')
+        names = self.vocabulary if vocabulary is None else check_vocabulary(vocabulary)
+        if names is None:
+            raise InputError("no vocabulary: pass vocabulary=[...] or call set_vocabulary() first")
+        text_embeddings = self.text_embeddings_for(names)
+        features = self._features
+        h, w = self._image_size
+        if proposals is None:
+            checked = check_boxes(boxes, (h, w), "boxes")
+            instances = Instances(features[0].image_size)
+            # The test mapper's transform of annotation boxes: in float64, then clipped.
+            resized = self._transform.apply_box(checked.double().numpy().reshape(-1, 4))
+            instances.proposal_boxes = Boxes(torch.as_tensor(resized, dtype=torch.float32))
+            instances.proposal_boxes.clip(features[0].image_size)
+            instances.objectness_logits = torch.full((len(checked),), float("inf"))
+            regions = [instances.to(self.model.device)]
+        elif proposals in PREDICTOR_SOURCES:
+            regions = self.model.generate_proposals(proposals, features)
+        else:
+            raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
+        result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True)[0]
+        result = result.to("cpu")
         return RegionPredictions(
-            boxes=boxes, classes=classes.cpu(), labels=[names[i] for i in classes.tolist()],
-            scores=scores.cpu(), probabilities=probabilities.cpu(), masks=masks.cpu(), vocabulary=names,
+            boxes=result.pred_boxes.tensor, classes=result.pred_classes,
+            labels=[names[i] for i in result.pred_classes.tolist()], scores=result.scores,
+            probabilities=result.class_probs, proposal_scores=result.proposal_scores,
+            masks=result.pred_masks.tensor(), vocabulary=list(names),
         )

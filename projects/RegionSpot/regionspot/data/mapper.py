@@ -4,8 +4,11 @@ The released code augments (flips, resizes, crops) only the image given to CLIP 
 tokens come from pre-extracted, un-augmented images, so tokens and feature maps disagree.
 Here the augmentation (Detectron2's ``ResizeShortestEdge`` + ``RandomFlip`` from the config)
 is applied once, to the single image that goes to both SAM and CLIP and to its boxes.
-At test time the ground-truth boxes are kept as the proposals to recognise (the released
-test mapper drops them and crashes).
+At test time the ground-truth boxes are kept (the proposals with ``PROPOSALS`` "gt"; the
+released test mapper drops them and crashes). With ``PROPOSALS`` "file", the boxes a detector
+wrote, attached to the dataset dicts as Detectron2's precomputed-proposal keys
+(``modeling/proposals/file.py``), go through Detectron2's own ``transform_proposals`` with the
+same transform as the image, and the top ``PROPOSAL_TOPK`` become ``dataset_dict["proposals"]``.
 """
 
 import copy
@@ -20,22 +23,23 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from ..modeling.proposals import check_proposal_source
 from .validation import InputError, check_boxes, read_image
-
-# Where test-time proposals come from: "gt" = the dataset's ground-truth boxes.
-TEST_PROPOSALS = ("gt",)
 
 
 class RegionSpotDatasetMapper(DatasetMapper):
     """Read, validate and augment one dataset dict (Detectron2 standard format).
 
-    Output dict: the input's keys plus "image" ((3, H, W) uint8 RGB tensor, augmented) and
+    Output dict: the input's keys plus "image" ((3, H, W) uint8 RGB tensor, augmented),
     "instances" (``gt_boxes``: XYXY_ABS pixels of the augmented image, ``gt_classes``:
-    int64 contiguous ids). Annotations are boxes only (no masks, keypoints).
+    int64 contiguous ids) and, at test time with ``PROPOSALS`` "file", "proposals"
+    (``proposal_boxes`` in the same frame, ``objectness_logits``). Annotations are boxes only
+    (no masks, keypoints).
 
     Raises:
-        InputError: the image is missing or unreadable, or a box is NaN, empty or outside the
-            image; the message names the file (and the box).
+        InputError: the image is missing or unreadable, a box is NaN, empty or outside the
+            image, or a "file" source image has no proposals attached; the message names the
+            file (and the box).
     """
 
     @configurable
@@ -46,9 +50,11 @@ class RegionSpotDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        if cfg.MODEL.REGIONSPOT.TEST_PROPOSALS not in TEST_PROPOSALS:
-            raise ValueError(f"MODEL.REGIONSPOT.TEST_PROPOSALS must be one of {TEST_PROPOSALS}, got "
-                             f"{cfg.MODEL.REGIONSPOT.TEST_PROPOSALS!r}")
+        rs = cfg.MODEL.REGIONSPOT
+        # Detectron2's precomputed-proposal path, driven by our source key instead of
+        # MODEL.LOAD_PROPOSALS; proposals are used at test time only.
+        file_source = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
+        ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
         return ret
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -74,6 +80,12 @@ class RegionSpotDatasetMapper(DatasetMapper):
         image = aug_input.image
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if self.proposal_topk is not None:
+            if "proposal_boxes" not in dataset_dict:
+                raise InputError(f"image {file_name!r} (id {dataset_dict.get('image_id')!r}) has no proposals attached; "
+                                 f"with PROPOSALS 'file' the test loader attaches them from the proposal file")
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
 
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
         instances = utils.annotations_to_instances(annos, image_shape)

@@ -1,18 +1,24 @@
 """The ``RegionSpot`` meta-architecture: frozen SAM + frozen CLIP + the trainable head.
 
-One image's path (paper Fig. 2, Sec. 3), in the order the code runs it:
+One recognition path (paper Fig. 2, Sec. 3), used by evaluation (``forward``), the predictor,
+the demo and the benchmark alike, in the order the code runs it:
+
 1. the mapper has resized/flipped the image and its boxes once (``data/mapper.py``);
-2. SAM embeds the image once; each box prompt gives a position-aware token and a mask
-   (``position_tokens.py``);
-3. CLIP turns the same image into the semantic feature map (``semantic_features.py``);
-4. the head cross-attends the tokens onto the feature map and projects them into CLIP's
-   embedding space (``head.py``);
-5. logits against the vocabulary's text embeddings (``text_embeddings.py``): training ->
-   sigmoid focal loss (``losses.py``); inference -> per-image top-k (box, class) pairs with
-   SAM's masks pasted only for the kept boxes -> ``Instances`` in original-image pixels.
+2. :meth:`RegionSpot.encode_images`: SAM embeds each image once (``position_tokens.py``) and
+   CLIP turns it into the semantic feature map (``semantic_features.py``);
+3. :meth:`RegionSpot.propose`: the boxes to recognise, as Detectron2 proposals, from the
+   configured source (``proposals/``: ground truth, a file, an RPN, SAM's automatic masks);
+4. :meth:`RegionSpot.recognize`: each box prompts SAM for its position-aware token; the head
+   cross-attends the tokens onto the feature map and projects them into CLIP's space
+   (``head.py``); logits against text embeddings that were computed *before*, outside the
+   forward (:meth:`RegionSpot.encode_vocabulary`, ``text_embeddings.py``);
+5. training -> sigmoid focal loss (``losses.py``); inference -> :meth:`RegionSpot.postprocess`:
+   score fusion and selection (``postprocess.py``), boxes in original-image pixels, one mask
+   pasted per kept box -> ``Instances``.
 """
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,21 +29,23 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from ..data.vocabularies import get_vocabulary
+from ..data.vocabularies import check_vocabulary, get_vocabulary
 from .head import RegionSpotHead, region_logits
 from .losses import region_focal_loss
-from .position_tokens import SamPositionTokens
+from .position_tokens import BoxPrompts, SamPositionTokens
+from .postprocess import RecognitionProtocol, SharedMasks, class_probabilities, resize_masks, select_detections
+from .proposals import check_proposal_source, logit_to_score, select_proposals
+from .proposals.gt import proposals_from_ground_truth
+from .proposals.sam_auto import SamAutoProposalGenerator
 from .semantic_features import ClipSemanticFeatures
 from .text_embeddings import load_or_compute_text_embeddings, weights_fingerprint
 from .weights import load_clip, load_sam
 
 logger = logging.getLogger(__name__)
 
-TEST_SCORES = ("softmax", "sigmoid")
-
 
 def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]:
-    """Class names the model scores boxes against.
+    """Class names to score a dataset's boxes against.
 
     ``MODEL.REGIONSPOT.VOCABULARY``: "dataset" -> ``thing_classes`` of ``dataset_name`` (or of
     the first training, else test, dataset) in Detectron2's ``MetadataCatalog``; "lvis",
@@ -61,6 +69,60 @@ def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]
     return list(classes)
 
 
+@dataclass
+class ImageFeatures:
+    """What the frozen encoders computed for one image, once (:meth:`RegionSpot.encode_images`).
+
+    Attributes:
+        image: (3, H, W) uint8 RGB, the image as given (the mapper's resized image).
+        sam_embedding: (256, g, g) SAM image embedding (float32, float16 under autocast).
+        sam_input_size: (h, w) of the image inside SAM's padded S x S input.
+        semantic: (L, D) float32 CLIP semantic feature map.
+    """
+
+    image: torch.Tensor
+    sam_embedding: torch.Tensor
+    sam_input_size: Tuple[int, int]
+    semantic: torch.Tensor
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """(H, W) of :attr:`image`: the frame of proposals and boxes before post-processing."""
+        return tuple(self.image.shape[-2:])
+
+    @classmethod
+    def from_batch(cls, images: Sequence[torch.Tensor], sam_embeddings: torch.Tensor,
+                   sam_input_sizes: Sequence[Tuple[int, int]], semantic: torch.Tensor) -> List["ImageFeatures"]:
+        """Split the batched outputs of :meth:`RegionSpot.encode_sam` and
+        :meth:`RegionSpot.encode_semantic` into one :class:`ImageFeatures` per image."""
+        return [cls(image, sam_embeddings[i], tuple(sam_input_sizes[i]), semantic[i]) for i, image in enumerate(images)]
+
+
+@dataclass
+class RegionRecognition:
+    """One image's proposals recognised against a vocabulary, before post-processing.
+
+    Attributes:
+        proposals: ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded
+            image), ``objectness_logits`` (and ``proposal_masks`` for ``sam_auto``).
+        logits: (N, C) float32 region-vocabulary logits (``LOGIT_SCALE * cosine``).
+        iou_predictions: (N,) float32 SAM's predicted IoU of each box's mask.
+        low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution).
+        sam_input_size: (h, w) of the image inside SAM's padded input.
+    """
+
+    proposals: Instances
+    logits: torch.Tensor
+    iou_predictions: torch.Tensor
+    low_res_masks: torch.Tensor
+    sam_input_size: Tuple[int, int]
+
+    @property
+    def proposal_scores(self) -> torch.Tensor:
+        """(N,) float32 proposal scores in [0, 1] (1 for ground-truth boxes)."""
+        return logit_to_score(self.proposals.objectness_logits)
+
+
 @META_ARCH_REGISTRY.register()
 class RegionSpot(nn.Module):
     """Open-vocabulary region recognition with frozen SAM and CLIP (Yang et al., RegionSpot).
@@ -69,14 +131,21 @@ class RegionSpot(nn.Module):
     :class:`regionspot.data.mapper.RegionSpotDatasetMapper`):
         - "image": (3, H, W) uint8 RGB tensor (the mapper's resized image);
         - "instances": ``Instances`` with ``gt_boxes`` (XYXY_ABS pixels of that image) and,
-          for training, ``gt_classes`` (int64 indices into the vocabulary); at test time the
-          boxes are the proposals to recognise (ground truth with TEST_PROPOSALS "gt");
+          for training, ``gt_classes`` (int64 indices into the vocabulary); the proposals at
+          test time with ``PROPOSALS`` "gt";
+        - "proposals": ``Instances`` with ``proposal_boxes`` / ``objectness_logits`` (the
+          mapper's, from a file) with ``PROPOSALS`` "file";
         - optional "height", "width": the original image size to report results in.
 
     Outputs: training -> ``{"loss_region_focal": scalar}``; inference -> one
     ``{"instances": Instances}`` per image with ``pred_boxes`` (XYXY_ABS, original pixels),
-    ``scores`` (float32), ``pred_classes`` (int64 vocabulary indices) and, with
-    ``mask_on``, ``pred_masks`` ((K, H, W) bool).
+    ``scores`` (float32), ``pred_classes`` (int64 vocabulary indices), ``proposal_scores``
+    and, with ``mask_on``, ``pred_masks`` (:class:`~regionspot.modeling.postprocess.SharedMasks`,
+    (K, H, W) bool).
+
+    The vocabulary ``forward`` scores against is set from outside with :meth:`set_vocabulary`
+    (the trainer does it per dataset); the predictor passes its own text embeddings to
+    :meth:`recognize` instead and never changes the model.
     """
 
     @configurable
@@ -86,7 +155,6 @@ class RegionSpot(nn.Module):
         sam: nn.Module,
         clip_model: nn.Module,
         clip_weights_id: str,
-        class_names: Sequence[str],
         token_source: str = "transformer",
         box_chunk_size: int = 64,
         clip_input_size: int = 224,
@@ -100,18 +168,19 @@ class RegionSpot(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         focal_negative_classes: float = 364.0,
-        test_score: str = "softmax",
-        test_topk: int = 900,
+        protocol: Optional[RecognitionProtocol] = None,
         mask_on: bool = False,
         encoder_amp: bool = False,
         text_cache_dir: Optional[str] = None,
         text_batch_size: int = 256,
+        proposal_source: str = "gt",
+        proposal_topk: int = 1000,
+        proposal_score_thresh: float = 0.0,
+        proposal_nms_thresh: float = 0.0,
+        rpn: Optional[nn.Module] = None,
+        sam_auto_settings: Optional[Dict[str, object]] = None,
     ):
         super().__init__()
-        if test_score not in TEST_SCORES:
-            raise ValueError(f"MODEL.REGIONSPOT.TEST_SCORE must be one of {TEST_SCORES}, got {test_score!r}")
-        if test_topk <= 0:
-            raise ValueError(f"MODEL.REGIONSPOT.TEST_TOPK must be positive, got {test_topk}")
         self.position = SamPositionTokens(sam, token_source, box_chunk_size)
         self.semantic = ClipSemanticFeatures(clip_model, clip_input_size, use_class_token, clip_antialias)
         self.head = RegionSpotHead(
@@ -122,23 +191,38 @@ class RegionSpot(nn.Module):
         self.logit_scale = logit_scale
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.focal_negative_classes = focal_negative_classes
-        self.test_score, self.test_topk = test_score, test_topk
+        self.protocol = protocol or RecognitionProtocol()
         self.mask_on = mask_on
         self.encoder_amp = encoder_amp
         self.text_cache_dir = text_cache_dir
         self.text_batch_size = text_batch_size
-        # Text embeddings per vocabulary, computed on first use (or read from the disk cache).
-        self._text_embeddings: Dict[Tuple[str, ...], torch.Tensor] = {}
-        self.set_vocabulary(class_names)
+        self.proposal_source = check_proposal_source(proposal_source)
+        if proposal_topk <= 0:
+            raise ValueError(f"MODEL.REGIONSPOT.PROPOSAL_TOPK must be positive, got {proposal_topk}")
+        self.proposal_selection = dict(topk=proposal_topk, score_thresh=proposal_score_thresh,
+                                       nms_thresh=proposal_nms_thresh)
+        if proposal_source == "rpn" and rpn is None:
+            raise ValueError('MODEL.REGIONSPOT.PROPOSALS is "rpn" but no RPN was given: set '
+                             'MODEL.REGIONSPOT.RPN_WEIGHTS (see configs/eval_lvis_rpn.yaml)')
+        self.rpn = rpn
+        # Not a submodule: it uses the model's own SAM, registered once under `position`.
+        self.sam_auto = SamAutoProposalGenerator(self.position.sam, sam_auto_settings or {})
+        # What forward() scores against: set with set_vocabulary(), never inside forward.
+        self.class_names: Optional[List[str]] = None
+        self.register_buffer("text_embeddings", None, persistent=False)
 
     @classmethod
     def from_config(cls, cfg):
         rs = cfg.MODEL.REGIONSPOT
+        rpn = None
+        if rs.PROPOSALS == "rpn" or rs.RPN_WEIGHTS:
+            from .proposals.rpn import RPNProposalGenerator
+
+            rpn = RPNProposalGenerator(cfg, rs.RPN_WEIGHTS, rs.RPN_INPUT_FORMAT)
         return dict(
             sam=load_sam(rs.SAM_WEIGHTS),
             clip_model=load_clip(rs.CLIP_WEIGHTS),
             clip_weights_id=weights_fingerprint(rs.CLIP_WEIGHTS),
-            class_names=vocabulary_from_config(cfg),
             token_source=rs.TOKEN_SOURCE,
             box_chunk_size=rs.BOX_CHUNK_SIZE,
             clip_input_size=rs.CLIP_INPUT_SIZE,
@@ -152,12 +236,17 @@ class RegionSpot(nn.Module):
             focal_alpha=rs.FOCAL_ALPHA,
             focal_gamma=rs.FOCAL_GAMMA,
             focal_negative_classes=rs.FOCAL_NEGATIVE_CLASSES,
-            test_score=rs.TEST_SCORE,
-            test_topk=rs.TEST_TOPK,
+            protocol=RecognitionProtocol.from_config(cfg),
             mask_on=cfg.MODEL.MASK_ON,
             encoder_amp=rs.ENCODER_AMP,
             text_cache_dir=rs.TEXT_CACHE_DIR or None,
             text_batch_size=rs.TEXT_BATCH_SIZE,
+            proposal_source=rs.PROPOSALS,
+            proposal_topk=rs.PROPOSAL_TOPK,
+            proposal_score_thresh=rs.PROPOSAL_SCORE_THRESH,
+            proposal_nms_thresh=rs.PROPOSAL_NMS_THRESH,
+            rpn=rpn,
+            sam_auto_settings=SamAutoProposalGenerator.settings_from_config(cfg),
         )
 
     @property
@@ -165,50 +254,68 @@ class RegionSpot(nn.Module):
         return self.head.projector.weight.device
 
     def train(self, mode: bool = True):
-        """Only the head trains: SAM and CLIP stay in eval mode (no dropout, frozen)."""
+        """Only the head trains: SAM, CLIP and the RPN stay in eval mode (no dropout, frozen)."""
         super().train(mode)
         self.position.eval()
         self.semantic.eval()
+        if self.rpn is not None:
+            self.rpn.eval()
         return self
 
     # ----------------------------------------------------------------- vocabulary
+    @torch.no_grad()
+    def encode_vocabulary(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Text embeddings of a vocabulary: the classifier RegionSpot scores regions against.
+
+        CLIP's text tower with the prompt ensemble (``text_embeddings.py``), read from or
+        written to the disk cache (``TEXT_CACHE_DIR``). Call it once per vocabulary, outside
+        the forward; it does not change the model.
+
+        Args:
+            class_names: C names (checked by :func:`regionspot.data.vocabularies.check_vocabulary`).
+
+        Returns:
+            (C, E) float32 L2-normalised embeddings on the model's device.
+
+        Raises:
+            ValueError / TypeError: not a valid vocabulary (empty, blank or duplicate names).
+        """
+        names = check_vocabulary(class_names)
+        emb = load_or_compute_text_embeddings(
+            self.semantic.clip, names, weights_id=self.clip_weights_id,
+            cache_dir=self.text_cache_dir, batch_size=self.text_batch_size,
+        )
+        return emb.to(self.device)
+
+    def check_text_embeddings(self, text_embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Return ``text_embeddings`` as float32 on the model's device if they are (C, E).
+
+        Raises:
+            ValueError: the shape is not (``num_classes``, E) for this model's CLIP.
+        """
+        expected = (num_classes, self.semantic.embed_dim)
+        if not torch.is_tensor(text_embeddings) or tuple(text_embeddings.shape) != expected:
+            got = tuple(text_embeddings.shape) if torch.is_tensor(text_embeddings) else type(text_embeddings).__name__
+            raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, got {got}")
+        return text_embeddings.float().to(self.device)
+
     def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None) -> None:
-        """Score boxes against these class names from now on.
+        """Set the vocabulary that :meth:`forward` scores against (training and evaluation).
 
         Args:
             class_names: the C names of the vocabulary.
-            text_embeddings: optional precomputed (C, E) L2-normalised embeddings for them
-                (e.g. a large vocabulary encoded once offline); by default they are computed
-                on first use, or read from the disk cache, with the prompt ensemble.
-
-        Embeddings are kept in memory per vocabulary, so switching back and forth is free.
+            text_embeddings: optional precomputed (C, E) L2-normalised embeddings for them (e.g.
+                a large vocabulary encoded offline); by default :meth:`encode_vocabulary`
+                computes them now.
 
         Raises:
-            ValueError: the vocabulary is empty, or ``text_embeddings`` is not (C, E).
+            ValueError: the vocabulary is not valid, or ``text_embeddings`` is not (C, E).
         """
-        names = list(class_names)
-        if not names:
-            raise ValueError("vocabulary is empty: give at least one class name")
-        if text_embeddings is not None:
-            expected = (len(names), self.semantic.embed_dim)
-            if tuple(text_embeddings.shape) != expected:
-                raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, "
-                                 f"got {tuple(text_embeddings.shape)}")
-            self._text_embeddings[tuple(names)] = text_embeddings.float().to(self.device)
+        names = check_vocabulary(class_names)
+        if text_embeddings is None:
+            text_embeddings = self.encode_vocabulary(names)
+        self.text_embeddings = self.check_text_embeddings(text_embeddings, len(names))
         self.class_names = names
-
-    @property
-    def text_embeddings(self) -> torch.Tensor:
-        """(C, E) float32 L2-normalised text embeddings of :attr:`class_names`, on the model's device."""
-        key = tuple(self.class_names)
-        emb = self._text_embeddings.get(key)
-        if emb is None or emb.device != self.device:
-            emb = load_or_compute_text_embeddings(
-                self.semantic.clip, self.class_names, weights_id=self.clip_weights_id,
-                cache_dir=self.text_cache_dir, batch_size=self.text_batch_size,
-            ).to(self.device)
-            self._text_embeddings[key] = emb
-        return emb
 
     # ----------------------------------------------------------------- encoders
     def encoder_autocast(self):
@@ -217,37 +324,123 @@ class RegionSpot(nn.Module):
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]], torch.Tensor]:
-        """Run the frozen encoders once per image.
+    def encode_images(self, images: Sequence[torch.Tensor]) -> List[ImageFeatures]:
+        """Run the frozen encoders once per image (step 2): :meth:`encode_sam` and
+        :meth:`encode_semantic`.
 
         Args:
-            images: B tensors (3, H_i, W_i) uint8 RGB.
+            images: B tensors (3, H_i, W_i) uint8 RGB (sizes may differ), any device.
 
         Returns:
-            sam_embeddings: (B, 256, g, g) SAM image embeddings.
-            resized_sizes: B (h, w) sizes of each image inside SAM's padded input.
-            semantic_features: (B, L, D) float32 CLIP feature maps.
+            B :class:`ImageFeatures`.
         """
-        with self.encoder_autocast():
-            sam_inputs = [self.position.preprocess(image) for image in images]
-            sam_embeddings = self.position.encode_images(torch.stack([x for x, _ in sam_inputs]))
-            semantic = self.semantic(self.semantic.preprocess(images))
-        return sam_embeddings, [size for _, size in sam_inputs], semantic.float()
+        return ImageFeatures.from_batch(images, *self.encode_sam(images), self.encode_semantic(images))
 
     @torch.no_grad()
-    def region_tokens(self, sam_embedding: torch.Tensor, boxes: torch.Tensor,
-                      image_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Position-aware tokens (N, T) float32 and low-res masks (N, 1, 4g, 4g) of one image's
-        boxes ((N, 4) XYXY_ABS pixels of an image of ``image_size`` (H, W))."""
+    def encode_sam(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """SAM's image encoder on B images: ((B, 256, g, g) embeddings, B (h, w) sizes inside
+        SAM's padded input). Same resize and normalisation as ``SamPredictor.set_image``."""
         with self.encoder_autocast():
-            return self.position(sam_embedding, boxes, image_size)
+            sam_inputs = [self.position.preprocess(image) for image in images]
+            embeddings = self.position.encode_images(torch.stack([x for x, _ in sam_inputs]))
+        return embeddings, [size for _, size in sam_inputs]
 
-    def region_embeddings(self, tokens: List[torch.Tensor], semantic: torch.Tensor) -> List[torch.Tensor]:
-        """Run the head on a batch of images.
+    @torch.no_grad()
+    def encode_semantic(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """CLIP's semantic feature maps of B images: (B, L, D) float32."""
+        with self.encoder_autocast():
+            return self.semantic(self.semantic.preprocess(images)).float()
+
+    # ----------------------------------------------------------------- proposals
+    def generate_proposals(self, source: str, features: Sequence[ImageFeatures]) -> List[Instances]:
+        """Proposals that the model computes itself from the images: "rpn" or "sam_auto".
+
+        Selection (``PROPOSAL_SCORE_THRESH``, ``PROPOSAL_NMS_THRESH``, ``PROPOSAL_TOPK``) is
+        applied as for a file's boxes.
+
+        Raises:
+            ValueError: another source, or "rpn" on a model built without RPN weights.
+        """
+        if source == "rpn":
+            if self.rpn is None:
+                raise ValueError('proposals "rpn" need an RPN: build the model with '
+                                 'MODEL.REGIONSPOT.RPN_WEIGHTS set (see configs/eval_lvis_rpn.yaml)')
+            generated = self.rpn([f.image for f in features])
+        elif source == "sam_auto":
+            generated = [self.sam_auto(f.image, f.sam_embedding, f.sam_input_size) for f in features]
+        else:
+            raise ValueError(f'the model generates proposals only for "rpn" and "sam_auto", not {source!r}')
+        selected = []
+        for p in generated:
+            keep = select_proposals(p.proposal_boxes.tensor, logit_to_score(p.objectness_logits),
+                                    **self.proposal_selection)
+            selected.append(p[keep])
+        return selected
+
+    def propose(self, batched_inputs: List[Dict], features: Sequence[ImageFeatures]) -> List[Instances]:
+        """The boxes to recognise in each image, from the configured source (step 3).
+
+        Returns:
+            B ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded image) and
+            ``objectness_logits`` (+ ``proposal_masks`` for "sam_auto").
+
+        Raises:
+            ValueError: an input lacks what its source needs (named by file name).
+        """
+        if self.proposal_source in ("rpn", "sam_auto"):
+            return self.generate_proposals(self.proposal_source, features)
+        key = "instances" if self.proposal_source == "gt" else "proposals"
+        out = []
+        for x in batched_inputs:
+            if key not in x:
+                what = ("'instances' with gt_boxes (the ground-truth boxes are the proposals)"
+                        if key == "instances" else
+                        "'proposals' (with PROPOSALS 'file' the test loader attaches them from the proposal file)")
+                raise ValueError(f"image {x.get('file_name', '?')!r} has no boxes to recognise: "
+                                 f"RegionSpot needs {what}")
+            out.append(proposals_from_ground_truth(x[key]) if key == "instances" else x[key])
+        return [p.to(self.device) for p in out]
+
+    # ----------------------------------------------------------------- recognition
+    @torch.no_grad()
+    def prompt_boxes(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances]) -> List[BoxPrompts]:
+        """SAM's prompt encoder and mask decoder on each image's proposal boxes: position-aware
+        tokens, low-resolution masks and predicted IoUs (:class:`BoxPrompts`), per image."""
+        prompts = []
+        for f, p in zip(features, proposals):
+            with self.encoder_autocast():
+                prompts.append(self.position(f.sam_embedding, p.proposal_boxes.tensor, f.image_size))
+        return prompts
+
+    def recognize(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
+                  text_embeddings: torch.Tensor, prompts: Optional[Sequence[BoxPrompts]] = None
+                  ) -> List[RegionRecognition]:
+        """Position-aware tokens of each proposal, the head, and logits (step 4).
+
+        SAM runs without gradients; the head runs with them in training mode.
 
         Args:
-            tokens: B tensors (N_i, T) of position-aware tokens (N_i >= 1).
-            semantic: (B, L, D) semantic feature maps.
+            features: B :class:`ImageFeatures`.
+            proposals: B ``Instances`` with ``proposal_boxes`` in the frame of each image.
+            text_embeddings: (C, E) float32 text embeddings on the model's device.
+            prompts: the :meth:`prompt_boxes` of these proposals, if already computed.
+
+        Returns:
+            B :class:`RegionRecognition`.
+        """
+        prompts = prompts if prompts is not None else self.prompt_boxes(features, proposals)
+        keep = [i for i, pr in enumerate(prompts) if pr.tokens.shape[0] > 0]
+        logits = [torch.zeros(0, text_embeddings.shape[0], device=self.device) for _ in prompts]
+        if keep:
+            semantic = torch.stack([features[i].semantic for i in keep])
+            embeddings = self._run_head([prompts[i].tokens for i in keep], semantic)
+            for i, e in zip(keep, embeddings):
+                logits[i] = region_logits(e, text_embeddings, self.logit_scale)
+        return [RegionRecognition(p, lg, pr.iou_predictions, pr.low_res_masks, f.sam_input_size)
+                for f, p, pr, lg in zip(features, proposals, prompts, logits)]
+
+    def _run_head(self, tokens: List[torch.Tensor], semantic: torch.Tensor) -> List[torch.Tensor]:
+        """The head on B images: (N_i, T) token lists padded into one batch with a padding mask.
 
         Returns:
             B tensors (N_i, E) of region embeddings.
@@ -259,85 +452,102 @@ class RegionSpot(nn.Module):
         out = self.head(padded, semantic, padding_mask if min(counts) < padded.shape[1] else None)
         return [out[i, :n] for i, n in enumerate(counts)]
 
-    # ----------------------------------------------------------------- forward
-    def forward(self, batched_inputs: List[Dict]):
-        """Training: dict of losses. Inference: list of {"instances": Instances} (see class doc)."""
-        images = [x["image"] for x in batched_inputs]
-        for x, image in zip(batched_inputs, images):
-            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"image {x.get('file_name', '?')!r} must be a (3, H, W) uint8 RGB "
-                                 f"tensor, got {tuple(image.shape)} {image.dtype}")
-            if "instances" not in x:
-                raise ValueError(f"image {x.get('file_name', '?')!r} has no boxes to recognise: RegionSpot "
-                                 f"needs 'instances' with gt_boxes (the proposals) at train and test time")
-        boxes = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
-        sam_embeddings, resized_sizes, semantic = self.encode_images(images)
-        tokens, masks = [], []
-        for emb, b, image in zip(sam_embeddings, boxes, images):
-            t, m = self.region_tokens(emb, b, tuple(image.shape[-2:]))
-            tokens.append(t)
-            masks.append(m)
-        keep = [i for i, t in enumerate(tokens) if t.shape[0] > 0]
-        embeddings = [None] * len(images)
-        if keep:
-            for i, e in zip(keep, self.region_embeddings([tokens[i] for i in keep], semantic[keep])):
-                embeddings[i] = e
-        if self.training:
-            return self.losses(batched_inputs, embeddings)
-        return [
-            {"instances": self.postprocess(embeddings[i], boxes[i], masks[i], resized_sizes[i], x,
-                                           tuple(images[i].shape[-2:]))}
-            for i, x in enumerate(batched_inputs)
-        ]
+    @torch.no_grad()
+    def postprocess(self, recognition: RegionRecognition, output_size: Tuple[int, int],
+                    protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> Instances:
+        """Scored detections of one image in the output frame (step 5).
 
-    def losses(self, batched_inputs: List[Dict], embeddings: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Sigmoid focal loss of all regions of the batch against the vocabulary."""
-        pairs = [(e, x["instances"].gt_classes.to(self.device)) for e, x in zip(embeddings, batched_inputs)
-                 if e is not None]
+        Args:
+            recognition: the image's :class:`RegionRecognition`.
+            output_size: (H_out, W_out) to report boxes and masks in (the original image).
+            protocol: scoring and selection (default: the model's, from the config).
+            mask_on: paste masks (default: ``MODEL.MASK_ON``). One mask per kept box, shared
+                by all its detections: the ``sam_auto`` mask if the proposal has one, else
+                SAM's box-prompted mask.
+
+        Returns:
+            ``Instances`` of size ``output_size`` with ``pred_boxes``, ``scores``,
+            ``pred_classes``, ``proposal_scores`` (+ ``pred_masks``; + ``class_probs``, the
+            (K, C) class probabilities, for the "per_box" selection).
+        """
+        protocol = protocol or self.protocol
+        mask_on = self.mask_on if mask_on is None else mask_on
+        proposals = recognition.proposals
+        boxes = proposals.proposal_boxes.tensor
+        probs = class_probabilities(recognition.logits, protocol.class_score)
+        det = select_detections(probs, recognition.proposal_scores, boxes, protocol, recognition.iou_predictions)
+        out_h, out_w = output_size
+        in_h, in_w = proposals.image_size
+        result = Instances((out_h, out_w))
+        out_boxes = Boxes(boxes[det.box_index].clone())
+        out_boxes.scale(out_w / in_w, out_h / in_h)
+        out_boxes.clip((out_h, out_w))
+        result.pred_boxes = out_boxes
+        result.scores = det.scores
+        result.pred_classes = det.classes
+        result.proposal_scores = recognition.proposal_scores[det.box_index]
+        if protocol.selection == "per_box":
+            result.class_probs = probs[det.box_index]
+        if mask_on:
+            kept, inverse = torch.unique(det.box_index, return_inverse=True)
+            if proposals.has("proposal_masks"):
+                bitmaps = resize_masks(proposals.proposal_masks[kept], (out_h, out_w))
+            else:
+                bitmaps = self.position.paste_masks(recognition.low_res_masks[kept], recognition.sam_input_size,
+                                                    (out_h, out_w))
+            result.pred_masks = SharedMasks(bitmaps, inverse)
+        return result
+
+    def inference(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
+                  text_embeddings: torch.Tensor, output_sizes: Sequence[Tuple[int, int]],
+                  protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> List[Instances]:
+        """Steps 4-5 for B encoded images: :meth:`recognize`, then :meth:`postprocess` each."""
+        return [self.postprocess(r, size, protocol, mask_on)
+                for r, size in zip(self.recognize(features, proposals, text_embeddings), output_sizes)]
+
+    # ----------------------------------------------------------------- forward
+    @staticmethod
+    def _check_images(batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        images = []
+        for x in batched_inputs:
+            image = x.get("image")
+            if not torch.is_tensor(image) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+                got = f"{tuple(image.shape)} {image.dtype}" if torch.is_tensor(image) else type(image).__name__
+                raise ValueError(f"image {x.get('file_name', '?')!r} must be a (3, H, W) uint8 RGB tensor, got {got}")
+            images.append(image)
+        return images
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of losses. Inference: list of {"instances": Instances} (see class doc).
+
+        Raises:
+            RuntimeError: no vocabulary was set (:meth:`set_vocabulary`).
+            ValueError: a bad image tensor, or an input without the boxes its source needs.
+        """
+        images = self._check_images(batched_inputs)
+        if self.text_embeddings is None:
+            raise RuntimeError("RegionSpot has no vocabulary to score against: call "
+                               "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
+        if self.training:
+            missing = [x.get("file_name", "?") for x in batched_inputs if "instances" not in x]
+            if missing:
+                raise ValueError(f"image {missing[0]!r} has no 'instances': training needs gt_boxes and gt_classes")
+        features = self.encode_images(images)
+        if self.training:
+            proposals = [proposals_from_ground_truth(x["instances"]).to(self.device) for x in batched_inputs]
+            return self.losses(batched_inputs, self.recognize(features, proposals, self.text_embeddings))
+        proposals = self.propose(batched_inputs, features)
+        sizes = [(x.get("height", f.image_size[0]), x.get("width", f.image_size[1]))
+                 for x, f in zip(batched_inputs, features)]
+        return [{"instances": r} for r in self.inference(features, proposals, self.text_embeddings, sizes)]
+
+    def losses(self, batched_inputs: List[Dict], recognitions: List[RegionRecognition]) -> Dict[str, torch.Tensor]:
+        """Sigmoid focal loss of all regions of the batch against the vocabulary (paper Sec. 3)."""
+        pairs = [(r.logits, x["instances"].gt_classes.to(self.device))
+                 for r, x in zip(recognitions, batched_inputs) if r.logits.shape[0] > 0]
         if not pairs:  # keep every head parameter in the graph (DDP) with a zero loss
             return {"loss_region_focal": sum(p.sum() for p in self.head.parameters()) * 0.0}
-        logits = region_logits(torch.cat([e for e, _ in pairs]), self.text_embeddings, self.logit_scale)
+        logits = torch.cat([lg for lg, _ in pairs])
         labels = torch.cat([c for _, c in pairs])
         return {"loss_region_focal": region_focal_loss(logits, labels, self.focal_alpha, self.focal_gamma,
                                                         self.focal_negative_classes)}
-
-    def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, C) float32 scores of N region embeddings ((N, E)) against the vocabulary:
-        softmax over the vocabulary (released protocol) or per-class sigmoid (TEST_SCORE)."""
-        logits = region_logits(embeddings, self.text_embeddings, self.logit_scale)
-        return logits.softmax(-1) if self.test_score == "softmax" else logits.sigmoid()
-
-    @torch.no_grad()
-    def postprocess(self, embeddings: Optional[torch.Tensor], boxes: torch.Tensor, low_res_masks: torch.Tensor,
-                    resized_size: Tuple[int, int], inputs: Dict, image_size: Tuple[int, int]) -> Instances:
-        """Top-k (box, class) pairs of one image, in original-image pixels.
-
-        Released protocol (reference Sec. 2): every box is scored against the whole vocabulary
-        (softmax by default), the ``test_topk`` best (box, class) pairs are kept (a box may
-        carry several classes), boxes are rescaled from the mapper's image (``image_size``) to
-        ("height", "width"), and SAM's mask of each kept box is pasted at that size.
-        """
-        out_h, out_w = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
-        result = Instances((out_h, out_w))
-        if embeddings is None or embeddings.shape[0] == 0:
-            result.pred_boxes = Boxes(torch.zeros(0, 4, device=self.device))
-            result.scores = torch.zeros(0, device=self.device)
-            result.pred_classes = torch.zeros(0, dtype=torch.int64, device=self.device)
-            if self.mask_on:
-                result.pred_masks = torch.zeros(0, out_h, out_w, dtype=torch.bool, device=self.device)
-            return result
-        scores = self.class_scores(embeddings)
-        num_classes = scores.shape[1]
-        top_scores, top_idx = scores.flatten().topk(min(self.test_topk, scores.numel()))
-        box_idx, classes = top_idx // num_classes, top_idx % num_classes
-        out_boxes = Boxes(boxes[box_idx].clone())
-        out_boxes.scale(out_w / image_size[1], out_h / image_size[0])
-        out_boxes.clip((out_h, out_w))
-        result.pred_boxes = out_boxes
-        result.scores = top_scores
-        result.pred_classes = classes
-        if self.mask_on:
-            kept, inverse = box_idx.unique(return_inverse=True)
-            pasted = self.position.paste_masks(low_res_masks[kept], resized_size, (out_h, out_w))
-            result.pred_masks = pasted[inverse]
-        return result

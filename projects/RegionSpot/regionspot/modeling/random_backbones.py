@@ -1,10 +1,11 @@
-"""Randomly initialised SAM and CLIP, in memory or written in the official file formats.
+"""Randomly initialised SAM, CLIP and RPN, in memory or written in the official file formats.
 
 No pretrained weights can be downloaded where this project is tested, so the tests, the CPU
 sample job and the benchmark use randomly initialised backbones. They go through exactly the
 loading code of the official files (:mod:`regionspot.modeling.weights`): SAM as a plain
 state-dict ``.pth``, CLIP as a TorchScript archive like OpenAI's ``ViT-*.pt`` (or a plain
-state dict). Numbers computed with them measure the pipeline, never accuracy.
+state dict), an RPN as a Detectron2 checkpoint (``.pth``) or model-zoo pickle (``.pkl``).
+Numbers computed with them measure the pipeline, never accuracy.
 """
 
 from typing import Dict
@@ -113,4 +114,30 @@ def write_random_clip(path: str, preset: str = "tiny", seed: int = 0, jit: bool 
     with torch.no_grad():
         traced = torch.jit.trace(_ClipArchive(model), (image, text), check_trace=False)
     _atomic_save(traced, path, jit=True)
+    return path
+
+
+def write_random_rpn(path: str, cfg, seed: int = 0, fmt: str = "pth") -> str:
+    """Write a randomly initialised Detectron2 RPN (backbone + RPN head of ``cfg``).
+
+    Args:
+        cfg: a config describing the RPN (``MODEL.BACKBONE`` / ``RESNETS`` / ``FPN`` /
+            ``ANCHOR_GENERATOR`` / ``RPN``).
+        fmt: "pth": a Detectron2 checkpoint (``{"model": state_dict, "iteration": 0}``, what
+            ``DetectionCheckpointer.save`` writes); "pkl": the model-zoo layout
+            (``{"model": {name: numpy array}, "__author__": ...}`` pickled).
+    """
+    import pickle
+
+    from .proposals.rpn import RPNProposalGenerator
+
+    if fmt not in ("pth", "pkl"):
+        raise ValueError(f"fmt must be 'pth' or 'pkl', got {fmt!r}")
+    torch.manual_seed(seed)
+    state = RPNProposalGenerator(cfg, None).state_dict()
+    if fmt == "pth":
+        atomic_write(path, lambda f: torch.save({"model": state, "iteration": 0}, f))
+    else:
+        payload = {"model": {k: v.numpy() for k, v in state.items()}, "__author__": "RegionSpot random RPN"}
+        atomic_write(path, lambda f: pickle.dump(payload, f))
     return path
