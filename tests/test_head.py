@@ -7,7 +7,7 @@ from regionspot.modeling.head import RegionSpotHead, region_logits
 
 
 def released_shapes(d, e, layers=3):
-    """The checkpoint table of the reference page (Sec. 4), without the `model.` prefix."""
+    """The checkpoint table of docs/method.md §4, without the `model.` prefix."""
     shapes = {"to_clip.weight": (d, 256), "to_clip.bias": (d,),
               "decoder.norm.weight": (d,), "decoder.norm.bias": (d,),
               "projector.weight": (e, d), "projector.bias": (e,)}

@@ -23,7 +23,7 @@ def test_feature_map_shapes(clip_model, size, cls, tokens):
 
 
 def test_official_vit_shapes_from_the_reference():
-    """ViT-B/16 at 224 -> 197 x 768 (reference Sec. 3); built with random weights."""
+    """ViT-B/16 at 224 -> 197 x 768 (docs/method.md §3); built with random weights."""
     features = ClipSemanticFeatures(random_clip("ViT-B/16"), 224, True)
     assert features.num_tokens == 197 and features.width == 768 and features.embed_dim == 512
 

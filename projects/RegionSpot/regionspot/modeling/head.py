@@ -2,7 +2,7 @@
 
 Paper Sec. 3, eq. 1: ``S = softmax(F_p K_v^T / sqrt(C)) V_v`` with the position-aware tokens
 F_p as queries and the CLIP tokens as keys and values, stacked as a DETR-style decoder. As in
-the released implementation (reference Sec. 3-4):
+the released implementation (docs/method.md §3-4):
 
 1. ``to_clip = Linear(T, D)`` lifts each token (T = 256) to CLIP's width D;
 2. ``decoder``: post-norm transformer decoder, 3 layers, 8 heads, FFN 2048 with ReLU,
