@@ -26,6 +26,14 @@ def test_main_job_on_the_sample(tmp_path):
     losses = [json.loads(line)["total_loss"] for line in open(tmp_path / "out/train/metrics.json")
               if "total_loss" in line]
     assert losses[-1] < 0.5 * losses[0]
+    # the detector-style proposal file, and the Table-1 summary of both sources
+    detector = json.load(open(tmp_path / "out/eval_trained_detector/inference/regionspot_sample/metrics.json"))
+    assert detector["proposals"] == "file" and detector["proposal_coverage"]["images_without_proposals"] == 0
+    assert 0 < detector["results"]["bbox"]["AP"] < after["results"]["bbox"]["AP"]  # imperfect boxes cost AP
+    assert "Table-1 layout" in out and "simulated detector (file)" in out and "Protocol" in out
+    table = (tmp_path / "out/summary/table1.md").read_text()
+    assert "GT boxes" in table and "simulated detector (file)" in table and "not RegionSpot's accuracy" in table
+    assert (tmp_path / "out/summary/table1.png").stat().st_size > 5_000
     demo = json.load(open(tmp_path / "out/demo/astronaut.json"))
     assert len(demo["predictions"]) == 6
     assert (tmp_path / "out/demo/astronaut.jpg").stat().st_size > 10_000
