@@ -1,6 +1,11 @@
-"""``add_regionspot_config(cfg)``: every ``MODEL.REGIONSPOT.*`` key, with its meaning."""
+"""``add_regionspot_config(cfg)``: every ``MODEL.REGIONSPOT.*`` key, with its meaning;
+``load_config``: a checked config, its device resolved."""
+
+import logging
 
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -95,15 +100,133 @@ def add_regionspot_config(cfg: CN) -> None:
     cfg.INPUT.FORMAT = "RGB"
     # LVIS's standard cap on detections per image, applied by the LVIS evaluator.
     cfg.TEST.DETECTIONS_PER_IMAGE = 300
+    # "auto": the GPU when there is one, else the CPU (with a notice); "cuda", "cuda:1", "cpu"
+    # ask for that device and are an error if it is not there.
+    cfg.MODEL.DEVICE = "auto"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def resolve_device(device: str) -> str:
+    """The torch device a ``MODEL.DEVICE`` value names, checked to exist.
+
+    Args:
+        device: "auto" (CUDA when available, else "cpu" with a logged notice), "cpu",
+            "cuda" or "cuda:N".
+
+    Returns:
+        "cpu", "cuda" or "cuda:N".
+
+    Raises:
+        ConfigError: an unknown device, or a CUDA device that this machine does not have.
+    """
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        logger.info("MODEL.DEVICE is 'auto' and no CUDA GPU is available: running on the CPU")
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"MODEL.DEVICE {device!r} is not a device (expected 'auto', 'cpu', 'cuda' or "
+                          f"'cuda:N'): {e}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"MODEL.DEVICE is {device!r} but this machine has no usable CUDA GPU; set "
+                              f"MODEL.DEVICE cpu (or auto)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"MODEL.DEVICE is {device!r} but this machine has {count} CUDA GPU(s)")
+    elif parsed.type != "cpu":
+        raise ConfigError(f"MODEL.DEVICE {device!r}: RegionSpot runs on 'cpu' or 'cuda' devices")
+    return device
+
+
+def check_config(cfg: CN) -> None:
+    """Check the values RegionSpot and its data path read, naming the key of the first bad one.
+
+    Raises:
+        ConfigError: a size or count that must be positive, a probability or threshold outside
+            its range, or a name that is not among the allowed values.
+    """
+    from .data.vocabularies import BUILTIN_VOCABULARIES
+    from .modeling.position_tokens import TOKEN_SOURCES
+    from .modeling.postprocess import RecognitionProtocol
+    from .modeling.proposals import PROPOSAL_SOURCES
+    from .modeling.proposals.file import PROPOSAL_FILE_FORMATS
+    from .modeling.proposals.rpn import RPN_INPUT_FORMATS
+    from .modeling.proposals.sam_auto import SamAutoProposalGenerator
+
+    rs = cfg.MODEL.REGIONSPOT
+    positive = {
+        "INPUT.MIN_SIZE_TEST": cfg.INPUT.MIN_SIZE_TEST, "INPUT.MAX_SIZE_TEST": cfg.INPUT.MAX_SIZE_TEST,
+        "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN, "SOLVER.IMS_PER_BATCH": cfg.SOLVER.IMS_PER_BATCH,
+        "MODEL.REGIONSPOT.BOX_CHUNK_SIZE": rs.BOX_CHUNK_SIZE, "MODEL.REGIONSPOT.CLIP_INPUT_SIZE": rs.CLIP_INPUT_SIZE,
+        "MODEL.REGIONSPOT.NUM_DECODER_LAYERS": rs.NUM_DECODER_LAYERS, "MODEL.REGIONSPOT.NUM_HEADS": rs.NUM_HEADS,
+        "MODEL.REGIONSPOT.DIM_FEEDFORWARD": rs.DIM_FEEDFORWARD, "MODEL.REGIONSPOT.TEXT_BATCH_SIZE": rs.TEXT_BATCH_SIZE,
+        "MODEL.REGIONSPOT.PROPOSAL_TOPK": rs.PROPOSAL_TOPK, "MODEL.REGIONSPOT.LOGIT_SCALE": rs.LOGIT_SCALE,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value!r}")
+    for size in cfg.INPUT.MIN_SIZE_TRAIN:
+        if not size > 0:
+            raise ConfigError(f"INPUT.MIN_SIZE_TRAIN must hold positive sizes, got {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}")
+    ranges = {
+        "MODEL.REGIONSPOT.DROPOUT": (rs.DROPOUT, 0.0, 1.0, False),
+        "MODEL.REGIONSPOT.PROPOSAL_SCORE_THRESH": (rs.PROPOSAL_SCORE_THRESH, 0.0, 1.0, True),
+        "MODEL.REGIONSPOT.PROPOSAL_NMS_THRESH": (rs.PROPOSAL_NMS_THRESH, 0.0, 1.0, True),
+        "MODEL.REGIONSPOT.FOCAL_ALPHA": (rs.FOCAL_ALPHA, 0.0, 1.0, True),
+    }
+    for key, (value, low, high, closed) in ranges.items():
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{key} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value!r}")
+    if cfg.DATALOADER.NUM_WORKERS < 0 or cfg.SOLVER.MAX_ITER < 0 or rs.FOCAL_GAMMA < 0 or rs.FOCAL_NEGATIVE_CLASSES < 0:
+        raise ConfigError("DATALOADER.NUM_WORKERS, SOLVER.MAX_ITER, MODEL.REGIONSPOT.FOCAL_GAMMA and "
+                          "FOCAL_NEGATIVE_CLASSES must not be negative")
+    choices = {
+        "MODEL.REGIONSPOT.TOKEN_SOURCE": (rs.TOKEN_SOURCE, TOKEN_SOURCES),
+        "MODEL.REGIONSPOT.PROPOSALS": (rs.PROPOSALS, PROPOSAL_SOURCES),
+        "MODEL.REGIONSPOT.PROPOSAL_FILE_FORMAT": (rs.PROPOSAL_FILE_FORMAT, ("auto",) + PROPOSAL_FILE_FORMATS),
+        "MODEL.REGIONSPOT.RPN_INPUT_FORMAT": (rs.RPN_INPUT_FORMAT, RPN_INPUT_FORMATS),
+        "MODEL.REGIONSPOT.VOCABULARY": (rs.VOCABULARY, ("dataset",) + BUILTIN_VOCABULARIES + ("custom",)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if rs.VOCABULARY == "custom" and not rs.CUSTOM_VOCABULARY.strip():
+        raise ConfigError('MODEL.REGIONSPOT.VOCABULARY is "custom" but MODEL.REGIONSPOT.CUSTOM_VOCABULARY is empty '
+                          '(give class names as "a,b,c")')
+    try:
+        RecognitionProtocol.from_config(cfg)
+        SamAutoProposalGenerator.settings_from_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_config(config_file: str, opts=()) -> CN:
     """Detectron2's default config + :func:`add_regionspot_config`, merged with a yaml file
-    and ``KEY VALUE`` overrides (not frozen)."""
+    and ``KEY VALUE`` overrides, checked (:func:`check_config`), with ``MODEL.DEVICE``
+    resolved (:func:`resolve_device`); not frozen.
+
+    Raises:
+        ConfigError: a value that cannot work (the message names the key).
+        FileNotFoundError: ``config_file`` does not exist.
+    """
+    import os
+
     from detectron2.config import get_cfg
 
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file!r}")
     cfg = get_cfg()
     add_regionspot_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    check_config(cfg)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     return cfg

@@ -47,25 +47,34 @@ logger = logging.getLogger(__name__)
 def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]:
     """Class names to score a dataset's boxes against.
 
-    ``MODEL.REGIONSPOT.VOCABULARY``: "dataset" -> ``thing_classes`` of ``dataset_name`` (or of
-    the first training, else test, dataset) in Detectron2's ``MetadataCatalog``; "lvis",
-    "coco", "objects365" -> the built-in lists; "custom" -> ``CUSTOM_VOCABULARY`` ("a,b,c").
+    ``MODEL.REGIONSPOT.VOCABULARY``: "dataset" -> the ``thing_classes`` of ``dataset_name`` (or of
+    the first training dataset) in Detectron2's ``MetadataCatalog``, loading the dataset first
+    if its loader is what sets them (as Detectron2's ``register_coco_instances`` and
+    ``register_lvis_instances`` do); "lvis", "coco", "objects365" -> the built-in lists;
+    "custom" -> ``CUSTOM_VOCABULARY`` ("a,b,c"). Evaluation passes each test dataset's name, so
+    every dataset is scored against its own vocabulary.
 
     Raises:
-        ValueError: unknown vocabulary, empty custom vocabulary, or a dataset without
-            ``thing_classes``.
+        ValueError: unknown vocabulary, empty custom vocabulary, a dataset that is not
+            registered, or one without ``thing_classes``.
     """
+    from detectron2.data import DatasetCatalog
+
     rs = cfg.MODEL.REGIONSPOT
     if rs.VOCABULARY != "dataset":
         return get_vocabulary(rs.VOCABULARY, rs.CUSTOM_VOCABULARY or None)
-    name = dataset_name or next(iter(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)), None)
+    name = dataset_name or next(iter(cfg.DATASETS.TRAIN), None)
     if name is None:
-        raise ValueError('MODEL.REGIONSPOT.VOCABULARY is "dataset" but no dataset is configured; '
-                         'set DATASETS.TRAIN/TEST or a vocabulary ("lvis", "coco", "objects365", "custom")')
+        raise ValueError('MODEL.REGIONSPOT.VOCABULARY is "dataset" but no dataset is given; name one or set '
+                         'a vocabulary ("lvis", "coco", "objects365", "custom")')
+    if name not in DatasetCatalog.list():
+        raise ValueError(f"dataset {name!r} is not registered in Detectron2's DatasetCatalog, so it has no "
+                         f"vocabulary; register your own with --register NAME JSON IMAGE_ROOT")
+    if not MetadataCatalog.get(name).get("thing_classes", None):
+        DatasetCatalog.get(name)  # Detectron2's COCO/LVIS loaders set thing_classes when they run
     classes = MetadataCatalog.get(name).get("thing_classes", None)
     if not classes:
-        raise ValueError(f"dataset {name!r} has no thing_classes in the MetadataCatalog to use as "
-                         f"the vocabulary")
+        raise ValueError(f"dataset {name!r} has no thing_classes in the MetadataCatalog to use as the vocabulary")
     return list(classes)
 
 
@@ -213,6 +222,9 @@ class RegionSpot(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        if cfg.MODEL.DEVICE == "auto":
+            raise ValueError('MODEL.DEVICE is "auto": resolve it first with regionspot.config.load_config '
+                             '(or regionspot.config.resolve_device)')
         rs = cfg.MODEL.REGIONSPOT
         rpn = None
         if rs.PROPOSALS == "rpn" or rs.RPN_WEIGHTS:
