@@ -52,15 +52,57 @@ def test_load_our_layout_roundtrip(model, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_named(model, tmp_path, caplog):
+    """Training (strict=False) loads what fits and logs the rest, as Detectron2 does."""
     state = _perturbed_head_state(model, "model.")
     del state["model.projector.bias"]
     state["model.extra_layer.weight"] = torch.zeros(3)
     path = tmp_path / "partial.pth"
     torch.save({"model": state}, path)
     with caplog.at_level(logging.WARNING):
-        RegionSpotCheckpointer(model).load(str(path))
+        RegionSpotCheckpointer(model, strict=False).load(str(path))
     text = caplog.text
     assert "projector.bias" in text and "extra_layer" in text
+    with pytest.raises(CheckpointError, match=r"partial.pth.*1 of its 60 parameter tensors are missing \(head.projector.bias\)"):
+        RegionSpotCheckpointer(model).load(str(path))  # inference / evaluation: refused
+
+
+def _head_of_depth(tiny_cfg, depth):
+    from detectron2.modeling import build_model
+
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.NUM_DECODER_LAYERS = depth
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("depth", [1, 6])
+def test_a_head_of_another_depth_is_refused(model, tiny_cfg, tmp_path, depth):
+    other = _head_of_depth(tiny_cfg, depth)
+    RegionSpotCheckpointer(other, str(tmp_path)).save(f"depth{depth}")
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    expected = "missing" if depth == 1 else "unexpected \\(head.decoder.layers.3"
+    with pytest.raises(CheckpointError, match=f"depth{depth}.pth.*not a checkpoint of this RegionSpot head.*{expected}"):
+        RegionSpotCheckpointer(model).load(str(tmp_path / f"depth{depth}.pth"))
+    assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
+
+
+def test_foreign_checkpoints_are_refused(model, tmp_path, sam_path):
+    detector = {"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(64, 3, 7, 7),
+                          "roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 1024)}}
+    torch.save(detector, tmp_path / "faster_rcnn.pth")
+    with pytest.raises(CheckpointError, match="faster_rcnn.pth.*60 of its 60 parameter tensors are missing"):
+        RegionSpotCheckpointer(model).load(str(tmp_path / "faster_rcnn.pth"))
+    with pytest.raises(CheckpointError, match="sam_random_tiny.pth.*missing"):
+        RegionSpotCheckpointer(model).load(sam_path)  # SAM's own weights file
+
+
+def test_the_log_says_what_was_loaded_from_which_file(model, tmp_path, caplog):
+    state = _perturbed_head_state(model, "model.")
+    state["model.sam.image_encoder.pos_embed"] = torch.zeros(1, 64, 64, 768)
+    torch.save({"model": state}, tmp_path / "released.pth")
+    with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
+        RegionSpotCheckpointer(model).load(str(tmp_path / "released.pth"))
+    assert "Loaded the RegionSpot head from" in caplog.text and "released.pth (released layout): 60 of 60" in caplog.text
 
 
 def test_wrong_shapes_are_refused(model, tmp_path):

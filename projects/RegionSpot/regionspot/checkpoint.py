@@ -6,7 +6,11 @@ holds only the head. Two layouts load:
 - the released one (docs/method.md §4): head keys under ``model.`` (``model.to_clip.weight``,
   ``model.decoder.layers.0...``, ``model.projector.*``), possibly with the frozen
   ``model.sam.*`` / ``model.clip_model.*`` tensors, ``trainer`` and ``iteration`` entries.
-Every missing or unexpected head key is named in the log; a shape mismatch is an error.
+Loading for inference or evaluation (``strict=True``, the default) refuses a file that leaves
+any head parameter missing or holds head parameters this head does not have (another model's
+checkpoint, SAM's own weights, a head of another depth), naming the keys; a shape mismatch is
+always an error. Training (``strict=False``: initialising or ``--resume``) keeps Detectron2's
+behaviour of loading what fits and logging the rest.
 Files are written atomically (temporary file, then rename), so an interrupted save never
 leaves a truncated checkpoint behind.
 """
@@ -50,12 +54,22 @@ def head_state_from_checkpoint(state: Dict[str, torch.Tensor]) -> Dict[str, torc
 
 
 class RegionSpotCheckpointer(DetectionCheckpointer):
-    """Detectron2's checkpointer, restricted to the head, atomic, and strict about shapes.
+    """Detectron2's checkpointer, restricted to the head, atomic, and strict about what it loads.
 
     Use it wherever Detectron2 uses :class:`DetectionCheckpointer` (``--resume``,
     ``MODEL.WEIGHTS``, periodic checkpoints). The model must be a
     :class:`regionspot.modeling.meta_arch.RegionSpot` (or DDP-wrapped one).
+
+    Args:
+        model, save_dir, save_to_disk, checkpointables: as Detectron2's checkpointer.
+        strict: refuse a checkpoint that misses head parameters or has unexpected ones
+            (inference and evaluation); False loads what fits and logs the rest (training).
     """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = True, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.strict = strict
+        self._source = None
 
     def save(self, name: str, **kwargs) -> None:
         """Write ``<save_dir>/<name>.pth`` atomically: head weights, checkpointables, ``kwargs``."""
@@ -81,6 +95,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         if path and "://" not in path and not os.path.isfile(os.path.expanduser(path)):
             raise CheckpointError(f"RegionSpot checkpoint not found: {path!r} (MODEL.WEIGHTS); give the path of a "
                                   f"released RegionSpot checkpoint or of one written by train_net.py")
+        self._source = path
         return super().load(os.path.expanduser(path) if path else path, checkpointables)
 
     def _load_file(self, f: str):
@@ -105,12 +120,26 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
                 f"check that CLIP_WEIGHTS and the head settings match the checkpoint's variant):\n"
                 f"{lines}"
             )
+        missing = sorted(k for k in expected if k not in given)
+        unexpected = sorted(k for k in given if k not in expected)
+        if self.strict and (missing or any(k.startswith(HEAD_PREFIX) for k in unexpected)):
+            raise CheckpointError(
+                f"{self._source!r} is not a checkpoint of this RegionSpot head: {len(missing)} of its "
+                f"{len(expected)} parameter tensors are missing ({_some(missing)}) and {len(unexpected)} keys are "
+                f"unexpected ({_some(unexpected)}). Expected a released RegionSpot checkpoint (head under "
+                f"'model.') or one written by train_net.py, of the same variant (CLIP_WEIGHTS, "
+                f"NUM_DECODER_LAYERS, TOKEN_SOURCE)")
         merged = dict(expected)
         merged.update({k: v for k, v in given.items() if k in expected})
         self.model.head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in merged.items()})
-        return _IncompatibleKeys(
-            missing_keys=sorted(k for k in expected if k not in given),
-            unexpected_keys=sorted(k for k in given if k not in expected),
-            incorrect_shapes=[],
-        )
+        layout = "released" if any(k.startswith(RELEASED_PREFIX) for k in state) else "RegionSpot for Detectron2"
+        self.logger.info("Loaded the RegionSpot head from %s (%s layout): %d of %d tensors, %d parameters",
+                         self._source, layout, len(expected) - len(missing), len(expected),
+                         sum(v.numel() for k, v in given.items() if k in expected))
+        return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected, incorrect_shapes=[])
+
+
+def _some(keys, n: int = 6) -> str:
+    """The first ``n`` keys, for messages."""
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
 
