@@ -28,8 +28,14 @@ def check_boxes(boxes, image_size: Tuple[int, int], what: str = "boxes") -> torc
             a box reaching more than :data:`BOX_TOLERANCE_PX` outside the image. The message
             names the first offending box by index.
     """
-    t = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if not torch.is_tensor(boxes) else boxes)
-    t = t.float()
+    if torch.is_tensor(boxes):
+        t = boxes.float()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(boxes, dtype=np.float32))
+        except (TypeError, ValueError):
+            shown = repr(boxes) if len(repr(boxes)) <= 80 else repr(boxes)[:77] + "..."
+            raise InputError(f"{what} must be an (N, 4) array of XYXY pixel boxes, got {shown}") from None
     if t.numel() == 0:
         return t.reshape(0, 4)
     if t.dim() != 2 or t.shape[1] != 4:
@@ -54,22 +60,73 @@ def check_boxes(boxes, image_size: Tuple[int, int], what: str = "boxes") -> torc
 
 
 def read_image(file_name: str, image_format: str = "RGB") -> np.ndarray:
-    """Read an image file with Detectron2's reader (EXIF orientation applied).
+    """Read an image file as an 8-bit photo, EXIF orientation applied (as Detectron2 does).
+
+    Pixel formats that are not 8-bit RGB are converted by their meaning, not clipped
+    (:func:`to_rgb_uint8`): 16-bit greyscale is scaled to 8 bits, transparency is composited
+    over white, palettes are expanded; a floating-point image must hold values in [0, 1].
 
     Returns:
-        (H, W, 3) uint8 array in ``image_format``.
+        (H, W, 3) uint8 array in ``image_format`` ("RGB" or "BGR").
 
     Raises:
-        InputError: the file is missing, unreadable or not an image; the message names it.
+        InputError: the file is missing, unreadable, not an image, or in a pixel format that
+            cannot be read as a photo; the message names it.
     """
-    from detectron2.data import detection_utils as utils
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if image_format not in ("RGB", "BGR"):
+        raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
     try:
-        image = utils.read_image(file_name, format=image_format)
+        with Image.open(file_name) as image:
+            image = ImageOps.exif_transpose(image)
+            array = to_rgb_uint8(image, file_name)
     except FileNotFoundError as e:
         raise InputError(f"image file not found: {file_name!r}") from e
-    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, permissions
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # not an image, truncated, permissions
         raise InputError(f"cannot read image {file_name!r}: {type(e).__name__}: {e}") from e
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(f"image {file_name!r} has shape {image.shape}, expected (H, W, 3)")
-    return image
+    return np.ascontiguousarray(array[:, :, ::-1]) if image_format == "BGR" else array
+
+
+def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
+    """A PIL image as an (H, W, 3) uint8 RGB array, converted by what its pixels mean.
+
+    - 8-bit modes (RGB, L, 1, CMYK, YCbCr, palettes without transparency): PIL's conversion;
+    - with transparency (RGBA, LA, PA, palettes with a transparent colour): composited over
+      white, as an image viewer shows it;
+    - 16-bit greyscale ("I;16*", and "I" with values in [0, 65535]): divided by 257, rounded;
+    - floating point ("F") with values in [0, 1]: multiplied by 255, rounded.
+
+    Raises:
+        InputError: an "I" image with values outside [0, 65535], an "F" image with values
+            outside [0, 1] or NaN, or an unknown mode; the message names ``name`` and the range.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8).copy()
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8).copy()
+    if mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise InputError(f"image {name!r} has {mode} pixels in [{values.min()}, {values.max()}]; expected "
+                             f"16-bit values in [0, 65535] (convert it to an 8-bit photo first)")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (np.isnan(values).any() or values.min() < 0 or values.max() > 1):
+            raise InputError(f"image {name!r} is floating point with values in [{np.nanmin(values):g}, "
+                             f"{np.nanmax(values):g}]{' and NaN' if np.isnan(values).any() else ''}; expected "
+                             f"values in [0, 1] (convert it to an 8-bit photo first)")
+        gray = np.round(values * 255.0).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    raise InputError(f"image {name!r} has pixel mode {mode!r}, which cannot be read as a photo; convert it to 8-bit RGB")
