@@ -9,9 +9,11 @@ an RPN or SAM's automatic masks as proposals (configs/eval_lvis_{gt,glip,rpn,sam
         MODEL.WEIGHTS W MODEL.REGIONSPOT.PROPOSAL_FILE glip_lvis_val.json
 """
 
+import fnmatch
 import json
 import logging
 import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -25,13 +27,15 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import create_small_table
 
 from regionspot.config import load_config
-from regionspot.checkpoint import RegionSpotCheckpointer
+from regionspot.checkpoint import CheckpointError, RegionSpotCheckpointer
 from regionspot.io import write_json_atomic
 from regionspot.data.build import build_regionspot_test_loader
+from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.mapper import RegionSpotDatasetMapper
-from regionspot.evaluation import RegionSpotLVISEvaluator
+from regionspot.evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from regionspot.evaluation.protocol import evaluation_protocol
 from regionspot.modeling.meta_arch import vocabulary_from_config
+from regionspot.modeling.weights import WeightsError
 
 logger = logging.getLogger("regionspot")
 
@@ -77,12 +81,13 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, protocol: str = ""):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "lvis")
-        if evaluator_type != "lvis":
-            raise NotImplementedError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; "
-                                      f"RegionSpot evaluates LVIS-format datasets")
+        evaluators = {"lvis": RegionSpotLVISEvaluator, "coco": RegionSpotCOCOEvaluator}
+        if evaluator_type not in evaluators:
+            raise ValueError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; RegionSpot evaluates "
+                             f"LVIS- and COCO-format datasets")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return RegionSpotLVISEvaluator(dataset_name, tasks, distributed=True, output_dir=output_folder,
-                                       max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, protocol=protocol)
+        return evaluators[evaluator_type](dataset_name, tasks, distributed=True, output_dir=output_folder,
+                                          max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, protocol=protocol)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -108,9 +113,9 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # Replace Detectron2's checkpointer before its hooks capture it: ours saves only the
-        # head, atomically, and loads the released checkpoints strictly.
+        # head, atomically; for training it loads what fits, as Detectron2 does.
         old = self.checkpointer
-        self.checkpointer = RegionSpotCheckpointer(old.model, old.save_dir, **old.checkpointables)
+        self.checkpointer = RegionSpotCheckpointer(old.model, old.save_dir, strict=False, **old.checkpointables)
         return super().build_hooks()
 
     def build_writers(self):
@@ -165,8 +170,59 @@ def report_results(cfg, dataset_name: str, results: dict, protocol: dict, covera
                        "proposal_coverage": coverage, "results": results})
 
 
+# Errors of the user's input: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, WeightsError, CheckpointError)
+
+
+def check_datasets(cfg, eval_only: bool) -> None:
+    """The datasets a run reads are registered (named by key), before anything is built."""
+    from detectron2.data import DatasetCatalog
+
+    keys = [("DATASETS.TEST", cfg.DATASETS.TEST)]
+    if not eval_only:
+        keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] + (keys if cfg.TEST.EVAL_PERIOD > 0 else [])
+    registered = set(DatasetCatalog.list())
+    for key, names in keys:
+        for name in names:
+            if name not in registered:
+                raise ValueError(f"{key} names {name!r}, which is not registered in Detectron2's DatasetCatalog; "
+                                 f"register your own with --register NAME JSON IMAGE_ROOT (Detectron2's built-in "
+                                 f"names such as lvis_v1_val expect their files under $DETECTRON2_DATASETS)")
+
+
+def check_no_overwrite(cfg, args) -> None:
+    """Refuse to start a run whose outputs would be written over one of its inputs."""
+    rs = cfg.MODEL.REGIONSPOT
+    inputs = {"--config-file": args.config_file, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
+              "MODEL.REGIONSPOT.SAM_WEIGHTS": rs.SAM_WEIGHTS, "MODEL.REGIONSPOT.CLIP_WEIGHTS": rs.CLIP_WEIGHTS,
+              "MODEL.REGIONSPOT.RPN_WEIGHTS": rs.RPN_WEIGHTS, "MODEL.REGIONSPOT.PROPOSAL_FILE": rs.PROPOSAL_FILE}
+    inputs.update({f"DATASETS.PROPOSAL_FILES_TEST[{i}]": f for i, f in enumerate(cfg.DATASETS.PROPOSAL_FILES_TEST)})
+    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        json_file = MetadataCatalog.get(name).get("json_file", None) if name in MetadataCatalog.list() else None
+        if json_file:
+            inputs[f"the json of {name}"] = json_file
+    out = os.path.realpath(cfg.OUTPUT_DIR)
+    written = [os.path.join(out, f) for f in ("config.yaml", "log.txt")]
+    for name in cfg.DATASETS.TEST:
+        folder = os.path.join(out, "inference", name)
+        written += [os.path.join(folder, f) for f in ("metrics.json", "lvis_instances_results.json",
+                                                      "coco_instances_results.json", "instances_predictions.pth")]
+    patterns = [] if args.eval_only else [os.path.join(out, p) for p in ("model_*.pth", "last_checkpoint", "metrics.json")]
+    for key, path in inputs.items():
+        if not path or "://" in path:
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        overwritten = real in written or any(fnmatch.fnmatch(real, p) for p in patterns)
+        if overwritten and not (key == "MODEL.WEIGHTS" and args.resume):
+            raise ValueError(f"refusing to start: {key} ({path}) would be overwritten by this run's outputs in "
+                             f"OUTPUT_DIR {cfg.OUTPUT_DIR!r}; choose another OUTPUT_DIR or move the file")
+
+
 def setup(args):
+    register_from_args(args.register)
     cfg = load_config(args.config_file, args.opts)
+    check_datasets(cfg, args.eval_only)
+    check_no_overwrite(cfg, args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -187,8 +243,41 @@ def main(args):
     return trainer.train()
 
 
+class _Parser:
+    """Detectron2's argument parser plus ``--register NAME JSON IMAGE_ROOT``, also accepted
+    among the trailing ``KEY VALUE`` config overrides."""
+
+    def __init__(self):
+        self.parser = default_argument_parser()
+        add_register_argument(self.parser)
+
+    def parse_args(self, argv=None):
+        args = self.parser.parse_args(argv)
+        opts, i = [], 0
+        while i < len(args.opts):
+            if args.opts[i] == "--register":
+                if len(args.opts) < i + 4:
+                    self.parser.error("--register needs NAME JSON IMAGE_ROOT")
+                args.register.append(args.opts[i + 1:i + 4])
+                i += 4
+            else:
+                opts.append(args.opts[i])
+                i += 1
+        args.opts = opts
+        return args
+
+
+def get_parser():
+    """Detectron2's argument parser plus ``--register NAME JSON IMAGE_ROOT`` (see :class:`_Parser`)."""
+    return _Parser()
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as e:
+        print(f"train_net.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser
 
 import train_net
 from regionspot.config import load_config
@@ -70,7 +69,7 @@ def _eval(out, sam_path, clip_path, *opts, config="configs/regionspot_sample_cpu
             "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(os.path.dirname(out), "cache"), "OUTPUT_DIR", out,
             "MODEL.REGIONSPOT.VOCABULARY", "dataset", "DATASETS.TEST", f"('{DATASET}',)",
             "INPUT.MIN_SIZE_TEST", "448", "INPUT.MAX_SIZE_TEST", "853", "DATALOADER.NUM_WORKERS", "0", *opts]
-    train_net.main(default_argument_parser().parse_args(argv))
+    train_net.main(train_net.get_parser().parse_args(argv))
     return json.load(open(os.path.join(out, "inference", DATASET, "metrics.json")))
 
 

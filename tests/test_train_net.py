@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser
 
 import train_net
 from regionspot.data.datasets.regionspot_sample import (
@@ -53,7 +52,7 @@ def _args(out, sam_path, clip_path, *extra, eval_only=False, resume=False):
              "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(out, "cache"), "OUTPUT_DIR", out,
              "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", f"('{DATASET}',)",
              "SOLVER.IMS_PER_BATCH", "2", *extra]
-    return default_argument_parser().parse_args(argv)
+    return train_net.get_parser().parse_args(argv)
 
 
 @pytest.fixture(autouse=True)

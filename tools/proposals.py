@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--score-thresh", type=float, default=0.0, help="drop boxes scoring below S")
     inspect.add_argument("--nms-thresh", type=float, default=0.0, help="class-agnostic NMS IoU (0: none)")
     inspect.add_argument("--output", help="write the figures to this JSON file")
+    from regionspot.data.datasets.user import add_register_argument
+
+    add_register_argument(inspect)
 
     convert = sub.add_parser("convert", help="write a proposal file in another format")
     convert.add_argument("input", help="proposal file to read")
@@ -213,6 +216,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         inputs = [p for p in (args.file, args.gt) if p]
         if any(os.path.exists(p) and os.path.realpath(p) == os.path.realpath(args.output) for p in inputs):
             raise InputError(f"refusing to write {args.output}: it is an input file")
+    from regionspot.data.datasets.user import register_from_args
+
+    register_from_args(args.register)
     dicts = None  # the dataset first: a wrong name fails before any output
     if args.dataset:
         dicts = load_dataset_dicts(args.dataset)

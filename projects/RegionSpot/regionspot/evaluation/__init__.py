@@ -1,3 +1,3 @@
-"""Evaluation: Detectron2's LVIS evaluator, with masks encoded once per box."""
+"""Evaluation: Detectron2's LVIS (and COCO) evaluator, with masks encoded once per box."""
 
-from .lvis_evaluation import RegionSpotLVISEvaluator  # noqa: F401
+from .lvis_evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator  # noqa: F401

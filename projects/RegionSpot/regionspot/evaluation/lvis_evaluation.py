@@ -1,4 +1,5 @@
-"""Detectron2's ``LVISEvaluator`` for RegionSpot's outputs (box AP and SAM-mask AP).
+"""Detectron2's ``LVISEvaluator`` (and ``COCOEvaluator``, for COCO-format datasets) for
+RegionSpot's outputs (box AP and SAM-mask AP).
 
 RegionSpot keeps up to ``TEST_TOPK`` (box, class) pairs per image and a box may carry many
 classes, each a detection with the same mask (:class:`~regionspot.modeling.postprocess.SharedMasks`).
@@ -15,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from detectron2.evaluation import LVISEvaluator
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
 from ..modeling.postprocess import SharedMasks
@@ -45,19 +46,11 @@ def encode_masks_once(masks) -> List[dict]:
     return [rles[i] for i in masks.index.tolist()]
 
 
-class RegionSpotLVISEvaluator(LVISEvaluator):
-    """``LVISEvaluator`` that encodes each kept box's mask once and states the protocol.
+class _RegionSpotOutputs:
+    """``process`` and ``evaluate`` shared by the LVIS and COCO evaluators: each distinct mask
+    encoded once; the protocol logged before the AP tables."""
 
-    Args:
-        dataset_name, tasks, distributed, output_dir, max_dets_per_image: as Detectron2's
-            ``LVISEvaluator`` (``max_dets_per_image``: LVIS's 300 by default).
-        protocol: the one-line protocol description, logged before the AP tables.
-    """
-
-    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
-                 max_dets_per_image: Optional[int] = None, protocol: str = ""):
-        super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
-        self.protocol = protocol
+    protocol = ""
 
     def process(self, inputs, outputs):
         for inp, output in zip(inputs, outputs):
@@ -78,3 +71,34 @@ class RegionSpotLVISEvaluator(LVISEvaluator):
         if self.protocol:
             logger.info("Evaluating with protocol: %s", self.protocol)
         return super().evaluate()
+
+
+class RegionSpotLVISEvaluator(_RegionSpotOutputs, LVISEvaluator):
+    """``LVISEvaluator`` that encodes each kept box's mask once and states the protocol.
+
+    Args:
+        dataset_name, tasks, distributed, output_dir, max_dets_per_image: as Detectron2's
+            ``LVISEvaluator`` (``max_dets_per_image``: LVIS's 300 by default).
+        protocol: the one-line protocol description, logged before the AP tables.
+    """
+
+    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                 max_dets_per_image: Optional[int] = None, protocol: str = ""):
+        super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
+        self.protocol = protocol
+
+
+class RegionSpotCOCOEvaluator(_RegionSpotOutputs, COCOEvaluator):
+    """``COCOEvaluator`` (COCO-format datasets: AP, AP50, AP75, APs/m/l; no APr/APc/APf, which
+    need LVIS's category frequencies) with the same mask handling and protocol line.
+
+    Args:
+        dataset_name, tasks, distributed, output_dir, max_dets_per_image: as Detectron2's
+            ``COCOEvaluator``.
+        protocol: the one-line protocol description, logged before the AP tables.
+    """
+
+    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                 max_dets_per_image: Optional[int] = None, protocol: str = ""):
+        super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
+        self.protocol = protocol

@@ -46,6 +46,7 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ...data.validation import BOX_TOLERANCE_PX, InputError
 from ...io import atomic_write
@@ -701,7 +702,9 @@ def attach_proposals(dataset_dicts: Iterable[dict], proposals: ProposalSet, *, s
     counts = dict.fromkeys(("boxes_in_file_for_dataset", "degenerate_boxes_dropped", "boxes_below_score_thresh",
                             "boxes_removed_by_nms", "boxes_removed_by_topk", "boxes_kept"), 0)
     missing = []
-    for record, key in zip(records, dataset_ids):
+    progress = tqdm(zip(records, dataset_ids), total=len(records), desc="attaching proposals", unit="img",
+                    disable=None, leave=False)  # disable=None: quiet when not on a terminal (CI logs)
+    for record, key in progress:
         if key in proposals.boxes:
             boxes, logits = _select_for_image(record, key, proposals, counts, score_thresh, nms_thresh, topk)
         else:
