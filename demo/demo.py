@@ -18,8 +18,11 @@ Everything in the photo, with no detector and no box file (SAM's automatic masks
 ``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
 list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
 ``<output>/<name>.jpg`` (boxes, labels, scores and SAM masks drawn with Detectron2's
-Visualizer) and ``<output>/<name>.json`` (the predictions). An image that fails is reported
-with its file name and the others go on; the exit code is 1 if any failed.
+Visualizer) and ``<output>/<name>.json`` (the predictions); two inputs with the same name in
+different formats get ``<name>_<ext>``. The output folder may not be an input's folder, no
+output may be an input, and the folder must be writable: checked before any image is
+computed (exit code 2). An image that fails is reported with its file name and the others go
+on; the exit code is 1 if any failed.
 """
 
 import argparse
@@ -39,10 +42,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from regionspot import RegionSpotPredictor
 from regionspot.predictor import PREDICTOR_SOURCES
+from regionspot.checkpoint import CheckpointError
 from regionspot.config import load_config
+from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.validation import InputError, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
 from regionspot.io import atomic_write, write_json_atomic
+from regionspot.modeling.weights import WeightsError
 
 logger = logging.getLogger("regionspot.demo")
 
@@ -58,18 +64,19 @@ def get_parser() -> argparse.ArgumentParser:
                               "(needs MODEL.REGIONSPOT.RPN_WEIGHTS)")
     parser.add_argument("--min-score", type=float, default=0.0,
                         help="keep regions whose score (proposal score x class probability) is at least this")
-    parser.add_argument("--vocabulary", default="lvis", choices=list(BUILTIN_VOCABULARIES) + ["custom"])
+    parser.add_argument("--vocabulary", default="lvis",
+                        help=f"{', '.join(BUILTIN_VOCABULARIES)}, custom (with --custom-vocabulary), or the name of a "
+                             f"registered dataset (e.g. one given with --register) to use its categories")
     parser.add_argument("--custom-vocabulary", default="", help='comma-separated names, e.g. "cat,dog,sofa"')
     parser.add_argument("--output", required=True, help="folder for the drawn images and JSON files")
     parser.add_argument("--no-masks", action="store_true", help="draw boxes and labels only")
+    add_register_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
 
 def setup_cfg(args):
     cfg = load_config(args.config_file, args.opts)
-    cfg.MODEL.REGIONSPOT.VOCABULARY = args.vocabulary
-    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = args.custom_vocabulary
     if args.proposals == "rpn" and not cfg.MODEL.REGIONSPOT.RPN_WEIGHTS:
         raise ValueError("--proposals rpn needs the RPN's weights: add --opts MODEL.REGIONSPOT.RPN_WEIGHTS FILE "
                          "(and the RPN's architecture keys, see configs/eval_lvis_rpn.yaml)")
@@ -86,11 +93,83 @@ def expand_inputs(patterns):
     return paths
 
 
-def boxes_for(table: dict, path: str):
+def demo_vocabulary(args) -> list:
+    """The class names of ``--vocabulary``: built-in, custom, or a registered dataset's categories."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if args.vocabulary in BUILTIN_VOCABULARIES + ("custom",):
+        return get_vocabulary(args.vocabulary, args.custom_vocabulary or None)
+    if args.vocabulary not in DatasetCatalog.list():
+        raise ValueError(f"--vocabulary {args.vocabulary!r} is neither {', '.join(BUILTIN_VOCABULARIES)}, custom, "
+                         f"nor a registered dataset (register one with --register NAME JSON IMAGE_ROOT)")
+    return list(MetadataCatalog.get(args.vocabulary).get("thing_classes", None) or [])
+
+
+def read_boxes_file(path: str) -> dict:
+    """The --boxes JSON object; errors name the file (and the line of a syntax error)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--boxes file not found: {path!r}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--boxes {path!r} is not valid JSON: {e}") from None
+    if not isinstance(table, dict):
+        raise InputError(f"--boxes {path!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}, "
+                         f"got a {type(table).__name__}")
+    return table
+
+
+def boxes_for(table: dict, path: str, boxes_file: str):
+    """(key, boxes) of an image in the --boxes table (keys: the path as given or the file name)."""
     for key in (path, os.path.normpath(path), os.path.basename(path)):
         if key in table:
-            return table[key]
-    raise InputError(f"no boxes for image {path!r} in the --boxes file (keys are image paths or file names)")
+            return key, table[key]
+    raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")
+
+
+def plan_outputs(paths, output: str) -> dict:
+    """``{input path: output stem}``, every output distinct and never an input.
+
+    Two inputs with the same name in different formats (photo.jpg, photo.png) get stems that
+    keep the extension (photo_jpg, photo_png), said in the log.
+
+    Raises:
+        InputError: ``output`` is the folder of an input, an output would be an input file, or
+            the folder cannot be written; checked before any image is computed.
+    """
+    out_real = os.path.realpath(output)
+    inputs = {os.path.realpath(p) for p in paths if os.path.exists(p)}
+    folders = {os.path.dirname(p) for p in inputs}
+    if out_real in folders:
+        raise InputError(f"--output {output!r} is the folder of input images; write the results to another folder "
+                         f"(the drawings would sit beside, or over, the photos)")
+    stems = {}
+    for path in paths:
+        stems.setdefault(os.path.splitext(os.path.basename(path))[0], []).append(path)
+    plan = {}
+    for stem, group in stems.items():
+        for path in group:
+            plan[path] = stem if len(group) == 1 else f"{stem}_{os.path.splitext(path)[1].lstrip('.') or 'noext'}"
+        if len(group) > 1:
+            logger.info("inputs %s share the name %r: their outputs are %s", ", ".join(group), stem,
+                        ", ".join(plan[p] + ".{jpg,json}" for p in group))
+    if len(set(plan.values())) != len(plan):
+        raise InputError("two inputs would write the same output name; rename one of them")
+    for path, stem in plan.items():
+        for ext in (".jpg", ".json"):
+            target = os.path.realpath(os.path.join(output, stem + ext))
+            if target in inputs:
+                raise InputError(f"writing {target} would overwrite the input image {path!r}; choose another --output")
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, f".regionspot-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"--output {output!r} cannot be written: {e}") from None
+    return plan
 
 
 def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
@@ -112,29 +191,30 @@ def main(argv=None) -> int:
     setup_logger(name="regionspot")
     setup_logger(name="detectron2")
     try:
-        box_table = None
-        if args.boxes:
-            with open(args.boxes) as f:
-                box_table = json.load(f)
-            if not isinstance(box_table, dict):
-                raise InputError(f"--boxes {args.boxes!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}")
-        vocabulary = get_vocabulary(args.vocabulary, args.custom_vocabulary or None)
+        register_from_args(args.register)
+        box_table = read_boxes_file(args.boxes) if args.boxes else None
+        vocabulary = demo_vocabulary(args)
         cfg = setup_cfg(args)
-    except (OSError, ValueError) as e:
+        paths = expand_inputs(args.input)
+        plan = plan_outputs(paths, args.output)
+        predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary)
+    except (OSError, ValueError, WeightsError, CheckpointError) as e:
         logger.error("%s", e)
         return 2
-    predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary)
-    os.makedirs(args.output, exist_ok=True)
     import cv2
 
     failures = []
-    for path in expand_inputs(args.input):
+    for path in paths:
         start = time.perf_counter()
         try:
             image = read_image(path, "RGB")
             predictor.set_image(image)
             if box_table is not None:
-                predictions = predictor.predict(boxes_for(box_table, path))
+                key, boxes = boxes_for(box_table, path, args.boxes)
+                try:
+                    predictions = predictor.predict(boxes)
+                except InputError as e:
+                    raise InputError(f"{e} (the boxes of {key!r} in {args.boxes})") from None
             else:
                 predictions = predictor.predict(proposals=args.proposals)
             predictions = predictions.select(predictions.scores >= args.min_score)
@@ -142,7 +222,7 @@ def main(argv=None) -> int:
             logger.error("%s: %s", path, e)
             failures.append(path)
             continue
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = plan[path]
         drawn = draw(image, predictions, not args.no_masks)
         ok, encoded = cv2.imencode(".jpg", drawn[:, :, ::-1])
         if not ok:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -83,3 +84,79 @@ def test_recognise_everything_without_boxes(tmp_path, images, sam_path, clip_pat
     # rpn without weights is refused before any image
     argv[argv.index("sam_auto")] = "rpn"
     assert demo.main(argv) == 2
+
+
+def test_never_writes_over_an_input(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+    """--output equal to the inputs' folder, or an output that would be an input: refused up front."""
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    before = images[1].read_bytes()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[1, 1, 50, 50]], "b.jpg": [[1, 1, 50, 50]]}))
+    base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--boxes", str(boxes), "--vocabulary", "custom",
+            "--custom-vocabulary", "cat,dog", "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+            "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")]
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        code = demo.main(["--input", str(images[1]), "--output", str(images[1].parent)] + base)
+    assert code == 2 and "is the folder of input images" in caplog.text
+    # the photos folder given with a trailing slash / through a relative path: the same folder
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        code = demo.main(["--input", str(images[1]), "--output", os.path.relpath(images[1].parent) + os.sep] + base)
+    assert code == 2 and "is the folder of input images" in caplog.text
+    assert images[1].read_bytes() == before and not (tmp_path / "cache").exists()  # nothing computed or written
+
+
+def test_same_named_inputs_keep_their_outputs_apart(tmp_path, sam_path, clip_path, monkeypatch, caplog):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    rng = np.random.RandomState(0)
+    (tmp_path / "in").mkdir()
+    for ext in ("jpg", "png"):
+        Image.fromarray((rng.rand(100, 120, 3) * 255).astype(np.uint8)).save(tmp_path / "in" / f"photo.{ext}")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"photo.jpg": [[1, 1, 50, 50]], "photo.png": [[10, 10, 90, 60], [0, 0, 20, 20]]}))
+    with caplog.at_level(logging.INFO, logger="regionspot.demo"):
+        code = demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(tmp_path / "in" / "*"),
+                          "--boxes", str(boxes), "--vocabulary", "custom", "--custom-vocabulary", "cat,dog",
+                          "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+                          "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+                          "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")])
+    assert code == 0 and "share the name 'photo'" in caplog.text
+    assert len(json.loads((tmp_path / "out" / "photo_jpg.json").read_text())["predictions"]) == 1
+    assert len(json.loads((tmp_path / "out" / "photo_png.json").read_text())["predictions"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_jpg.jpg", "photo_jpg.json",
+                                                                     "photo_png.jpg", "photo_png.json"]
+
+
+def test_boxes_file_errors_name_the_file_and_the_image(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a.png": [[1, 2, 3, 4]] "b.jpg": []}')
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        assert _run_file(tmp_path, sam_path, clip_path, [str(images[0])], broken) == 2
+    assert "broken.json" in caplog.text and "not valid JSON" in caplog.text and "line 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        assert _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": "10, 10, 50, 50"}) == 1
+    assert r"(N, 4)" in caplog.text and "'a.png'" in caplog.text and "boxes.json" in caplog.text
+
+
+def test_unwritable_output_is_refused_before_any_image(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[1, 1, 50, 50]]}))
+    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+        code = demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+                          "--boxes", str(boxes), "--vocabulary", "custom", "--custom-vocabulary", "cat",
+                          "--output", str(blocker / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+                          "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path])
+    assert code == 2 and "cannot be written" in caplog.text
+
+
+def _run_file(tmp_path, sam_path, clip_path, inputs, boxes_file):
+    return demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", *inputs,
+                      "--boxes", str(boxes_file), "--vocabulary", "custom", "--custom-vocabulary", "cat",
+                      "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+                      "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR",
+                      str(tmp_path / "cache")])
