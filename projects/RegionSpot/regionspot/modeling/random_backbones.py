@@ -39,6 +39,13 @@ CLIP_PRESETS: Dict[str, Dict[str, int]] = {
     "tiny": dict(embed_dim=32, image_resolution=224, vision_layers=2, vision_width=64,
                  vision_patch_size=16, transformer_width=64, transformer_heads=1,
                  transformer_layers=2),
+    # Tiny models of the ViT-L/14 family (patch 14, at 224 and 336 px) for the BL configs.
+    "tiny-p14": dict(embed_dim=32, image_resolution=224, vision_layers=2, vision_width=64,
+                     vision_patch_size=14, transformer_width=64, transformer_heads=1,
+                     transformer_layers=2),
+    "tiny-p14-336": dict(embed_dim=32, image_resolution=336, vision_layers=2, vision_width=64,
+                         vision_patch_size=14, transformer_width=64, transformer_heads=1,
+                         transformer_layers=2),
 }
 
 
