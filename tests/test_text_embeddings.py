@@ -1,5 +1,6 @@
 """Tests for regionspot.modeling.text_embeddings (tiny random CLIP, no pretrained weights)."""
 
+import copy
 import logging
 import os
 
@@ -48,7 +49,7 @@ def _reference(model, names, templates=PROMPT_TEMPLATES):
     with torch.no_grad():
         for name in names:
             texts = [t.format(clean_class_name(name)) for t in templates]
-            feats = model.encode_text(clip.tokenize(texts))
+            feats = model.encode_text(clip.tokenize(texts, truncate=True))
             mean = feats.mean(dim=0)
             rows.append(mean / mean.norm())
     return torch.stack(rows)
@@ -56,6 +57,39 @@ def _reference(model, names, templates=PROMPT_TEMPLATES):
 
 def _raise(*args, **kwargs):
     raise AssertionError("encode_text must not be called on a cache hit")
+
+
+def _forbid_clip(monkeypatch, model):
+    """Make any use of the text tower fail: encode_text (plain path) and the transformer (both paths)."""
+    monkeypatch.setattr(model, "encode_text", _raise)
+    monkeypatch.setattr(model.transformer, "forward", _raise)
+
+
+class _TowerCalls:
+    """Records (batch, sequence length, dtype) of every call of the model's text transformer
+    (both paths run it; CLIP's blocks take (L, B, W))."""
+
+    def __init__(self, model):
+        self.calls = []
+        self._handle = model.transformer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        x = inputs[0]
+        self.calls.append((int(x.shape[1]), int(x.shape[0]), x.dtype))
+
+    @property
+    def batch_sizes(self):
+        return [b for b, _, _ in self.calls]
+
+    @property
+    def lengths(self):
+        return [n for _, n, _ in self.calls]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
 
 
 # ----------------------------------------------------------------------------- templates
@@ -140,15 +174,16 @@ def test_encode_uses_mean_of_unnormalized_features(model):
 
 
 def test_encode_independent_of_batch_size(model, monkeypatch):
+    # the plain (reference) path: class-major batches through encode_text
     counter = _CallCounter(model)
     monkeypatch.setattr(model, "encode_text", counter)
-    small = encode_class_names(model, NAMES, batch_size=7)
+    small = encode_class_names(model, NAMES, batch_size=7, fast=False)
     total = len(NAMES) * len(PROMPT_TEMPLATES)
     assert sum(counter.batch_sizes) == total
     assert max(counter.batch_sizes) == 7
     assert len(counter.batch_sizes) == -(-total // 7)
     counter.batch_sizes.clear()
-    big = encode_class_names(model, NAMES, batch_size=1000)
+    big = encode_class_names(model, NAMES, batch_size=1000, fast=False)
     assert counter.batch_sizes == [total]
     assert torch.allclose(small, big, atol=1e-5)
 
@@ -234,7 +269,7 @@ def test_cache_miss_writes_then_hit_skips_clip(model, tmp_path, monkeypatch, cap
     assert torch.allclose(emb, _reference(model, NAMES), atol=1e-5)
 
     caplog.clear()
-    monkeypatch.setattr(model, "encode_text", _raise)
+    _forbid_clip(monkeypatch, model)
     hit = load_or_compute_text_embeddings(model, NAMES, weights_id="w1", cache_dir=str(tmp_path))
     assert torch.equal(hit, emb)
     assert hit.dtype == torch.float32 and hit.device.type == "cpu"
@@ -270,7 +305,7 @@ def test_cache_key_depends_on_order_templates_and_weights(model, tmp_path, monke
     load_or_compute_text_embeddings(model, ["cat", "dog", "car"], weights_id="w1", cache_dir=d)
     assert len(_cache_files(d)) == 5
     # each of them is now a hit
-    monkeypatch.setattr(model, "encode_text", _raise)
+    _forbid_clip(monkeypatch, model)
     again = load_or_compute_text_embeddings(model, ["dog", "cat"], weights_id="w1", cache_dir=d)
     assert torch.equal(again, swapped)
     assert len(_cache_files(d)) == 5
@@ -317,13 +352,12 @@ def test_cache_entry_with_other_names_is_not_trusted(model, tmp_path, caplog):
 
 def test_cache_disabled_always_computes(model, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    counter = _CallCounter(model)
-    monkeypatch.setattr(model, "encode_text", counter)
-    a = load_or_compute_text_embeddings(model, NAMES, weights_id="w", cache_dir=None)
-    n = len(counter.batch_sizes)
-    assert n > 0
-    b = load_or_compute_text_embeddings(model, NAMES, weights_id="w", cache_dir=None)
-    assert len(counter.batch_sizes) == 2 * n
+    with _TowerCalls(model) as counter:
+        a = load_or_compute_text_embeddings(model, NAMES, weights_id="w", cache_dir=None)
+        n = len(counter.calls)
+        assert n > 0
+        b = load_or_compute_text_embeddings(model, NAMES, weights_id="w", cache_dir=None)
+        assert len(counter.calls) == 2 * n
     assert torch.equal(a, b)
     assert os.listdir(tmp_path) == []
 
@@ -371,3 +405,186 @@ def test_weights_fingerprint(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         weights_fingerprint(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+# Short and long names, punctuation next to the template's ".", and a name longer than CLIP's
+# 77-token context (tokenized with truncate=True: its end-of-text token sits at position 76).
+VARIED = [
+    "aerosol_can", "bow_(weapon)", "a", "traffic light", "wall-other-merged", "Rolls-Royce",
+    "peanut_butter_and_jelly_sandwich", "pita_(bread)", "handle", "x-ray machine", "u.s. flag",
+    " ".join(["very"] * 90) + " long name",
+]
+
+
+def _max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+def test_fast_equals_plain_on_all_81_templates_tiny(model):
+    plain, plain_stats = te._encode_with_stats(model, VARIED, fast=False)
+    fast, fast_stats = te._encode_with_stats(model, VARIED, fast=True)
+    assert plain_stats["path"] == "plain" and fast_stats["path"] == "fast"
+    assert fast.shape == plain.shape == (len(VARIED), 32) and fast.dtype == torch.float32
+    assert _max_diff(fast, plain) < 1e-5
+    assert torch.allclose(fast, _reference(model, VARIED), atol=1e-5)
+    # the default path is the fast one
+    assert _max_diff(encode_class_names(model, VARIED), fast) == 0.0
+    # really truncated: ~10 of 77 positions per prompt (77 for the over-long name), no padding
+    assert plain_stats["mean_tokens_run"] == 77
+    assert fast_stats["mean_prompt_tokens"] < 26
+    assert fast_stats["mean_tokens_run"] == fast_stats["mean_prompt_tokens"]
+
+
+def test_fast_equals_plain_on_all_81_templates_vit_b16_text_tower():
+    big = random_clip("ViT-B/16", seed=1)
+    names = ["bow_(weapon)", "traffic light"]
+    with _TowerCalls(big) as calls:
+        fast = encode_class_names(big, names, fast=True)
+    assert max(calls.lengths) < 20  # truncated sequences went through the real blocks
+    plain = encode_class_names(big, names, fast=False)
+    assert fast.shape == (2, 512)
+    assert _max_diff(fast, plain) < 1e-5
+    assert (fast[0] - fast[1]).abs().max() > 1e-3
+
+
+def _prompt_lengths(names):
+    texts = [t.format(clean_class_name(n)) for n in names for t in PROMPT_TEMPLATES]
+    return (clip.tokenize(texts, truncate=True).argmax(-1) + 1).tolist()
+
+
+def test_fast_batches_are_sorted_by_length_and_independent_of_batch_size(model):
+    total = len(VARIED) * len(PROMPT_TEMPLATES)
+    lengths = _prompt_lengths(VARIED)
+    histogram = {n: lengths.count(n) for n in sorted(set(lengths))}
+    with _TowerCalls(model) as calls:
+        small = encode_class_names(model, VARIED, batch_size=7, fast=True)
+    assert sum(calls.batch_sizes) == total and max(calls.batch_sizes) == 7
+    assert calls.lengths == sorted(calls.lengths)  # short prompts first
+    assert calls.lengths[0] == min(lengths) < 10 and calls.lengths[-1] == 77  # over-long name last
+    # one batch holds prompts of one length: per length, ceil(count / 7) batches, no padding
+    assert len(calls.calls) == sum(-(-c // 7) for c in histogram.values())
+    assert {n: sum(b for b, m, _ in calls.calls if m == n) for n in histogram} == histogram
+    with _TowerCalls(model) as calls:
+        one = encode_class_names(model, VARIED, batch_size=1, fast=True)
+        assert calls.batch_sizes == [1] * total
+        calls.calls.clear()
+        big = encode_class_names(model, VARIED, batch_size=5000, fast=True)
+    assert calls.batch_sizes == list(histogram.values()) and calls.lengths == list(histogram)
+    assert _max_diff(small, big) < 1e-5 and _max_diff(one, big) < 1e-5
+    assert _max_diff(big, encode_class_names(model, VARIED, fast=False)) < 1e-5
+
+
+def _masks(model):
+    return [block.attn_mask for block in model.transformer.resblocks]
+
+
+def test_attn_masks_restored_after_encoding(model):
+    before = _masks(model)
+    assert all(m.shape == (77, 77) for m in before)
+    with _TowerCalls(model) as calls:
+        encode_class_names(model, NAMES, fast=True)
+    assert max(calls.lengths) < 77  # the blocks did run with shorter (sliced) masks
+    after = _masks(model)
+    assert all(a is b for a, b in zip(after, before))
+    causal = torch.full((77, 77), float("-inf")).triu_(1)
+    assert all(torch.equal(m, causal) for m in after)
+    # the plain encode_text still works on full sequences afterwards
+    assert model.encode_text(clip.tokenize(["a photo of a cat."])).shape == (1, 32)
+
+
+def test_attn_masks_restored_after_an_exception(model, monkeypatch):
+    before = _masks(model)
+    seen = []
+
+    def failing_ln_final(x):
+        seen.append([block.attn_mask.shape for block in model.transformer.resblocks])
+        raise RuntimeError("boom inside the text tower")
+
+    monkeypatch.setattr(model.ln_final, "forward", failing_ln_final)
+    with pytest.raises(RuntimeError, match="boom"):
+        encode_class_names(model, NAMES, fast=True)
+    assert seen and all(shape[0] < 77 for shape in seen[0])  # it failed while the masks were sliced
+    assert all(a is b for a, b in zip(_masks(model), before))
+
+
+class _NoTower(torch.nn.Module):
+    """Only encode_text (like the _HalfOutput wrapper): the fast path cannot run on it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def encode_text(self, tokens):
+        return self.inner.encode_text(tokens)
+
+
+def test_fast_path_needs_a_causal_clip_text_tower(model):
+    assert te.fast_path_problem(model) is None
+    wrapped = _NoTower(model)
+    assert "token_embedding" in te.fast_path_problem(wrapped)
+    with pytest.raises(ValueError, match="fast=True"):
+        encode_class_names(wrapped, ["cat"], fast=True)
+    auto, stats = te._encode_with_stats(wrapped, ["cat", "dog"])  # default: plain path
+    assert stats["path"] == "plain" and "token_embedding" in stats["reason"]
+    assert _max_diff(auto, encode_class_names(model, ["cat", "dog"])) < 1e-5
+
+    # a bidirectional (all-zero) mask: cutting the padding would change the result -> not fast
+    bidirectional = copy.deepcopy(model)
+    for block in bidirectional.transformer.resblocks:
+        block.attn_mask = torch.zeros(77, 77)
+    assert "not causal" in te.fast_path_problem(bidirectional)
+    with pytest.raises(ValueError, match="not causal"):
+        encode_class_names(bidirectional, ["cat"], fast=True)
+    emb, stats = te._encode_with_stats(bidirectional, ["cat", "dog"])
+    assert stats["path"] == "plain"
+    assert torch.allclose(emb, _reference(bidirectional, ["cat", "dog"]), atol=1e-5)
+    with pytest.raises(TypeError, match="fast"):
+        encode_class_names(model, ["cat"], fast="yes")
+
+
+def test_fast_path_runs_in_the_model_dtype(model):
+    from clip.model import convert_weights
+
+    half = copy.deepcopy(model)
+    convert_weights(half)  # CLIP's own fp16 conversion (what clip.load does on GPU)
+    with _TowerCalls(half) as calls:
+        fast = encode_class_names(half, ["cat", "traffic light"], fast=True)
+    assert {dtype for _, _, dtype in calls.calls} == {torch.float16}
+    assert fast.dtype == torch.float32
+    plain = encode_class_names(half, ["cat", "traffic light"], fast=False)
+    assert _max_diff(fast, plain) < 1e-3  # float16 rounding
+    assert _max_diff(fast, encode_class_names(model, ["cat", "traffic light"])) < 1e-2
+
+
+def test_ambient_autocast_is_ignored(model):
+    reference = encode_class_names(model, ["cat", "dog"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _TowerCalls(model) as calls:
+            fast = encode_class_names(model, ["cat", "dog"], fast=True)
+            plain = encode_class_names(model, ["cat", "dog"], fast=False)
+    assert {dtype for _, _, dtype in calls.calls} == {torch.float32}
+    assert _max_diff(fast, reference) < 1e-6 and _max_diff(plain, reference) < 1e-5
+
+
+# ----------------------------------------------------------------------------- progress and logs
+
+
+def test_progress_bar_and_log_lines(model, capsys, caplog):
+    caplog.set_level(logging.INFO, logger=te.__name__)
+    encode_class_names(model, NAMES, progress=True)
+    err = capsys.readouterr().err
+    assert "CLIP text embeddings" in err and "405/405" in err and "prompt/s" in err
+    start, end = [r.getMessage() for r in caplog.records if r.name == te.__name__][-2:]
+    assert "5 classes x 81 templates = 405 prompts" in start
+    assert "cpu" in start and "float32" in start and "fast path" in start
+    assert "405 prompts" in end and "prompts/s" in end and " s:" in end
+
+    caplog.clear()
+    encode_class_names(model, NAMES, fast=False, progress=False)
+    assert capsys.readouterr().err == ""
+    assert "plain encode_text path" in caplog.text
+    # default: the bar only shows on a terminal (pytest's captured stderr is not one)
+    encode_class_names(model, NAMES)
+    assert capsys.readouterr().err == ""

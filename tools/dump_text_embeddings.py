@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Compute the CLIP text embeddings of a vocabulary ahead of time (fills the text-embedding cache).
+
+    python tools/dump_text_embeddings.py --config-file configs/regionspot_bl.yaml \\
+        --vocabulary {lvis,coco,objects365,custom,DATASET} [--custom-vocabulary "a,b,c"] \\
+        [--register NAME JSON IMAGE_ROOT] [--output FILE.pt] [--batch-size N] [--opts KEY VALUE ...]
+
+Only CLIP is loaded (``MODEL.REGIONSPOT.CLIP_WEIGHTS``), never SAM. The embeddings (the prompt
+ensemble of ``regionspot.modeling.text_embeddings``: 81 templates per class name, mean of the
+unnormalised features, L2-normalised) are computed with ``load_or_compute_text_embeddings``
+into the config's ``MODEL.REGIONSPOT.TEXT_CACHE_DIR`` under the same key the model uses (the
+CLIP weights' fingerprint, the class names, the templates), so a later training, evaluation or
+demo run with this config and vocabulary reads them from the cache instead of encoding
+C x 81 prompts at start-up. An existing valid cache entry is reused.
+
+``--output`` also writes a standalone file (``torch.save``, atomically) holding
+``{"class_names": [C str], "templates": [81 str], "weights_id": str, "embeddings": (C, E)
+float32}``, readable with ``torch.load(path, weights_only=True)``; it refuses to write over
+an input (the config file or a config it inherits from, the CLIP or SAM weights file).
+
+CLIP runs on ``MODEL.DEVICE`` when that device is usable here, else on the CPU (said on
+stdout), in float32 like the model's own text encoding. ``--custom-vocabulary`` defaults to
+the config's ``MODEL.REGIONSPOT.CUSTOM_VOCABULARY``; ``--batch-size`` to
+``MODEL.REGIONSPOT.TEXT_BATCH_SIZE``.
+
+Errors (unknown vocabulary, missing config or weights, bad ``--opts``, an output that would
+overwrite an input, nothing to write) print one line starting with ``error:`` and exit with
+status 2.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+
+VOCABULARIES = ("lvis", "coco", "objects365", "custom")
+
+
+class ToolError(Exception):
+    """A problem with the tool's input; printed as one ``error:`` line (exit status 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="RegionSpot config (yaml)")
+    parser.add_argument("--vocabulary", required=True,
+                        help=f"class names to encode: {', '.join(VOCABULARIES)}, or the name of a registered dataset "
+                             f"(e.g. with --register) to encode its categories")
+    parser.add_argument("--custom-vocabulary", default=None,
+                        help='class names "a,b,c" for --vocabulary custom (default: the config\'s '
+                             "MODEL.REGIONSPOT.CUSTOM_VOCABULARY)")
+    parser.add_argument("--output", default=None, help="also write a standalone .pt file")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts per text-tower batch (default: MODEL.REGIONSPOT.TEXT_BATCH_SIZE)")
+    from regionspot.data.datasets.user import add_register_argument
+
+    add_register_argument(parser)
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides KEY VALUE ... (must come last)")
+    return parser
+
+
+def config_chain(config_file: str) -> List[str]:
+    """Real paths of ``config_file`` and of the configs it inherits from (``_BASE_``, recursively)."""
+    import yaml
+
+    chain, todo = [], [config_file]
+    while todo:
+        path = os.path.realpath(todo.pop())
+        if path in chain or not os.path.isfile(path):
+            continue
+        chain.append(path)
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if isinstance(base, str):
+            base = os.path.expanduser(base)
+            todo.append(base if os.path.isabs(base) or base.startswith(("http://", "https://"))
+                        else os.path.join(os.path.dirname(path), base))
+    return chain
+
+
+def load_cfg(config_file: str, opts: Sequence[str]):
+    """``regionspot.config.load_config`` with the errors turned into :class:`ToolError`.
+
+    A ``MODEL.DEVICE`` this machine does not have is not an error here (the text embeddings are
+    the same on any device): the config is loaded again with ``MODEL.DEVICE cpu``.
+    """
+    from regionspot.config import load_config
+
+    if not os.path.isfile(config_file):
+        raise ToolError(f"config file not found: {config_file}")
+    if len(opts) % 2:
+        raise ToolError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
+    try:
+        return load_config(config_file, list(opts))
+    except Exception as e:  # yacs raises KeyError / ValueError / AssertionError; ours ConfigError
+        message = str(e).strip("'\"")
+        if "MODEL.DEVICE" in message:
+            try:
+                cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
+            except Exception:
+                pass
+            else:
+                print(f"note: {message}; encoding on the CPU")
+                return cfg
+        raise ToolError(f"cannot load config {config_file}: {type(e).__name__}: {message}") from None
+
+
+def usable_device(value: str):
+    """``torch.device(value)`` if a tensor can be made there; ``"auto"``/empty: CUDA if any.
+    Returns ``(device, note)`` where ``note`` says why the CPU is used instead (or None)."""
+    import torch
+
+    value = str(value or "").strip()
+    if value in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        device = torch.device(value)
+        torch.zeros(1, device=device)
+    except Exception as e:
+        return torch.device("cpu"), f"MODEL.DEVICE {value!r} is not usable here ({type(e).__name__}); using the CPU"
+    return device, None
+
+
+def check_output(output: str, protected: Sequence[str]) -> None:
+    """Raise :class:`ToolError` if ``output`` is a directory or one of the ``protected`` files."""
+    if os.path.isdir(output):
+        raise ToolError(f"--output {output} is a directory; give a file name")
+    real = os.path.realpath(output)
+    for path in protected:
+        if path and os.path.exists(path) and os.path.realpath(path) == real:
+            raise ToolError(f"refusing to write {output}: it is an input file ({path})")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from regionspot.data.datasets.user import register_from_args
+    from regionspot.data.vocabularies import vocabulary_by_name
+    from regionspot.io import atomic_write
+    from regionspot.modeling import text_embeddings as te
+    from regionspot.modeling.weights import WeightsError, load_clip
+
+    cfg = load_cfg(args.config_file, args.opts)
+    rs = cfg.MODEL.REGIONSPOT
+    clip_path = rs.CLIP_WEIGHTS
+    if args.output:
+        check_output(args.output, config_chain(args.config_file)
+                     + [os.path.expanduser(clip_path), os.path.expanduser(rs.SAM_WEIGHTS)])
+    cache_dir = rs.TEXT_CACHE_DIR or None
+    if cache_dir is None and not args.output:
+        raise ToolError("MODEL.REGIONSPOT.TEXT_CACHE_DIR is empty (cache disabled) and no --output given: "
+                        "nothing would be written")
+    batch_size = args.batch_size if args.batch_size is not None else int(rs.TEXT_BATCH_SIZE)
+    if batch_size < 1:
+        raise ToolError(f"--batch-size must be positive, got {batch_size}")
+
+    custom = None
+    if args.vocabulary == "custom":
+        custom = args.custom_vocabulary if args.custom_vocabulary is not None else rs.CUSTOM_VOCABULARY
+    elif args.custom_vocabulary is not None:
+        raise ToolError("--custom-vocabulary is only used with --vocabulary custom")
+    try:
+        register_from_args(args.register)
+        names = vocabulary_by_name(args.vocabulary, custom)
+    except (ValueError, TypeError) as e:
+        raise ToolError(str(e)) from None
+
+    device, note = usable_device(cfg.MODEL.DEVICE)
+    if note:
+        print(f"note: {note}")
+    try:
+        clip_model = load_clip(clip_path)
+        weights_id = te.weights_fingerprint(clip_path)  # the key RegionSpot.from_config uses
+    except (WeightsError, FileNotFoundError, IsADirectoryError) as e:
+        raise ToolError(str(e)) from None
+    clip_model = clip_model.to(device)
+
+    templates = list(te.PROMPT_TEMPLATES)
+    print(f"vocabulary {args.vocabulary}: {len(names)} classes x {len(templates)} templates = "
+          f"{len(names) * len(templates)} prompts; CLIP {clip_path} on {device}")
+    if cache_dir is not None:
+        cache_file = te._cache_path(os.path.expanduser(cache_dir), weights_id, names, templates)
+        print(f"cache file: {cache_file} ({'exists' if os.path.exists(cache_file) else 'new'})")
+    start = time.perf_counter()
+    emb = te.load_or_compute_text_embeddings(clip_model, names, weights_id=weights_id, cache_dir=cache_dir,
+                                             templates=templates, batch_size=batch_size)
+    print(f"embeddings {tuple(emb.shape)} float32 in {time.perf_counter() - start:.1f} s")
+    if args.output:
+        entry = {"class_names": names, "templates": templates, "weights_id": weights_id,
+                 "embeddings": emb.detach().float().cpu().contiguous()}
+        atomic_write(args.output, lambda f: torch.save(entry, f))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the tool; returns the exit status (2 for bad input, with one ``error:`` line)."""
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)  # the encoder's start / end lines
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("regionspot")
+    previous_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():  # import-time deprecation noise of dependencies
+            for message in (".*torch.jit.script.*deprecated.*", ".*torch.jit.load.*deprecated.*",
+                            ".*pkg_resources is deprecated.*"):
+                warnings.filterwarnings("ignore", message=message)
+            return run(args)
+    except (ToolError, OSError) as e:
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
