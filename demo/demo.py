@@ -46,7 +46,7 @@ from regionspot.checkpoint import CheckpointError
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.validation import InputError, read_image
-from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
+from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
 from regionspot.io import atomic_write, write_json_atomic
 from regionspot.modeling.weights import WeightsError
 
@@ -91,18 +91,6 @@ def expand_inputs(patterns):
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         paths.extend(matches if matches else [pattern])
     return paths
-
-
-def demo_vocabulary(args) -> list:
-    """The class names of ``--vocabulary``: built-in, custom, or a registered dataset's categories."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if args.vocabulary in BUILTIN_VOCABULARIES + ("custom",):
-        return get_vocabulary(args.vocabulary, args.custom_vocabulary or None)
-    if args.vocabulary not in DatasetCatalog.list():
-        raise ValueError(f"--vocabulary {args.vocabulary!r} is neither {', '.join(BUILTIN_VOCABULARIES)}, custom, "
-                         f"nor a registered dataset (register one with --register NAME JSON IMAGE_ROOT)")
-    return list(MetadataCatalog.get(args.vocabulary).get("thing_classes", None) or [])
 
 
 def read_boxes_file(path: str) -> dict:
@@ -193,7 +181,7 @@ def main(argv=None) -> int:
     try:
         register_from_args(args.register)
         box_table = read_boxes_file(args.boxes) if args.boxes else None
-        vocabulary = demo_vocabulary(args)
+        vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
         cfg = setup_cfg(args)
         paths = expand_inputs(args.input)
         plan = plan_outputs(paths, args.output)

@@ -13,7 +13,7 @@ import json
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "check_vocabulary", "clean_class_name"]
+__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "clean_class_name"]
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365")
 
@@ -213,3 +213,30 @@ def get_vocabulary(name: str, custom: Union[str, Sequence[str], None] = None) ->
     if key == "coco":
         return _coco()
     return list(_objects365_v2())
+
+
+def vocabulary_by_name(name: str, custom: Union[str, Sequence[str], None] = None) -> List[str]:
+    """A built-in vocabulary, a custom one, or the categories of a registered dataset.
+
+    Args:
+        name: "lvis", "coco", "objects365", "custom" (with ``custom``), or the name of a
+            dataset registered in Detectron2's catalog (e.g. with ``--register``), whose
+            ``thing_classes`` are used (the dataset is loaded if its loader sets them).
+
+    Raises:
+        ValueError: an unknown name, or a dataset without categories.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in BUILTIN_VOCABULARIES or key == _CUSTOM:
+        return get_vocabulary(name, custom)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name not in DatasetCatalog.list():
+        raise ValueError(f"vocabulary {name!r} is neither {_valid_names()} nor a registered dataset "
+                         f"(register one with --register NAME JSON IMAGE_ROOT)")
+    if not MetadataCatalog.get(name).get("thing_classes", None):
+        DatasetCatalog.get(name)  # Detectron2's COCO/LVIS loaders set thing_classes when they run
+    classes = MetadataCatalog.get(name).get("thing_classes", None)
+    if not classes:
+        raise ValueError(f"dataset {name!r} has no categories (thing_classes) to use as a vocabulary")
+    return check_vocabulary(list(classes), f"the vocabulary of {name!r}")

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from ..data.vocabularies import check_vocabulary, get_vocabulary
+from ..data.vocabularies import check_vocabulary, get_vocabulary, vocabulary_by_name
 from .head import RegionSpotHead, region_logits
 from .losses import region_focal_loss
 from .position_tokens import BoxPrompts, SamPositionTokens
@@ -58,8 +57,6 @@ def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]
         ValueError: unknown vocabulary, empty custom vocabulary, a dataset that is not
             registered, or one without ``thing_classes``.
     """
-    from detectron2.data import DatasetCatalog
-
     rs = cfg.MODEL.REGIONSPOT
     if rs.VOCABULARY != "dataset":
         return get_vocabulary(rs.VOCABULARY, rs.CUSTOM_VOCABULARY or None)
@@ -67,15 +64,7 @@ def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]
     if name is None:
         raise ValueError('MODEL.REGIONSPOT.VOCABULARY is "dataset" but no dataset is given; name one or set '
                          'a vocabulary ("lvis", "coco", "objects365", "custom")')
-    if name not in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is not registered in Detectron2's DatasetCatalog, so it has no "
-                         f"vocabulary; register your own with --register NAME JSON IMAGE_ROOT")
-    if not MetadataCatalog.get(name).get("thing_classes", None):
-        DatasetCatalog.get(name)  # Detectron2's COCO/LVIS loaders set thing_classes when they run
-    classes = MetadataCatalog.get(name).get("thing_classes", None)
-    if not classes:
-        raise ValueError(f"dataset {name!r} has no thing_classes in the MetadataCatalog to use as the vocabulary")
-    return list(classes)
+    return vocabulary_by_name(name)
 
 
 @dataclass
