@@ -99,9 +99,7 @@ import datetime
 import gc
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -111,6 +109,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 
 import torch  # noqa: E402
+
+from regionspot.environment import device_name, git_commit, load_average, peak_rss_bytes  # noqa: E402
 
 SCHEMA = "regionspot-benchmark/1"
 
@@ -233,42 +233,6 @@ def repeats_for(config: str, args: argparse.Namespace) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name or platform.machine() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
-
-
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since it started (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -656,7 +620,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                    "cuda_version": torch.version.cuda if device.type == "cuda" else None},
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(REPO),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "load_average_before": load_average(),

@@ -41,6 +41,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 
+from regionspot.environment import device_name, load_average  # noqa: E402
+
 TOWERS = ("tiny", "ViT-B/16", "ViT-L/14")
 DEFAULT_OUTPUT = os.path.join("output", "benchmark", "text_embeddings_cpu.json")
 QUICK_CLASSES = 8
@@ -61,26 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny tower only, first {QUICK_CLASSES} classes (for tests)")
     return parser
-
-
-def cpu_name() -> str:
-    name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name or platform.machine() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
-
-
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def vocabulary_token_stats(names: Sequence[str], templates: Sequence[str], context_length: int = 77) -> dict:
@@ -204,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         "environment": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "cpu": cpu_name(),
+            "cpu": device_name(),
             "python": platform.python_version(),
             "load_average_before": load_average(),
             "load_average_after": None,
