@@ -63,6 +63,8 @@ setup(
         "ftfy",
         "regex",
         "tqdm",
+        # SAM-token cache shards (regionspot.data.token_cache): safe, memory-mapped tensors.
+        "safetensors>=0.4",
         # Provided by scripts/install_deps.py (see the module docstring).
         "detectron2",
         "fvcore",

@@ -96,6 +96,21 @@ def add_regionspot_config(cfg: CN) -> None:
     # Run the frozen SAM and CLIP under CUDA autocast (float16); ignored on CPU.
     rs.ENCODER_AMP = False
 
+    # Training data. SAM-token cache written by tools/extract_sam_tokens.py ("" runs SAM online;
+    # the cache holds the tokens of every annotated box of the image and of its flip).
+    rs.TOKEN_CACHE_DIR = ""
+    # Noisy negatives (off by default): leave out of a region's negatives the classes whose
+    # absence was not verified for the image (OpenImages' image-level labels), and the ancestors
+    # of its class in a hierarchy (V3Det).
+    rs.IGNORE_UNVERIFIED_NEGATIVES = False
+    rs.IGNORE_ANCESTOR_NEGATIVES = False
+    # Sampling weight of each DATASETS.TRAIN dataset (empty: every image equally likely); a
+    # batch may mix datasets, each image scored against its own dataset's vocabulary.
+    cfg.DATALOADER.DATASET_RATIO = []
+    # Mixed precision of the head's training (SOLVER.AMP.ENABLED): "bfloat16" (no loss
+    # scaling) or "float16" (with Detectron2-style gradient scaling, CUDA only).
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+
     # RegionSpot reads RGB images; SAM and CLIP normalise them themselves.
     cfg.INPUT.FORMAT = "RGB"
     # LVIS's standard cap on detections per image, applied by the LVIS evaluator.
@@ -198,6 +213,12 @@ def check_config(cfg: CN) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.SOLVER.AMP.PRECISION not in ("bfloat16", "float16"):
+        raise ConfigError(f"SOLVER.AMP.PRECISION must be 'bfloat16' or 'float16', got {cfg.SOLVER.AMP.PRECISION!r}")
+    ratios = list(cfg.DATALOADER.DATASET_RATIO)
+    if ratios and (len(ratios) != len(cfg.DATASETS.TRAIN) or min(ratios) <= 0):
+        raise ConfigError(f"DATALOADER.DATASET_RATIO needs one positive ratio per DATASETS.TRAIN dataset "
+                          f"({len(cfg.DATASETS.TRAIN)}), got {ratios}")
     if rs.VOCABULARY == "custom" and not rs.CUSTOM_VOCABULARY.strip():
         raise ConfigError('MODEL.REGIONSPOT.VOCABULARY is "custom" but MODEL.REGIONSPOT.CUSTOM_VOCABULARY is empty '
                           '(give class names as "a,b,c")')

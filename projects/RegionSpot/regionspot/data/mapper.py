@@ -75,6 +75,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
                 a.pop("segmentation", None)  # boxes are the prompts; masks come from SAM
                 a.pop("keypoints", None)
 
+        original = image
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -87,9 +88,31 @@ class RegionSpotDatasetMapper(DatasetMapper):
                                  f"with PROPOSALS 'file' the test loader attaches them from the proposal file")
             utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
 
+        original_boxes = np.array([a["bbox"] for a in annos], dtype=np.float32).reshape(-1, 4)
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
         instances = utils.annotations_to_instances(annos, image_shape)
         if self.is_train:
+            self.add_sam_inputs(dataset_dict, instances, original, original_boxes, transforms)
             instances = utils.filter_empty_instances(instances)
         dataset_dict["instances"] = instances
         return dataset_dict
+
+    def add_sam_inputs(self, dataset_dict: Dict, instances, original: np.ndarray, boxes: np.ndarray,
+                       transforms) -> None:
+        """What SAM needs for the training boxes, in the frame the SAM-token cache uses.
+
+        SAM sees the ORIGINAL image, flipped when the augmentation flipped it (the resize only
+        matters to CLIP: SAM resizes every image to its own 1024 px frame). Online, this adds
+        ``dataset_dict["sam_image"]`` ((3, H0, W0) uint8) and ``instances.sam_boxes`` (XYXY_ABS
+        pixels of that image, one per instance). With a token cache, ``instances.sam_tokens``
+        (N, T) come from the cache for the same image, flip and boxes instead.
+        """
+        from detectron2.structures import Boxes
+
+        flipped = any(isinstance(t, T.HFlipTransform) for t in transforms.transforms)
+        w = original.shape[1]
+        if flipped:
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+            original = original[:, ::-1]
+        dataset_dict["sam_image"] = torch.as_tensor(np.ascontiguousarray(original.transpose(2, 0, 1)))
+        instances.sam_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))

@@ -30,7 +30,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..data.vocabularies import check_vocabulary, get_vocabulary, vocabulary_by_name
 from .head import RegionSpotHead, region_logits
-from .losses import region_focal_loss
+from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, SharedMasks, class_probabilities, resize_masks, select_detections
 from .proposals import check_proposal_source, logit_to_score, select_proposals
@@ -121,6 +121,22 @@ class RegionRecognition:
         return logit_to_score(self.proposals.objectness_logits)
 
 
+@dataclass
+class Vocabulary:
+    """A dataset's vocabulary for training (one per training dataset).
+
+    Attributes:
+        names: C class names.
+        text_embeddings: (C, E) float32 L2-normalised, on the model's device.
+        ancestors: optional, per class index the indices of its ancestors in a class
+            hierarchy (V3Det); used to keep them out of a region's negatives.
+    """
+
+    names: List[str]
+    text_embeddings: torch.Tensor
+    ancestors: Optional[Dict[int, List[int]]] = None
+
+
 @META_ARCH_REGISTRY.register()
 class RegionSpot(nn.Module):
     """Open-vocabulary region recognition with frozen SAM and CLIP (Yang et al., RegionSpot).
@@ -177,6 +193,8 @@ class RegionSpot(nn.Module):
         proposal_nms_thresh: float = 0.0,
         rpn: Optional[nn.Module] = None,
         sam_auto_settings: Optional[Dict[str, object]] = None,
+        ignore_unverified_negatives: bool = False,
+        ignore_ancestor_negatives: bool = False,
     ):
         super().__init__()
         self.position = SamPositionTokens(sam, token_source, box_chunk_size)
@@ -208,6 +226,10 @@ class RegionSpot(nn.Module):
         # What forward() scores against: set with set_vocabulary(), never inside forward.
         self.class_names: Optional[List[str]] = None
         self.register_buffer("text_embeddings", None, persistent=False)
+        # Training: one vocabulary per training dataset (inputs say theirs in "dataset").
+        self.training_vocabularies: Dict[str, Vocabulary] = {}
+        self.ignore_unverified_negatives = ignore_unverified_negatives
+        self.ignore_ancestor_negatives = ignore_ancestor_negatives
 
     @classmethod
     def from_config(cls, cfg):
@@ -248,6 +270,8 @@ class RegionSpot(nn.Module):
             proposal_nms_thresh=rs.PROPOSAL_NMS_THRESH,
             rpn=rpn,
             sam_auto_settings=SamAutoProposalGenerator.settings_from_config(cfg),
+            ignore_unverified_negatives=rs.IGNORE_UNVERIFIED_NEGATIVES,
+            ignore_ancestor_negatives=rs.IGNORE_ANCESTOR_NEGATIVES,
         )
 
     @property
@@ -300,14 +324,21 @@ class RegionSpot(nn.Module):
             raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, got {got}")
         return text_embeddings.float().to(self.device)
 
-    def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None) -> None:
-        """Set the vocabulary that :meth:`forward` scores against (training and evaluation).
+    def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None, *,
+                       dataset: Optional[str] = None, ancestors: Optional[Dict[int, List[int]]] = None) -> None:
+        """Set a vocabulary that :meth:`forward` scores against.
 
         Args:
             class_names: the C names of the vocabulary.
             text_embeddings: optional precomputed (C, E) L2-normalised embeddings for them (e.g.
                 a large vocabulary encoded offline); by default :meth:`encode_vocabulary`
                 computes them now.
+            dataset: None sets the vocabulary of evaluation (and of training inputs without a
+                "dataset" key); a training dataset's name sets that dataset's vocabulary: every
+                training image is scored against its own dataset's vocabulary, so one batch may
+                mix datasets with different vocabularies.
+            ancestors: optional class hierarchy of a training dataset ({class index: indices of
+                its ancestors}, e.g. V3Det), for ``IGNORE_ANCESTOR_NEGATIVES``.
 
         Raises:
             ValueError: the vocabulary is not valid, or ``text_embeddings`` is not (C, E).
@@ -315,7 +346,11 @@ class RegionSpot(nn.Module):
         names = check_vocabulary(class_names)
         if text_embeddings is None:
             text_embeddings = self.encode_vocabulary(names)
-        self.text_embeddings = self.check_text_embeddings(text_embeddings, len(names))
+        text_embeddings = self.check_text_embeddings(text_embeddings, len(names))
+        if dataset is not None:
+            self.training_vocabularies[dataset] = Vocabulary(names, text_embeddings, ancestors)
+            return
+        self.text_embeddings = text_embeddings
         self.class_names = names
 
     # ----------------------------------------------------------------- encoders
@@ -526,29 +561,106 @@ class RegionSpot(nn.Module):
             ValueError: a bad image tensor, or an input without the boxes its source needs.
         """
         images = self._check_images(batched_inputs)
+        if self.training:
+            return self.losses(batched_inputs, images)
         if self.text_embeddings is None:
             raise RuntimeError("RegionSpot has no vocabulary to score against: call "
                                "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
-        if self.training:
-            missing = [x.get("file_name", "?") for x in batched_inputs if "instances" not in x]
-            if missing:
-                raise ValueError(f"image {missing[0]!r} has no 'instances': training needs gt_boxes and gt_classes")
         features = self.encode_images(images)
-        if self.training:
-            proposals = [proposals_from_ground_truth(x["instances"]).to(self.device) for x in batched_inputs]
-            return self.losses(batched_inputs, self.recognize(features, proposals, self.text_embeddings))
         proposals = self.propose(batched_inputs, features)
         sizes = [(x.get("height", f.image_size[0]), x.get("width", f.image_size[1]))
                  for x, f in zip(batched_inputs, features)]
         return [{"instances": r} for r in self.inference(features, proposals, self.text_embeddings, sizes)]
 
-    def losses(self, batched_inputs: List[Dict], recognitions: List[RegionRecognition]) -> Dict[str, torch.Tensor]:
-        """Sigmoid focal loss of all regions of the batch against the vocabulary (paper Sec. 3)."""
-        pairs = [(r.logits, x["instances"].gt_classes.to(self.device))
-                 for r, x in zip(recognitions, batched_inputs) if r.logits.shape[0] > 0]
-        if not pairs:  # keep every head parameter in the graph (DDP) with a zero loss
+    def vocabulary_of(self, inputs: Dict) -> Vocabulary:
+        """The training vocabulary of one input: its dataset's (``inputs["dataset"]``), else the
+        vocabulary set without a dataset.
+
+        Raises:
+            RuntimeError: no vocabulary was set for it.
+        """
+        name = inputs.get("dataset")
+        if name is not None and name in self.training_vocabularies:
+            return self.training_vocabularies[name]
+        if self.text_embeddings is None:
+            raise RuntimeError(f"no vocabulary for training image {inputs.get('file_name', '?')!r} (dataset "
+                               f"{name!r}): call model.set_vocabulary(names, dataset=...) first (train_net.py does)")
+        return Vocabulary(self.class_names, self.text_embeddings)
+
+    def training_tokens(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Position-aware tokens of the training boxes: from the SAM-token cache when the mapper
+        attached them (``instances.sam_tokens``), else from SAM run now on ``"sam_image"`` (the
+        original image, flipped as the augmentation flipped it; the image the cache was made
+        from) with ``instances.sam_boxes``, or on ``"image"`` with ``gt_boxes``.
+
+        Returns:
+            B tensors (N_i, T) float32 on the model's device.
+        """
+        tokens: List[Optional[torch.Tensor]] = [None] * len(batched_inputs)
+        online = []
+        for i, x in enumerate(batched_inputs):
+            instances = x["instances"]
+            if instances.has("sam_tokens"):
+                tokens[i] = instances.sam_tokens.to(self.device).float()
+            else:
+                online.append(i)
+        if online:
+            sam_images = [batched_inputs[i].get("sam_image", images[i]) for i in online]
+            embeddings, _ = self.encode_sam(sam_images)
+            for j, i in enumerate(online):
+                instances = batched_inputs[i]["instances"]
+                boxes = instances.sam_boxes if instances.has("sam_boxes") else instances.gt_boxes
+                with torch.no_grad(), self.encoder_autocast():
+                    prompts = self.position(embeddings[j], boxes.tensor.to(self.device), tuple(sam_images[j].shape[-2:]))
+                tokens[i] = prompts.tokens
+        return tokens
+
+    def ignored_negatives(self, inputs: Dict, labels: torch.Tensor, vocabulary: Vocabulary) -> Optional[torch.Tensor]:
+        """(M, C) bool classes that are not negatives for an image's M regions, or None.
+
+        - ``IGNORE_UNVERIFIED_NEGATIVES``: with ``inputs["image_level_labels"]`` (OpenImages'
+          verified image-level labels, contiguous ids), every class whose presence or absence
+          was not verified for the image;
+        - ``IGNORE_ANCESTOR_NEGATIVES``: the ancestors of each region's class in the
+          vocabulary's hierarchy (V3Det).
+        """
+        m, c = labels.shape[0], len(vocabulary.names)
+        ignore = None
+        verified = inputs.get("image_level_labels")
+        if self.ignore_unverified_negatives and verified is not None:
+            known = torch.zeros(c, dtype=torch.bool, device=labels.device)
+            known[torch.as_tensor(list(verified), dtype=torch.long, device=labels.device)] = True
+            known[labels] = True
+            ignore = (~known)[None].expand(m, c).clone()
+        if self.ignore_ancestor_negatives and vocabulary.ancestors:
+            ignore = ignore if ignore is not None else torch.zeros(m, c, dtype=torch.bool, device=labels.device)
+            for row, label in enumerate(labels.tolist()):
+                parents = vocabulary.ancestors.get(label)
+                if parents:
+                    ignore[row, parents] = True
+        return ignore
+
+    def losses(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Sigmoid focal loss of every region of the batch, each image against its own dataset's
+        vocabulary (paper Sec. 3; ``losses.py``): the mean over all regions of the batch.
+
+        Raises:
+            ValueError: an input without "instances" (gt_boxes and gt_classes).
+        """
+        missing = [x.get("file_name", "?") for x in batched_inputs if "instances" not in x]
+        if missing:
+            raise ValueError(f"image {missing[0]!r} has no 'instances': training needs gt_boxes and gt_classes")
+        vocabularies = [self.vocabulary_of(x) for x in batched_inputs]
+        tokens = self.training_tokens(batched_inputs, images)
+        keep = [i for i, t in enumerate(tokens) if t.shape[0] > 0]
+        if not keep:  # keep every head parameter in the graph (DDP) with a zero loss
             return {"loss_region_focal": sum(p.sum() for p in self.head.parameters()) * 0.0}
-        logits = torch.cat([lg for lg, _ in pairs])
-        labels = torch.cat([c for _, c in pairs])
-        return {"loss_region_focal": region_focal_loss(logits, labels, self.focal_alpha, self.focal_gamma,
-                                                        self.focal_negative_classes)}
+        semantic = self.encode_semantic([images[i] for i in keep])
+        losses = []
+        for i, embeddings in zip(keep, self._run_head([tokens[i] for i in keep], semantic)):
+            vocabulary, x = vocabularies[i], batched_inputs[i]
+            labels = x["instances"].gt_classes.to(self.device)
+            logits = region_logits(embeddings, vocabulary.text_embeddings, self.logit_scale)
+            losses.append(region_focal_losses(logits, labels, self.focal_alpha, self.focal_gamma,
+                                              self.focal_negative_classes, self.ignored_negatives(x, labels, vocabulary)))
+        return {"loss_region_focal": torch.cat(losses).mean()}
