@@ -75,6 +75,6 @@ def test_building_a_model_needs_no_training_set(sam_path, clip_path):
 
     cfg = load_config(BL, ["MODEL.DEVICE", "cpu", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
                            "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path])
-    assert cfg.DATASETS.TRAIN == ("objects365_v2_train",) and cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset"
+    assert cfg.DATASETS.TRAIN == ("objects365_v1_train",) and cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset"
     model = build_model(cfg)
     assert model.class_names is None  # the vocabulary comes later, per dataset or per predictor

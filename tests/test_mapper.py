@@ -98,6 +98,18 @@ def test_missing_image_is_named(tiny_cfg, tmp_path):
         _mapper(tiny_cfg, False)(_dict(str(tmp_path / "nothere.jpg")))
 
 
+def test_training_skips_an_unreadable_image_and_counts_it(tiny_cfg, tmp_path, caplog):
+    """In training a missing file is skipped (MapDataset then takes another image), logged by name."""
+    import logging
+
+    mapper = _mapper(tiny_cfg, True)
+    with caplog.at_level(logging.WARNING, logger="regionspot.data.mapper"):
+        assert mapper(_dict(str(tmp_path / "gone.jpg"))) is None
+        assert mapper(_dict(str(tmp_path / "gone_too.jpg"))) is None
+    assert mapper.skipped_images == 2
+    assert "2 so far" in caplog.text and "gone_too.jpg" in caplog.text
+
+
 def test_corrupt_image_is_named(tiny_cfg, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")

@@ -111,16 +111,12 @@ sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 import torch  # noqa: E402
 
 from regionspot.environment import device_name, git_commit, load_average, peak_rss_bytes  # noqa: E402
+from regionspot.modeling.random_backbones import VARIANTS, random_regionspot  # noqa: E402
 
 SCHEMA = "regionspot-benchmark/1"
 
 # config name -> (SAM preset, CLIP preset, CLIP input size)
-CONFIGS: Dict[str, Tuple[str, str, int]] = {
-    "small": ("tiny", "tiny", 224),
-    "bb": ("vit_b", "ViT-B/16", 224),
-    "bl": ("vit_b", "ViT-L/14", 224),
-    "bl336": ("vit_b", "ViT-L/14@336px", 336),
-}
+CONFIGS: Dict[str, Tuple[str, str, int]] = VARIANTS
 DEFAULT_MODELS = "small,bb,bl"
 STAGES_PER_IMAGE = ("sam_image_encoder", "clip_semantic")
 STAGES_PER_BOX_SET = ("sam_mask_decoder", "head", "postprocess")
@@ -285,19 +281,10 @@ def summary(samples: Sequence[float]) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------- model
 def build_model(config: str, args: argparse.Namespace, device: torch.device):
-    from regionspot.modeling.meta_arch import RegionSpot
     from regionspot.modeling.postprocess import RecognitionProtocol
-    from regionspot.modeling.random_backbones import random_clip, random_sam
 
-    sam_preset, clip_preset, clip_size = CONFIGS[config]
-    sam = random_sam(sam_preset, seed=args.seed)
-    clip_model = random_clip(clip_preset, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = RegionSpot(
-        sam=sam, clip_model=clip_model, clip_weights_id=f"random-{clip_preset}-seed{args.seed}",
-        clip_input_size=clip_size, mask_on=not args.no_masks, text_cache_dir=None, encoder_amp=args.amp,
-        protocol=RecognitionProtocol(topk=args.test_topk), box_chunk_size=args.box_chunk_size,
-    )
+    model = random_regionspot(config, seed=args.seed, mask_on=not args.no_masks, encoder_amp=args.amp,
+                              protocol=RecognitionProtocol(topk=args.test_topk), box_chunk_size=args.box_chunk_size)
     return model.to(device).eval()
 
 

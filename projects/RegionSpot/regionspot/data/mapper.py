@@ -12,7 +12,8 @@ same transform as the image, and the top ``PROPOSAL_TOPK`` become ``dataset_dict
 """
 
 import copy
-from typing import Dict
+import logging
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from detectron2.structures import BoxMode
 
 from ..modeling.proposals import check_proposal_source
 from .validation import InputError, check_boxes, read_image
+
+logger = logging.getLogger(__name__)
 
 
 class RegionSpotDatasetMapper(DatasetMapper):
@@ -46,6 +49,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
     def __init__(self, is_train: bool, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
+        self.skipped_images = 0
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -57,10 +61,25 @@ class RegionSpotDatasetMapper(DatasetMapper):
         ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
         return ret
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
+        """Map one dataset dict (see the class docstring).
+
+        In training, an image that cannot be read (missing, truncated) is skipped: the mapper
+        logs it with its file name and the number skipped so far in this worker, and returns
+        None, on which Detectron2's ``MapDataset`` takes another image. A day-long run does not
+        die on one broken file of millions; evaluation never skips (it raises).
+        """
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict.get("file_name", "<no file_name>")
-        image = read_image(file_name, self.image_format)
+        try:
+            image = read_image(file_name, self.image_format)
+        except InputError as e:
+            if not self.is_train:
+                raise
+            self.skipped_images += 1
+            logger.warning("training image skipped (%d so far in this data-loader worker): %s",
+                           self.skipped_images, e)
+            return None
         try:
             utils.check_image_size(dataset_dict, image)
         except Exception as e:  # Detectron2's SizeMismatchError

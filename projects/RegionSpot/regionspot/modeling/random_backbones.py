@@ -49,6 +49,29 @@ CLIP_PRESETS: Dict[str, Dict[str, int]] = {
 }
 
 
+# The variants of the paper (and a small one for CPU tests): SAM preset, CLIP preset, CLIP input side.
+VARIANTS: Dict[str, tuple] = {
+    "small": ("tiny", "tiny", 224),
+    "bb": ("vit_b", "ViT-B/16", 224),
+    "bl": ("vit_b", "ViT-L/14", 224),
+    "bl336": ("vit_b", "ViT-L/14@336px", 336),
+}
+
+
+def random_regionspot(variant: str = "small", seed: int = 0, **kwargs):
+    """A RegionSpot model of a variant (:data:`VARIANTS`) with RANDOM SAM, CLIP and head, for
+    benchmarks: the real shapes and operations, meaningless outputs. ``kwargs`` go to
+    :class:`~regionspot.modeling.meta_arch.RegionSpot` (e.g. ``mask_on``, ``protocol``)."""
+    from .meta_arch import RegionSpot
+
+    sam_preset, clip_preset, clip_size = VARIANTS[variant]
+    sam, clip_model = random_sam(sam_preset, seed=seed), random_clip(clip_preset, seed=seed)
+    torch.manual_seed(seed)
+    kwargs.setdefault("text_cache_dir", None)
+    return RegionSpot(sam=sam, clip_model=clip_model, clip_weights_id=f"random-{clip_preset}-seed{seed}",
+                      clip_input_size=clip_size, **kwargs)
+
+
 def random_sam(preset: str = "tiny", seed: int = 0) -> nn.Module:
     """A randomly initialised ``segment_anything.modeling.Sam`` (eval mode, float32, CPU).
 
