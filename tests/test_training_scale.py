@@ -208,3 +208,68 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path, sam_pat
                   if "total_loss" in line]
     assert iterations[-1] == done + 2  # continued from the checkpoint to the new end
     assert torch.load(os.path.join(out, "model_final.pth"), weights_only=False)["iteration"] == done + 2
+
+
+# ----------------------------------------------------------------------------- SAM-token cache
+def _extract(tmp_path, sam_path, clip_path, two_datasets, dataset, sam=None):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("extract_tool_train", os.path.join(REPO, "tools", "extract_sam_tokens.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    files, image_root = two_datasets
+    cache = str(tmp_path / "tokens")
+    code = tool.main(["--config-file", os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), "--dataset", dataset,
+                      "--output-dir", cache, "--num-workers", "0", "--register", dataset, files[dataset], image_root,
+                      "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam or sam_path])
+    assert code == 0
+    return cache
+
+
+def test_cached_tokens_equal_the_online_ones_through_the_mapper_and_model(tmp_path, tiny_cfg, sam_path, clip_path,
+                                                                          two_datasets):
+    """The training mapper with the cache and the model's online SAM give the same tokens, image and flip."""
+    from regionspot.data.datasets.user import load_dataset_json
+    from regionspot.data.mapper import RegionSpotDatasetMapper
+
+    cache = _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_a")
+    files, image_root = two_datasets
+    record = dict(load_dataset_json(files["pretend_a"], image_root)[0], dataset="pretend_a")
+    model = build_tiny_model(tiny_cfg)
+    for flip in (False, True):
+        cfg = tiny_cfg.clone()
+        cfg.defrost()
+        cfg.INPUT.RANDOM_FLIP = "horizontal"
+        online = RegionSpotDatasetMapper(cfg, True)
+        cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR = cache
+        cached = RegionSpotDatasetMapper(cfg, True)
+        for mapper in (online, cached):
+            mapper.augmentations.augs[-1].prob = 1.0 if flip else 0.0
+        a, b = online(dict(record)), cached(dict(record))
+        assert "sam_image" in a and not b["instances"].has("sam_boxes")
+        online_tokens = model.training_tokens([a], [a["image"]])[0]
+        torch.testing.assert_close(b["instances"].sam_tokens, online_tokens, rtol=0, atol=1e-5)
+        assert (online_tokens - model.training_tokens([online(dict(record))], [a["image"]])[0]).abs().max() == 0
+
+
+def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, clip_path, two_datasets, monkeypatch):
+    from regionspot.data.token_cache import TokenCacheError
+    from regionspot.modeling.random_backbones import write_random_sam
+
+    monkeypatch.chdir(REPO)
+    cache = _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_a")
+    _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_b")
+    out = str(tmp_path / "cached_run")
+    argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "2", "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", cache)
+    calls = []
+    from regionspot.modeling.position_tokens import SamPositionTokens
+
+    original = SamPositionTokens.encode_images
+    monkeypatch.setattr(SamPositionTokens, "encode_images", lambda *a: calls.append(1) or original(*a))
+    train_net.main(train_net.get_parser().parse_args(argv + ["DATALOADER.NUM_WORKERS", "0"]))
+    assert calls == []  # SAM's image encoder never ran: only CLIP and the head
+    other_sam = write_random_sam(str(tmp_path / "other_sam.pth"), "tiny", seed=7)
+    argv = _argv(str(tmp_path / "foreign"), other_sam, clip_path, two_datasets, "SOLVER.MAX_ITER", "1",
+                 "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", cache, "DATALOADER.NUM_WORKERS", "0")
+    with pytest.raises(TokenCacheError, match="pretend_a"):
+        train_net.main(train_net.get_parser().parse_args(argv))

@@ -46,10 +46,13 @@ class RegionSpotDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, **kwargs):
+    def __init__(self, is_train: bool, *, token_cache_dir: str = "", token_identity=None, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
         self.skipped_images = 0
+        self.token_cache_dir = token_cache_dir if is_train else ""
+        self.token_identity = token_identity
+        self._token_caches = {}
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -59,6 +62,14 @@ class RegionSpotDatasetMapper(DatasetMapper):
         # MODEL.LOAD_PROPOSALS; proposals are used at test time only.
         file_source = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
         ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
+        if is_train and rs.TOKEN_CACHE_DIR:
+            if cfg.INPUT.RANDOM_FLIP == "vertical":
+                raise InputError("MODEL.REGIONSPOT.TOKEN_CACHE_DIR holds tokens of the image and its horizontal flip: "
+                                 "INPUT.RANDOM_FLIP 'vertical' cannot use it")
+            from .token_cache import identity_from_config
+
+            ret["token_cache_dir"] = rs.TOKEN_CACHE_DIR
+            ret["token_identity"] = identity_from_config(cfg)
         return ret
 
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
@@ -123,15 +134,34 @@ class RegionSpotDatasetMapper(DatasetMapper):
         SAM sees the ORIGINAL image, flipped when the augmentation flipped it (the resize only
         matters to CLIP: SAM resizes every image to its own 1024 px frame). Online, this adds
         ``dataset_dict["sam_image"]`` ((3, H0, W0) uint8) and ``instances.sam_boxes`` (XYXY_ABS
-        pixels of that image, one per instance). With a token cache, ``instances.sam_tokens``
-        (N, T) come from the cache for the same image, flip and boxes instead.
+        pixels of that image, one per instance). With a token cache (``TOKEN_CACHE_DIR``,
+        written by ``tools/extract_sam_tokens.py``), ``instances.sam_tokens`` ((N, T) float32)
+        come from it for the same image, flip and boxes instead; a missing, stale or foreign
+        entry is a ``TokenCacheError`` naming the cache, the dataset and the image.
         """
         from detectron2.structures import Boxes
 
         flipped = any(isinstance(t, T.HFlipTransform) for t in transforms.transforms)
+        if self.token_cache_dir:
+            cache = self._token_cache(dataset_dict)
+            tokens, _ = cache.lookup(dataset_dict["image_id"], flipped, expected_boxes=torch.as_tensor(boxes))
+            instances.sam_tokens = tokens
+            return
         w = original.shape[1]
         if flipped:
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
             original = original[:, ::-1]
         dataset_dict["sam_image"] = torch.as_tensor(np.ascontiguousarray(original.transpose(2, 0, 1)))
         instances.sam_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+
+    def _token_cache(self, dataset_dict: Dict):
+        """The SAM-token cache of the dict's dataset (opened once per data-loader worker)."""
+        from .token_cache import SamTokenCache
+
+        name = dataset_dict.get("dataset")
+        if name is None:
+            raise InputError(f"image {dataset_dict.get('file_name')!r} has no 'dataset' key: the SAM-token cache is "
+                             f"per dataset (the training loader adds it)")
+        if name not in self._token_caches:
+            self._token_caches[name] = SamTokenCache(self.token_cache_dir, name, self.token_identity)
+        return self._token_caches[name]
