@@ -16,7 +16,7 @@ def tiny_clip():
 
 
 def test_builtin_names():
-    assert BUILTIN_VOCABULARIES == ("lvis", "coco", "objects365")
+    assert BUILTIN_VOCABULARIES == ("lvis", "coco", "objects365", "objects365_v1")
 
 
 def test_lvis():
@@ -59,6 +59,25 @@ def test_objects365():
         data = json.load(f)
     assert data["classes"] == names
     assert "mmdetection" in data["source"] and "Detic" in data["source"]
+
+
+def test_objects365_v1():
+    """v1 names (objects365_train.json, the released model's training vocabulary), id order 1..365."""
+    names = get_vocabulary("objects365_v1")
+    assert len(names) == 365 and len(set(names)) == 365
+    assert len({" ".join(n.lower().split()) for n in names}) == 365  # distinct for CLIP too
+    assert names[:4] == ["person", "sneakers", "chair", "hat"]  # ids 1..4 (v2: Person, Sneakers, Chair, Other Shoes)
+    assert names[23] == "tv"  # id 24
+    assert names[158] == "tissue "  # id 159, official trailing space
+    assert names[163] == "cutting/chopping board"  # id 164
+    assert names[-1] == "flashlight"  # id 365
+    assert names != [n.lower() for n in get_vocabulary("objects365")]  # not the v2 list
+    with open(vocab_mod._OBJECTS365_V1_FILE, encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["classes"] == names and data["version"] == "v1" and data["num_classes"] == 365
+    assert "RegionSpot" in data["source"] and "mmdetection" in data["source"]
+    assert get_vocabulary(" Objects365_V1 ") == names
+    assert get_vocabulary("objects365")[0] == "Person"  # "objects365" stays v2
 
 
 def test_returns_fresh_lists():

@@ -15,10 +15,11 @@ from typing import List, Sequence, Union
 
 __all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "clean_class_name"]
 
-BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365")
+BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365", "objects365_v1")
 
 _CUSTOM = "custom"
 _OBJECTS365_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "objects365_v2_classes.json")
+_OBJECTS365_V1_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "objects365_v1_classes.json")
 
 
 def _valid_names() -> str:
@@ -123,9 +124,9 @@ def _coco() -> List[str]:
     return names
 
 
-@functools.lru_cache(maxsize=1)
-def _objects365_v2() -> tuple:
-    with open(_OBJECTS365_FILE, "r", encoding="utf-8") as f:
+@functools.lru_cache(maxsize=2)
+def _objects365_names(path: str) -> tuple:
+    with open(path, "r", encoding="utf-8") as f:
         data = json.load(f)
     names = data["classes"] if isinstance(data, dict) else data
     if (
@@ -134,8 +135,16 @@ def _objects365_v2() -> tuple:
         or not all(isinstance(n, str) and n.strip() for n in names)
         or len(set(names)) != 365
     ):
-        raise RuntimeError(f"{_OBJECTS365_FILE} must hold 365 distinct non-empty class names")
+        raise RuntimeError(f"{path} must hold 365 distinct non-empty class names")
     return tuple(names)
+
+
+def _objects365_v2() -> tuple:
+    return _objects365_names(_OBJECTS365_FILE)
+
+
+def _objects365_v1() -> tuple:
+    return _objects365_names(_OBJECTS365_V1_FILE)
 
 
 def _parse_custom(custom: Union[str, Sequence[str], None]) -> List[str]:
@@ -167,6 +176,10 @@ def get_vocabulary(name: str, custom: Union[str, Sequence[str], None] = None) ->
       order 1..365, read from ``objects365_v2_classes.json`` next to this module
       (official spellings, typos included; see the file's ``"source"``).
       Objects365 v1 annotation files use a different name list and id order.
+    * ``"objects365_v1"``: the 365 Objects365 **v1** category names in category-id
+      order 1..365 (the names of ``objects365_train.json``, with which the released
+      RegionSpot model was trained; lower case, e.g. index 0 ``"person"``), read from
+      ``objects365_v1_classes.json`` next to this module (see its ``"source"``).
     * ``"custom"``: the names given by ``custom``, either a comma-separated string
       (``"cat, dog ,car"`` -> ``["cat", "dog", "car"]``, items whitespace-stripped)
       or a sequence of str (each stripped).
@@ -180,7 +193,7 @@ def get_vocabulary(name: str, custom: Union[str, Sequence[str], None] = None) ->
     option for user-defined classes.
 
     Args:
-        name: ``"lvis"``, ``"coco"``, ``"objects365"`` or ``"custom"``
+        name: ``"lvis"``, ``"coco"``, ``"objects365"``, ``"objects365_v1"`` or ``"custom"``
             (case-insensitive, surrounding whitespace ignored).
         custom: the custom class names; only allowed with ``name="custom"``.
 
@@ -212,6 +225,8 @@ def get_vocabulary(name: str, custom: Union[str, Sequence[str], None] = None) ->
         return _lvis_v1()
     if key == "coco":
         return _coco()
+    if key == "objects365_v1":
+        return list(_objects365_v1())
     return list(_objects365_v2())
 
 
@@ -219,7 +234,7 @@ def vocabulary_by_name(name: str, custom: Union[str, Sequence[str], None] = None
     """A built-in vocabulary, a custom one, or the categories of a registered dataset.
 
     Args:
-        name: "lvis", "coco", "objects365", "custom" (with ``custom``), or the name of a
+        name: "lvis", "coco", "objects365", "objects365_v1", "custom" (with ``custom``), or the name of a
             dataset registered in Detectron2's catalog (e.g. with ``--register``), whose
             ``thing_classes`` are used (the dataset is loaded if its loader sets them).
 

@@ -94,8 +94,14 @@ def _image_path(img: dict, image_root: str) -> str:
     return with_split if os.path.exists(with_split) else os.path.join(image_root, name)
 
 
-def load_dataset_json(json_file: str, image_root: str) -> List[dict]:
+def load_dataset_json(json_file: str, image_root: str, extra_image_keys: Sequence[str] = ()) -> List[dict]:
     """Detectron2 dataset dicts of a COCO/LVIS-format json.
+
+    Args:
+        json_file: the annotation file.
+        image_root: the folder that the images' ``file_name`` are relative to.
+        extra_image_keys: further keys of the json's image entries to copy, as they are, into
+            each record when an image has them (e.g. ``"image_level_labels"``).
 
     Returns:
         One dict per image: ``file_name``, ``height``, ``width``, ``image_id``, LVIS's
@@ -106,9 +112,16 @@ def load_dataset_json(json_file: str, image_root: str) -> List[dict]:
     Raises:
         InputError: see :func:`read_dataset_json`; an annotation of an unknown image or category.
     """
+    return dataset_dicts_from_json_data(read_dataset_json(json_file), json_file, image_root, extra_image_keys)
+
+
+def dataset_dicts_from_json_data(data: dict, json_file: str, image_root: str,
+                                 extra_image_keys: Sequence[str] = ()) -> List[dict]:
+    """:func:`load_dataset_json` on a json already read (and checked) by :func:`read_dataset_json`,
+    so that a caller that also needs the metadata (:func:`dataset_metadata`) reads a large file
+    once. ``json_file`` only names the file in errors and in the metadata."""
     from detectron2.structures import BoxMode
 
-    data = read_dataset_json(json_file)
     to_contiguous = dataset_metadata(data, json_file, image_root)["thing_dataset_id_to_contiguous_id"]
     records = {}
     for img in data["images"]:
@@ -117,6 +130,9 @@ def load_dataset_json(json_file: str, image_root: str) -> List[dict]:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if key in img:
                 record[key] = list(img[key])
+        for key in extra_image_keys:
+            if key in img:
+                record[key] = img[key]
         records[img["id"]] = record
     for ann in data["annotations"]:
         if ann["image_id"] not in records:
