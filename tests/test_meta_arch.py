@@ -134,7 +134,7 @@ def test_vocabulary_switch_and_empty_vocabulary(model):
     with pytest.raises(ValueError, match="vocabulary is empty"):
         model.set_vocabulary([])
     with pytest.raises(ValueError, match="duplicate"):
-        model.encode_vocabulary(["Pear", "pear"])
+        model.set_vocabulary(["Pear", "pear"])  # a dataset's twins need allow_duplicates=True
 
 
 def test_forward_needs_a_vocabulary_set_outside(tiny_cfg, monkeypatch):

@@ -273,3 +273,17 @@ def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, 
                  "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", cache, "DATALOADER.NUM_WORKERS", "0")
     with pytest.raises(TokenCacheError, match="pretend_a"):
         train_net.main(train_net.get_parser().parse_args(argv))
+
+
+def test_classes_with_the_same_text_are_never_each_others_negatives(tiny_cfg):
+    """V3Det has 45 case-only twins ("Timer", "timer"): a dataset vocabulary keeps them, with a
+    warning, and training does not count a region's twin class as a negative."""
+    model = build_tiny_model(tiny_cfg)
+    with pytest.raises(ValueError, match="duplicate"):
+        model.set_vocabulary(["Timer", "clock", "timer"], dataset="v3det_like")
+    model.set_vocabulary(["Timer", "clock", "timer"], dataset="v3det_like", allow_duplicates=True)
+    vocabulary = model.training_vocabularies["v3det_like"]
+    assert vocabulary.aliases == {0: [2], 2: [0]}
+    assert torch.equal(vocabulary.text_embeddings[0], vocabulary.text_embeddings[2])
+    ignore = model.ignored_negatives({}, torch.tensor([2, 1]), vocabulary)
+    assert ignore.tolist() == [[True, False, False], [False, False, False]]

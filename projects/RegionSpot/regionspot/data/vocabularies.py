@@ -10,10 +10,11 @@ dataset's *contiguous-id order* as used by Detectron2's dataset metadata
 
 import functools
 import json
+import logging
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "clean_class_name"]
+__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "duplicate_groups", "clean_class_name"]
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365", "objects365_v1")
 
@@ -59,17 +60,35 @@ def clean_class_name(name: str) -> str:
     return name
 
 
-def check_vocabulary(class_names: Sequence[str], what: str = "vocabulary") -> List[str]:
+def _text_key(name: str) -> str:
+    """What CLIP reads of a class name: suffixes removed, lower-cased, whitespace collapsed."""
+    return " ".join(clean_class_name(name).lower().split())
+
+
+def duplicate_groups(class_names: Sequence[str]) -> List[List[int]]:
+    """Groups (of >= 2 indices) of class names that read the same to CLIP (:func:`check_vocabulary`)."""
+    groups: dict = {}
+    for i, name in enumerate(class_names):
+        groups.setdefault(_text_key(name), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def check_vocabulary(class_names: Sequence[str], what: str = "vocabulary",
+                     allow_duplicates: bool = False) -> List[str]:
     """The one check of a vocabulary, used wherever class names enter RegionSpot.
 
     A vocabulary is a non-empty sequence of non-blank ``str`` class names (after
     :func:`clean_class_name`) with no two names that read the same to CLIP (same text after
     suffix removal, lower-casing and whitespace collapsing): such names would get identical
-    text embeddings and make the softmax over the vocabulary ambiguous.
+    text embeddings and make the softmax over the vocabulary ambiguous. A dataset's own
+    vocabulary may have such names (V3Det has 45 pairs that differ only in case, e.g. "Timer" and
+    "timer"): with ``allow_duplicates`` they are accepted with a logged warning (training then
+    never counts one as a negative of the other).
 
     Args:
         class_names: C names; their order defines the class indices.
         what: how to name the vocabulary in errors (e.g. ``"custom vocabulary"``).
+        allow_duplicates: accept (and warn about) names that read the same to CLIP.
 
     Returns:
         The names as a new ``list[str]``.
@@ -77,7 +96,8 @@ def check_vocabulary(class_names: Sequence[str], what: str = "vocabulary") -> Li
     Raises:
         TypeError: ``class_names`` is a single ``str``/``bytes`` instead of a sequence.
         ValueError: the vocabulary is empty ("<what> is empty"); a name is not a ``str`` or
-            is blank (its index is named); duplicate names (all of them are named).
+            is blank (its index is named); duplicate names (all of them are named) unless
+            ``allow_duplicates``.
     """
     if isinstance(class_names, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of class-name strings, not a single "
@@ -92,17 +112,14 @@ def check_vocabulary(class_names: Sequence[str], what: str = "vocabulary") -> Li
         if not clean_class_name(name).strip():
             raise ValueError(f"{what}: class name at index {i} is empty or blank "
                              f"(after removing -other/-merged/-stuff suffixes): {name!r}")
-    seen, duplicates = {}, {}
-    for i, name in enumerate(names):
-        key = " ".join(clean_class_name(name).lower().split())
-        if key in seen:
-            duplicates.setdefault(key, [seen[key]]).append(i)
-        else:
-            seen[key] = i
-    if duplicates:
-        parts = ["; ".join(f"{names[j]!r} (index {j})" for j in idxs) for idxs in duplicates.values()]
-        raise ValueError(f"{what} contains duplicate class names (the same text for CLIP after suffix "
-                         f"removal, lower-casing and whitespace collapsing): " + " | ".join(parts))
+    groups = duplicate_groups(names)
+    if groups:
+        listed = " | ".join("; ".join(f"{names[j]!r} (index {j})" for j in g) for g in groups[:10])
+        message = (f"{what} contains duplicate class names (the same text for CLIP after suffix removal, "
+                   f"lower-casing and whitespace collapsing): {listed}" + (" | ..." if len(groups) > 10 else ""))
+        if not allow_duplicates:
+            raise ValueError(message)
+        logging.getLogger(__name__).warning("%s; they get identical text embeddings (%d groups)", message, len(groups))
     return names
 
 
@@ -254,4 +271,5 @@ def vocabulary_by_name(name: str, custom: Union[str, Sequence[str], None] = None
     classes = MetadataCatalog.get(name).get("thing_classes", None)
     if not classes:
         raise ValueError(f"dataset {name!r} has no categories (thing_classes) to use as a vocabulary")
-    return check_vocabulary(list(classes), f"the vocabulary of {name!r}")
+    # A dataset's own names are what its annotations mean: case-only twins (V3Det) are kept.
+    return check_vocabulary(list(classes), f"the vocabulary of {name!r}", allow_duplicates=True)

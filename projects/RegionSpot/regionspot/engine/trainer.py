@@ -65,9 +65,9 @@ def set_training_vocabularies(model, cfg) -> None:
         names = vocabulary_from_config(cfg, name)
         embeddings = encode_vocabulary_once(model, names)
         ancestors = MetadataCatalog.get(name).get("category_ancestors", None)
-        model.set_vocabulary(names, embeddings, dataset=name, ancestors=ancestors)
+        model.set_vocabulary(names, embeddings, dataset=name, ancestors=ancestors, allow_duplicates=True)
         if i == 0:
-            model.set_vocabulary(names, embeddings)
+            model.set_vocabulary(names, embeddings, allow_duplicates=True)
 
 
 def with_full_model_clipping(optimizer_cls, max_norm: float):
@@ -203,7 +203,7 @@ class RegionSpotTrainer(DefaultTrainer):
             for idx, name in enumerate(cfg.DATASETS.TEST):
                 vocabulary = vocabulary_from_config(cfg, name)
                 # text embeddings computed here, not in the forward, once per machine
-                regionspot.set_vocabulary(vocabulary, encode_vocabulary_once(regionspot, vocabulary))
+                regionspot.set_vocabulary(vocabulary, encode_vocabulary_once(regionspot, vocabulary), allow_duplicates=True)
                 protocol = evaluation_protocol(cfg, name, len(vocabulary))
                 loader, coverage = build_regionspot_test_loader(cfg, name)
                 evaluator = evaluators[idx] if evaluators else cls.build_evaluator(
@@ -214,7 +214,7 @@ class RegionSpotTrainer(DefaultTrainer):
                     report_results(cfg, name, res, protocol, coverage)
         finally:
             if previous[0] is not None:
-                regionspot.set_vocabulary(previous[0], previous[1])
+                regionspot.set_vocabulary(previous[0], previous[1], allow_duplicates=True)
         return results
 
 

@@ -18,7 +18,7 @@ the demo and the benchmark alike, in the order the code runs it:
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from ..data.vocabularies import check_vocabulary, get_vocabulary, vocabulary_by_name
+from ..data.vocabularies import check_vocabulary, duplicate_groups, get_vocabulary, vocabulary_by_name
 from .head import RegionSpotHead, region_logits
 from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
@@ -130,11 +130,18 @@ class Vocabulary:
         text_embeddings: (C, E) float32 L2-normalised, on the model's device.
         ancestors: optional, per class index the indices of its ancestors in a class
             hierarchy (V3Det); used to keep them out of a region's negatives.
+        aliases: (derived) per class index, the classes with the same text for CLIP.
     """
 
     names: List[str]
     text_embeddings: torch.Tensor
     ancestors: Optional[Dict[int, List[int]]] = None
+    # Per class index, the other classes whose names read the same to CLIP (identical text
+    # embeddings, e.g. V3Det's "Timer" and "timer"): never counted as its negatives.
+    aliases: Dict[int, List[int]] = field(init=False)
+
+    def __post_init__(self):
+        self.aliases = {i: [j for j in g if j != i] for g in duplicate_groups(self.names) for i in g}
 
 
 @META_ARCH_REGISTRY.register()
@@ -305,7 +312,7 @@ class RegionSpot(nn.Module):
         Raises:
             ValueError / TypeError: not a valid vocabulary (empty, blank or duplicate names).
         """
-        names = check_vocabulary(class_names)
+        names = check_vocabulary(class_names, allow_duplicates=True)
         emb = load_or_compute_text_embeddings(
             self.semantic.clip, names, weights_id=self.clip_weights_id,
             cache_dir=self.text_cache_dir, batch_size=self.text_batch_size,
@@ -325,7 +332,8 @@ class RegionSpot(nn.Module):
         return text_embeddings.float().to(self.device)
 
     def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None, *,
-                       dataset: Optional[str] = None, ancestors: Optional[Dict[int, List[int]]] = None) -> None:
+                       dataset: Optional[str] = None, ancestors: Optional[Dict[int, List[int]]] = None,
+                       allow_duplicates: bool = False) -> None:
         """Set a vocabulary that :meth:`forward` scores against.
 
         Args:
@@ -339,11 +347,13 @@ class RegionSpot(nn.Module):
                 mix datasets with different vocabularies.
             ancestors: optional class hierarchy of a training dataset ({class index: indices of
                 its ancestors}, e.g. V3Det), for ``IGNORE_ANCESTOR_NEGATIVES``.
+            allow_duplicates: accept names that read the same to CLIP (a dataset's own
+                vocabulary, see :func:`~regionspot.data.vocabularies.check_vocabulary`).
 
         Raises:
             ValueError: the vocabulary is not valid, or ``text_embeddings`` is not (C, E).
         """
-        names = check_vocabulary(class_names)
+        names = check_vocabulary(class_names, allow_duplicates=allow_duplicates)
         if text_embeddings is None:
             text_embeddings = self.encode_vocabulary(names)
         text_embeddings = self.check_text_embeddings(text_embeddings, len(names))
@@ -622,16 +632,25 @@ class RegionSpot(nn.Module):
           verified image-level labels, contiguous ids), every class whose presence or absence
           was not verified for the image;
         - ``IGNORE_ANCESTOR_NEGATIVES``: the ancestors of each region's class in the
-          vocabulary's hierarchy (V3Det).
+          vocabulary's hierarchy (V3Det);
+        - always: classes whose names read the same to CLIP as the region's class
+          (:attr:`Vocabulary.aliases`), which no text embedding can tell apart.
         """
         m, c = labels.shape[0], len(vocabulary.names)
         ignore = None
+        if vocabulary.aliases:
+            for row, label in enumerate(labels.tolist()):
+                twins = vocabulary.aliases.get(label)
+                if twins:
+                    ignore = ignore if ignore is not None else torch.zeros(m, c, dtype=torch.bool, device=labels.device)
+                    ignore[row, twins] = True
         verified = inputs.get("image_level_labels")
         if self.ignore_unverified_negatives and verified is not None:
             known = torch.zeros(c, dtype=torch.bool, device=labels.device)
             known[torch.as_tensor(list(verified), dtype=torch.long, device=labels.device)] = True
             known[labels] = True
-            ignore = (~known)[None].expand(m, c).clone()
+            unverified = (~known)[None].expand(m, c)
+            ignore = unverified.clone() if ignore is None else ignore | unverified
         if self.ignore_ancestor_negatives and vocabulary.ancestors:
             ignore = ignore if ignore is not None else torch.zeros(m, c, dtype=torch.bool, device=labels.device)
             for row, label in enumerate(labels.tolist()):

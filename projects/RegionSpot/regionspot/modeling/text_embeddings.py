@@ -366,7 +366,7 @@ def _encode_with_stats(
     ``mean_tokens_run`` (sequence positions run per prompt: the same as ``mean_prompt_tokens``
     on the fast path, which runs no padding; ``context_length`` on the plain path).
     """
-    names = check_vocabulary(class_names)
+    names = check_vocabulary(class_names, allow_duplicates=True)  # same text -> same embedding
     templates = _validate_templates(templates)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -664,7 +664,7 @@ def load_or_compute_text_embeddings(
             non-str ``weights_id``, ``batch_size < 1``, ``fast=True`` on a model the fast
             path cannot run.
     """
-    names = check_vocabulary(class_names)
+    names = check_vocabulary(class_names, allow_duplicates=True)  # same text -> same embedding
     templates = _validate_templates(templates)
     if not isinstance(weights_id, str) or not weights_id.strip():
         raise ValueError(
