@@ -287,3 +287,46 @@ def test_classes_with_the_same_text_are_never_each_others_negatives(tiny_cfg):
     assert torch.equal(vocabulary.text_embeddings[0], vocabulary.text_embeddings[2])
     ignore = model.ignored_negatives({}, torch.tensor([2, 1]), vocabulary)
     assert ignore.tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_bad_training_data_is_named_or_counted(tmp_path, caplog):
+    """A category id not in the categories: an error naming the annotation; zero/negative boxes:
+    skipped and counted (a missing image file is skipped in training, see test_mapper.py; a
+    token cache from other SAM weights is refused, see test_training_reads_the_cache...)."""
+    import logging
+
+    from regionspot.data.datasets.user import load_dataset_json
+    from regionspot.data.validation import InputError
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [{"id": 11, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 5]},
+                            {"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, -2]},
+                            {"id": 13, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4]}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        records = load_dataset_json(str(tmp_path / "d.json"), str(tmp_path))
+    assert len(records[0]["annotations"]) == 1
+    assert "2 annotation(s) with zero or negative width/height skipped (ids [11, 12])" in caplog.text
+    data["annotations"].append({"id": 14, "image_id": 1, "category_id": 9, "bbox": [1, 1, 4, 4]})
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="d.json: annotation 14 has category_id 9, which is not in 'categories'"):
+        load_dataset_json(str(tmp_path / "d.json"), str(tmp_path))
+
+
+def test_periodic_evaluation_during_training_keeps_the_training_vocabularies(tmp_path, sam_path, clip_path,
+                                                                            two_datasets, monkeypatch):
+    monkeypatch.chdir(REPO)
+    files, image_root = two_datasets
+    out = str(tmp_path / "eval_period")
+    argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2",
+                 "DATASETS.TEST", "('pretend_b',)")
+    args = train_net.get_parser().parse_args(argv)
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    before = {k: v.text_embeddings.clone() for k, v in trainer.model.training_vocabularies.items()}
+    trainer.train()
+    assert os.path.exists(os.path.join(out, "inference", "pretend_b", "metrics.json"))
+    assert trainer.model.class_names == trainer.model.training_vocabularies["pretend_a"].names  # restored
+    assert all(torch.equal(before[k], v.text_embeddings) for k, v in trainer.model.training_vocabularies.items())

@@ -156,3 +156,17 @@ def test_runs_never_write_over_their_inputs(tmp_path, sample, sam_path, clip_pat
     with pytest.raises(ValueError, match="MODEL.WEIGHTS .*model_final.pth.*would be overwritten"):
         train_net.main(train_net.get_parser().parse_args(base + ["MODEL.WEIGHTS", str(out / "model_final.pth")]))
     assert results_file.read_text() == "[]" and (out / "model_final.pth").read_bytes() == b"weights"
+
+
+def test_a_dataset_from_the_config_alone(tmp_path, sample):
+    from regionspot.config import ConfigError, load_config
+
+    json_path, names = _user_json(sample, tmp_path / "cfg.json", "coco")
+    cfg = load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"),
+                      ["DATASETS.REGISTER", f"[['from_config', '{json_path}', '{sample[1]}']]",
+                       "DATASETS.TEST", "('from_config',)"])
+    assert sorted(MetadataCatalog.get("from_config").thing_classes) == names
+    assert len(DatasetCatalog.get("from_config")) == len(sample[0]["images"])
+    with pytest.raises(ConfigError, match=r"DATASETS.REGISTER entries must be \[NAME, JSON, IMAGE_ROOT\]"):
+        load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), ["DATASETS.REGISTER", "[['x']]"])
+    assert cfg.DATASETS.TEST == ("from_config",)

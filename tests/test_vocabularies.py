@@ -141,3 +141,34 @@ def test_unknown_name():
 def test_custom_with_builtin_is_rejected():
     with pytest.raises(ValueError, match="custom"):
         get_vocabulary("coco", "a,b")
+
+
+@pytest.mark.parametrize("raw,released,natural", [
+    ("aerosol_can", "aerosol_can", "aerosol can"),
+    ("bow_(weapon)", "bow_(weapon)", "bow (weapon)"),
+    ("Cabinet/shelf", "Cabinet/shelf", "Cabinet or shelf"),
+    ("Glasses / sunglasses", "Glasses / sunglasses", "Glasses or sunglasses"),
+    ("wall-other-merged", "wall", "wall"),
+    ("tissue ", "tissue ", "tissue"),
+])
+def test_class_name_styles(raw, released, natural):
+    from regionspot.data.vocabularies import clean_class_name
+
+    assert clean_class_name(raw) == released and clean_class_name(raw, "released") == released
+    assert clean_class_name(raw, "natural") == natural
+
+
+def test_the_model_and_the_dump_tool_encode_the_styled_names(tiny_cfg, monkeypatch):
+    """CLASS_NAME_STYLE natural: the text encoder sees "aerosol can", the vocabulary keeps "aerosol_can"."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tiny_cfg)
+    model.class_name_style = "natural"
+    seen = []
+    import regionspot.modeling.meta_arch as meta_arch
+
+    original = meta_arch.load_or_compute_text_embeddings
+    monkeypatch.setattr(meta_arch, "load_or_compute_text_embeddings",
+                        lambda clip_model, names, **kw: seen.append(list(names)) or original(clip_model, names, **kw))
+    model.set_vocabulary(["aerosol_can", "bow_(weapon)"])
+    assert seen == [["aerosol can", "bow (weapon)"]] and model.class_names == ["aerosol_can", "bow_(weapon)"]

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from regionspot.data.datasets.user import register_from_args
-    from regionspot.data.vocabularies import vocabulary_by_name
+    from regionspot.data.vocabularies import names_for_text, vocabulary_by_name
     from regionspot.io import atomic_write
     from regionspot.modeling import text_embeddings as te
     from regionspot.modeling.weights import WeightsError, load_clip
@@ -187,13 +187,15 @@ def run(args: argparse.Namespace) -> int:
     clip_model = clip_model.to(device)
 
     templates = list(te.PROMPT_TEMPLATES)
+    # the texts the model encodes for these names (MODEL.REGIONSPOT.CLASS_NAME_STYLE), so its cache key
+    texts = names_for_text(names, rs.CLASS_NAME_STYLE)
     print(f"vocabulary {args.vocabulary}: {len(names)} classes x {len(templates)} templates = "
           f"{len(names) * len(templates)} prompts; CLIP {clip_path} on {device}")
     if cache_dir is not None:
-        cache_file = te._cache_path(os.path.expanduser(cache_dir), weights_id, names, templates)
+        cache_file = te._cache_path(os.path.expanduser(cache_dir), weights_id, texts, templates)
         print(f"cache file: {cache_file} ({'exists' if os.path.exists(cache_file) else 'new'})")
     start = time.perf_counter()
-    emb = te.load_or_compute_text_embeddings(clip_model, names, weights_id=weights_id, cache_dir=cache_dir,
+    emb = te.load_or_compute_text_embeddings(clip_model, texts, weights_id=weights_id, cache_dir=cache_dir,
                                              templates=templates, batch_size=batch_size)
     print(f"embeddings {tuple(emb.shape)} float32 in {time.perf_counter() - start:.1f} s")
     if args.output:

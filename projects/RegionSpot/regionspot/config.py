@@ -41,6 +41,10 @@ def add_regionspot_config(cfg: CN) -> None:
     # "lvis", "coco", "objects365", or "custom" with CUSTOM_VOCABULARY "a,b,c".
     rs.VOCABULARY = "dataset"
     rs.CUSTOM_VOCABULARY = ""
+    # How a class name becomes the text of its prompts (data/vocabularies.py, clean_class_name):
+    # "released" (the released weights' text: suffixes -other/-merged/-stuff removed) or
+    # "natural" (also underscores -> spaces, "a/b" -> "a or b"). Training and inference share it.
+    rs.CLASS_NAME_STYLE = "released"
     # Text embeddings: disk cache keyed by CLIP weights, vocabulary and templates
     # ("" disables it); prompts encoded per batch.
     rs.TEXT_CACHE_DIR = "~/.cache/regionspot/text_embeddings"
@@ -104,6 +108,9 @@ def add_regionspot_config(cfg: CN) -> None:
     # of its class in a hierarchy (V3Det).
     rs.IGNORE_UNVERIFIED_NEGATIVES = False
     rs.IGNORE_ANCESTOR_NEGATIVES = False
+    # Your own COCO/LVIS-format datasets from the config alone: [[NAME, JSON, IMAGE_ROOT], ...],
+    # registered by load_config (the same as --register NAME JSON IMAGE_ROOT on the command line).
+    cfg.DATASETS.REGISTER = []
     # Sampling weight of each DATASETS.TRAIN dataset (empty: every image equally likely); a
     # batch may mix datasets, each image scored against its own dataset's vocabulary.
     cfg.DATALOADER.DATASET_RATIO = []
@@ -168,7 +175,7 @@ def check_config(cfg: CN) -> None:
         ConfigError: a size or count that must be positive, a probability or threshold outside
             its range, or a name that is not among the allowed values.
     """
-    from .data.vocabularies import BUILTIN_VOCABULARIES
+    from .data.vocabularies import BUILTIN_VOCABULARIES, CLASS_NAME_STYLES
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.proposals import PROPOSAL_SOURCES
@@ -209,6 +216,7 @@ def check_config(cfg: CN) -> None:
         "MODEL.REGIONSPOT.PROPOSAL_FILE_FORMAT": (rs.PROPOSAL_FILE_FORMAT, ("auto",) + PROPOSAL_FILE_FORMATS),
         "MODEL.REGIONSPOT.RPN_INPUT_FORMAT": (rs.RPN_INPUT_FORMAT, RPN_INPUT_FORMATS),
         "MODEL.REGIONSPOT.VOCABULARY": (rs.VOCABULARY, ("dataset",) + BUILTIN_VOCABULARIES + ("custom",)),
+        "MODEL.REGIONSPOT.CLASS_NAME_STYLE": (rs.CLASS_NAME_STYLE, CLASS_NAME_STYLES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -249,5 +257,21 @@ def load_config(config_file: str, opts=()) -> CN:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     check_config(cfg)
+    register_config_datasets(cfg)
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     return cfg
+
+
+def register_config_datasets(cfg: CN) -> None:
+    """Register the ``DATASETS.REGISTER`` datasets ([[NAME, JSON, IMAGE_ROOT], ...]).
+
+    Raises:
+        ConfigError: an entry that is not three strings.
+        InputError: a missing or malformed json, a missing image folder, a name taken.
+    """
+    from .data.datasets.user import register_dataset
+
+    for entry in cfg.DATASETS.REGISTER:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) for v in entry)):
+            raise ConfigError(f"DATASETS.REGISTER entries must be [NAME, JSON, IMAGE_ROOT], got {entry!r}")
+        register_dataset(*entry)

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "duplicate_groups", "clean_class_name"]
+__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "duplicate_groups", "clean_class_name", "names_for_text", "CLASS_NAME_STYLES"]
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365", "objects365_v1")
 
@@ -32,24 +32,34 @@ def _valid_names() -> str:
 _STRIPPED_SUFFIXES = ("-other", "-merged", "-stuff")
 
 
-def clean_class_name(name: str) -> str:
-    """Return the text put into the prompt templates for one class name.
+CLASS_NAME_STYLES = ("released", "natural")
 
-    Removes the trailing suffixes ``-other``, ``-merged`` and ``-stuff`` (repeatedly, so
-    ``"wall-other-merged"`` becomes ``"wall"``); nothing else is changed (no lower-casing, no
-    underscore replacement, no whitespace stripping: CLIP's tokenizer already lower-cases and
-    collapses whitespace).
 
-    Source: the released implementation applies ``.replace('-other', '')``,
-    ``.replace('-merged', '')`` and ``.replace('-stuff', '')`` to every name and nothing else.
-    Stripping only *trailing* suffixes gives the same text for every such dataset name
-    without mangling a name that merely contains e.g. ``"-stuff"`` in the middle.
+def clean_class_name(name: str, style: str = "released") -> str:
+    """Return the text put into the prompt templates for one class name: the one class-name
+    cleaning, shared by training and inference (``MODEL.REGIONSPOT.CLASS_NAME_STYLE``).
+
+    - ``"released"`` (default; what the released weights were trained with): removes the
+      trailing suffixes ``-other``, ``-merged`` and ``-stuff`` (repeatedly, so
+      ``"wall-other-merged"`` becomes ``"wall"``) and nothing else (CLIP's tokenizer already
+      lower-cases and collapses whitespace). The released code applies
+      ``.replace('-other', '')`` etc. to every name; stripping only *trailing* suffixes gives the
+      same text for every such dataset name without mangling one that merely contains them.
+    - ``"natural"``: also reads the names as words: underscores become spaces (LVIS's
+      ``"aerosol_can"`` -> ``"aerosol can"``, ``"bow_(weapon)"`` -> ``"bow (weapon)"``: the
+      parenthesised sense is kept, it tells CLIP which meaning), ``"a/b"`` alternatives become
+      ``"a or b"`` (Objects365's ``"Cabinet/shelf"`` -> ``"Cabinet or shelf"``), whitespace is
+      collapsed. LVIS's synonyms need nothing more: Detectron2 names each LVIS class by its
+      first synonym, the vocabulary's names.
 
     Raises:
         TypeError: ``name`` is not a ``str``.
+        ValueError: an unknown ``style``.
     """
     if not isinstance(name, str):
         raise TypeError(f"class name must be a str, got {type(name).__name__}: {name!r}")
+    if style not in CLASS_NAME_STYLES:
+        raise ValueError(f"MODEL.REGIONSPOT.CLASS_NAME_STYLE must be one of {CLASS_NAME_STYLES}, got {style!r}")
     changed = True
     while changed:
         changed = False
@@ -57,7 +67,18 @@ def clean_class_name(name: str) -> str:
             if name.endswith(suffix):
                 name = name[: -len(suffix)]
                 changed = True
+    if style == "natural":
+        name = name.replace("_", " ")
+        name = " or ".join(part.strip() for part in name.split("/") if part.strip()) or name
+        name = " ".join(name.split())
     return name
+
+
+def names_for_text(class_names: Sequence[str], style: str = "released") -> List[str]:
+    """The names to hand to the text encoder for a ``CLASS_NAME_STYLE``: as they are for
+    "released" (the encoder applies that cleaning itself, so cache keys stay the names), cleaned
+    with :func:`clean_class_name` for any other style. Used by the model and the dump tool alike."""
+    return list(class_names) if style == "released" else [clean_class_name(n, style) for n in class_names]
 
 
 def _text_key(name: str) -> str:

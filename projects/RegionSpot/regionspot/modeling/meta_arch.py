@@ -28,7 +28,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from ..data.vocabularies import check_vocabulary, duplicate_groups, get_vocabulary, vocabulary_by_name
+from ..data.vocabularies import (check_vocabulary, duplicate_groups, get_vocabulary, names_for_text,
+                                 vocabulary_by_name)
 from .head import RegionSpotHead, region_logits
 from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
@@ -202,6 +203,7 @@ class RegionSpot(nn.Module):
         sam_auto_settings: Optional[Dict[str, object]] = None,
         ignore_unverified_negatives: bool = False,
         ignore_ancestor_negatives: bool = False,
+        class_name_style: str = "released",
     ):
         super().__init__()
         self.position = SamPositionTokens(sam, token_source, box_chunk_size)
@@ -237,6 +239,7 @@ class RegionSpot(nn.Module):
         self.training_vocabularies: Dict[str, Vocabulary] = {}
         self.ignore_unverified_negatives = ignore_unverified_negatives
         self.ignore_ancestor_negatives = ignore_ancestor_negatives
+        self.class_name_style = class_name_style
 
     @classmethod
     def from_config(cls, cfg):
@@ -279,6 +282,7 @@ class RegionSpot(nn.Module):
             sam_auto_settings=SamAutoProposalGenerator.settings_from_config(cfg),
             ignore_unverified_negatives=rs.IGNORE_UNVERIFIED_NEGATIVES,
             ignore_ancestor_negatives=rs.IGNORE_ANCESTOR_NEGATIVES,
+            class_name_style=rs.CLASS_NAME_STYLE,
         )
 
     @property
@@ -299,8 +303,9 @@ class RegionSpot(nn.Module):
     def encode_vocabulary(self, class_names: Sequence[str]) -> torch.Tensor:
         """Text embeddings of a vocabulary: the classifier RegionSpot scores regions against.
 
-        CLIP's text tower with the prompt ensemble (``text_embeddings.py``), read from or
-        written to the disk cache (``TEXT_CACHE_DIR``). Call it once per vocabulary, outside
+        CLIP's text tower with the prompt ensemble (``text_embeddings.py``) on the names as
+        ``CLASS_NAME_STYLE`` cleans them, read from or written to the disk cache
+        (``TEXT_CACHE_DIR``). Call it once per vocabulary, outside
         the forward; it does not change the model.
 
         Args:
@@ -313,8 +318,9 @@ class RegionSpot(nn.Module):
             ValueError / TypeError: not a valid vocabulary (empty, blank or duplicate names).
         """
         names = check_vocabulary(class_names, allow_duplicates=True)
+        texts = names_for_text(names, self.class_name_style)  # CLASS_NAME_STYLE
         emb = load_or_compute_text_embeddings(
-            self.semantic.clip, names, weights_id=self.clip_weights_id,
+            self.semantic.clip, texts, weights_id=self.clip_weights_id,
             cache_dir=self.text_cache_dir, batch_size=self.text_batch_size,
         )
         return emb.to(self.device)

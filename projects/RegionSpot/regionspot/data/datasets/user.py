@@ -1,8 +1,8 @@
 """A user's own LVIS- or COCO-format dataset (a json file and an image folder), registered in
 Detectron2's catalog from the command line: ``--register NAME JSON IMAGE_ROOT``.
 
-The format is recognised from the json (LVIS: images carry ``neg_category_ids`` /
-``not_exhaustive_category_ids`` or categories a ``frequency``; otherwise COCO). The vocabulary
+The format is recognised from the json (LVIS: the categories carry LVIS's ``frequency``, which
+the LVIS evaluator needs; otherwise COCO). The vocabulary
 is the json's categories, in category-id order, set in the metadata at registration so that
 everything that needs it (evaluation, the demo, the text-embedding tool) has it before any
 image is loaded. Evaluation uses the LVIS evaluator (AP, APr, APc, APf) for LVIS files and
@@ -26,12 +26,10 @@ FORMATS = ("lvis", "coco")
 
 
 def detect_json_format(data: dict) -> str:
-    """"lvis" or "coco" from a dataset json's content (see the module docstring)."""
-    images = data.get("images") or []
+    """"lvis" when the categories carry LVIS's ``frequency`` (what APr/APc/APf and the LVIS
+    evaluator need), else "coco"."""
     categories = data.get("categories") or []
-    if images and any(k in images[0] for k in ("neg_category_ids", "not_exhaustive_category_ids")):
-        return "lvis"
-    return "lvis" if categories and "frequency" in categories[0] else "coco"
+    return "lvis" if categories and all("frequency" in c for c in categories) else "coco"
 
 
 def read_dataset_json(json_file: str) -> dict:
@@ -107,7 +105,9 @@ def load_dataset_json(json_file: str, image_root: str, extra_image_keys: Sequenc
         One dict per image: ``file_name``, ``height``, ``width``, ``image_id``, LVIS's
         ``neg_category_ids`` / ``not_exhaustive_category_ids`` when present, and
         ``annotations`` with ``bbox`` (XYWH_ABS pixels of the original image), ``bbox_mode``,
-        ``category_id`` (contiguous, in ``thing_classes`` order) and ``iscrowd``.
+        ``category_id`` (contiguous, in ``thing_classes`` order) and ``iscrowd``. Annotations
+        of zero or negative width or height are skipped, counted in a logged warning (large
+        datasets have a few; there is no region to recognise).
 
     Raises:
         InputError: see :func:`read_dataset_json`; an annotation of an unknown image or category.
@@ -134,14 +134,23 @@ def dataset_dicts_from_json_data(data: dict, json_file: str, image_root: str,
             if key in img:
                 record[key] = img[key]
         records[img["id"]] = record
+    degenerate = []
     for ann in data["annotations"]:
         if ann["image_id"] not in records:
             raise InputError(f"{json_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
         if ann["category_id"] not in to_contiguous:
-            raise InputError(f"{json_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+            raise InputError(f"{json_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, which is "
+                             f"not in 'categories'")
+        bbox = [float(v) for v in ann["bbox"]]
+        if len(bbox) != 4 or not (bbox[2] > 0 and bbox[3] > 0):
+            degenerate.append(ann.get("id"))  # zero or negative size: no region to recognise
+            continue
         records[ann["image_id"]]["annotations"].append({
-            "bbox": [float(v) for v in ann["bbox"]], "bbox_mode": BoxMode.XYWH_ABS,
+            "bbox": bbox, "bbox_mode": BoxMode.XYWH_ABS,
             "category_id": to_contiguous[ann["category_id"]], "iscrowd": int(ann.get("iscrowd", 0))})
+    if degenerate:
+        logger.warning("%s: %d annotation(s) with zero or negative width/height skipped (ids %s%s)", json_file,
+                       len(degenerate), degenerate[:10], ", ..." if len(degenerate) > 10 else "")
     return list(records.values())
 
 
