@@ -173,7 +173,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_cache(tool, sam_path, data, 
     tc.SamTokenCache(str(out), "tok_kill", identity).verify(data[2])
 
 
-def test_two_processes_through_detectron2s_launcher(tool, sam_path, data, reference_cache, identity, tmp_path,
+def test_two_processes_through_the_launcher(tool, sam_path, data, reference_cache, identity, tmp_path,
                                                     capsys):
     """``--num-gpus 2`` on a CPU machine: two processes (gloo), disjoint shards, rank 0's manifest.
     Each process runs SAM on half the cores; where that thread count differs from the one-process

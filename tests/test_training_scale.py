@@ -157,12 +157,18 @@ def test_training_two_datasets_and_resuming_continues_the_data_order(tmp_path, s
 
 
 @pytest.mark.skipif(not hasattr(torch, "autocast"), reason="needs torch.autocast")
-def test_bfloat16_mixed_precision_training_on_the_cpu(tmp_path, sam_path, clip_path, two_datasets, monkeypatch):
+def test_bfloat16_mixed_precision_training_on_the_cpu(tmp_path, sam_path, clip_path, two_datasets, monkeypatch,
+                                                      caplog):
+    import logging
+
     monkeypatch.chdir(REPO)
     out = str(tmp_path / "amp")
     argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "3", "SOLVER.AMP.ENABLED", "True",
                  "SOLVER.AMP.PRECISION", "bfloat16")
-    train_net.main(train_net.get_parser().parse_args(argv))
+    with caplog.at_level(logging.INFO, logger="regionspot.train"):
+        train_net.main(train_net.get_parser().parse_args(argv))
+    progress = [r.getMessage() for r in caplog.records if r.name == "regionspot.train"]
+    assert progress and all(k in progress[-1] for k in ("iter 3/3", "it/s", "images/s", "ETA", "total_loss"))
     losses = [json.loads(line)["total_loss"] for line in open(os.path.join(out, "metrics.json")) if "total_loss" in line]
     assert losses and all(l == l and l > 0 for l in losses)  # finite, not NaN
     if not torch.cuda.is_available():
