@@ -47,7 +47,7 @@ def test_report_header(report):
     assert s["image_size"] == [480, 640] and s["original_size"] == [480, 640]
     assert s["num_boxes"] == [1, 10] and s["models"] == ["small"]
     assert s["repeats"] == 2 and s["warmup"] == 1 and s["quick"] is True
-    assert s["amp_requested"] is False and s["amp_effective"] is False
+    assert s["precision"] == "float32" and s["encoder_dtype"] == "float32" and s["sam_attention"] == "sdpa"
     assert s["mask_on"] is True and s["num_classes"] == 1203 and s["test_topk"] == 900
     assert list(report["configs"]) == ["small"]
 
@@ -129,3 +129,67 @@ def test_mask_output_memory_does_not_grow_with_pairs(report):
         assert _positive_finite(case["postprocess_ms"]) and _positive_finite(case["rle_encode_ms"])
         assert isinstance(case["peak_increase_bytes"], int)
     assert report["settings"]["mask_image_size"] == [480, 640] and report["settings"]["mask_pairs"] == 900
+
+
+@pytest.fixture(scope="module")
+def e2e_report(tool, tmp_path_factory):
+    """The end-to-end mode on the small model: plain vs fast (batched, SDPA, tokens only,
+    resizes in the loader) vs bfloat16, through the loader, the model and the LVIS evaluator."""
+    folder = tmp_path_factory.mktemp("e2e")
+    path = folder / "e2e.json"
+    argv = ["--end-to-end", "--quick", "--device", "cpu", "--threads", "1", "--runs", "plain,fast,bf16",
+            "--workers", "1", "--data-dir", str(folder / "data"), "--output", str(path), "--quiet"]
+    assert tool.main(argv) == 0
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_end_to_end_fast_path_gives_the_plain_results(e2e_report):
+    s = e2e_report["settings"]
+    assert e2e_report["schema"] == "regionspot-benchmark-e2e/1"
+    assert s["model"] == "small" and s["images"] == 4 and s["num_classes"] == 1203 and s["batch_size"] == 2
+    plain, fast, bf16 = (e2e_report["runs"][k] for k in ("plain", "fast", "bf16"))
+    assert plain["settings"] == dict(batch=1, precision="float32", attention="official", always_masks=True,
+                                     compile=False, worker_resize=False)
+    assert fast["settings"] == dict(batch=2, precision="float32", attention="sdpa", always_masks=False,
+                                    compile=False, worker_resize=True)
+    for run in (plain, fast, bf16):
+        assert run["images"] == 4 and _positive_finite(run["images_per_second"])
+        assert run["images_per_second"] == pytest.approx(4 / run["loop_s"])
+        assert set(run["stages_s"]) == {"data_wait", "sam_image_encoder", "clip_semantic", "proposals",
+                                        "sam_prompt_decoder", "head", "postprocess", "evaluator_process"}
+        assert sum(run["stages_s"].values()) <= run["loop_s"] * 1.05
+        assert all(_positive_finite(run["stages_s"][k]) for k in ("sam_image_encoder", "clip_semantic", "head"))
+        assert set(run["results"]["bbox"]) >= {"AP", "APr", "APc", "APf"}
+    # the exact fast path: float rounding only, the same labels and the same AP
+    d = fast["deviation"]
+    assert d["against"] == "plain" and d["boxes"] == 40
+    assert d["tokens_max_abs"] < 1e-4 * d["tokens_max_abs_reference"]
+    assert d["logits_max_abs"] < 1e-4 * d["logits_max_abs_reference"]
+    assert d["top1_changed"] == 0 and d["ap_max_abs"] < 1e-4
+    assert fast["speedup"] == pytest.approx(fast["images_per_second"] / plain["images_per_second"])
+    # bfloat16 encoders do change the numbers (measured, reported, off by default)
+    assert bf16["deviation"]["tokens_max_abs"] > 1e-4
+
+
+def test_end_to_end_workload_is_lvis_like(e2e_report):
+    """The synthetic workload: LVIS format (1203 categories with LVIS v1's r/c/f split), the
+    requested boxes per image, JPEG photos of COCO sizes."""
+    import benchmark_e2e  # on sys.path once tools/benchmark.py is loaded
+
+    from regionspot.data.datasets.user import read_dataset_json
+
+    json_path = e2e_report["settings"]["data_json"]
+    data = read_dataset_json(json_path)
+    assert len(data["images"]) == 4 and len(data["annotations"]) == 40 and len(data["categories"]) == 1203
+    freq = [c["frequency"] for c in data["categories"]]
+    assert (freq.count("r"), freq.count("c"), freq.count("f")) == (337, 461, 405)
+    for img in data["images"]:
+        assert (img["height"], img["width"]) in benchmark_e2e.PHOTO_SIZES
+        path = os.path.join(os.path.dirname(json_path), "images", img["file_name"])
+        with open(path, "rb") as f:
+            assert f.read(2) == b"\xff\xd8"  # JPEG
+    for ann in data["annotations"]:
+        img = data["images"][ann["image_id"] - 1]
+        x, y, w, h = ann["bbox"]
+        assert w >= 8 and h >= 8 and x >= 0 and y >= 0 and x + w <= img["width"] + 0.01 and y + h <= img["height"] + 0.01

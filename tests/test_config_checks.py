@@ -49,6 +49,10 @@ def test_unknown_device_is_named():
     ("MODEL.REGIONSPOT.VOCABULARY", "'imagenet'", "MODEL.REGIONSPOT.VOCABULARY must be one of"),
     ("MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE", "0", "SAM_AUTO.POINTS_PER_SIDE must be positive"),
     ("TEST.DETECTIONS_PER_IMAGE", "0", "TEST.DETECTIONS_PER_IMAGE must be positive"),
+    ("TEST.IMS_PER_BATCH", "-1", "TEST.IMS_PER_BATCH must be positive, or 0"),
+    ("MODEL.REGIONSPOT.ENCODER_PRECISION", "'half'", "MODEL.REGIONSPOT.ENCODER_PRECISION must be one of"),
+    ("MODEL.REGIONSPOT.SAM_ATTENTION", "'flash'", "MODEL.REGIONSPOT.SAM_ATTENTION must be one of"),
+    ("MODEL.REGIONSPOT.SAM_INPUT_SIZE", "0", "MODEL.REGIONSPOT.SAM_INPUT_SIZE must be positive"),
 ])
 def test_bad_values_are_named_at_load_time(key, value, expected):
     with pytest.raises(ConfigError, match=expected):

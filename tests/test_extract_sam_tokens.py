@@ -42,10 +42,13 @@ def tool():
 
 @pytest.fixture(scope="module")
 def position(sam_path):
+    from regionspot.modeling.fast_attention import set_sam_attention
     from regionspot.modeling.position_tokens import SamPositionTokens
     from regionspot.modeling.weights import load_sam
 
-    return SamPositionTokens(load_sam(sam_path))
+    sam = load_sam(sam_path)
+    set_sam_attention(sam.image_encoder, "sdpa")  # what the tool runs (SAM_ATTENTION's default)
+    return SamPositionTokens(sam)
 
 
 @pytest.fixture(scope="module")

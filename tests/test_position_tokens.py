@@ -5,7 +5,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from regionspot.modeling.position_tokens import SamPositionTokens
+from regionspot.modeling.position_tokens import TOKEN_SOURCES, SamPositionTokens
 from regionspot.modeling.weights import load_sam
 
 
@@ -99,3 +99,52 @@ def test_no_boxes(sam, image):
 def test_unknown_token_source(sam):
     with pytest.raises(ValueError, match="token_source"):
         SamPositionTokens(sam, token_source="iou_token")
+
+
+@pytest.mark.parametrize("source", TOKEN_SOURCES)
+def test_tokens_without_masks_are_the_same_tokens(sam, image, source):
+    tokens = SamPositionTokens(sam, token_source=source)
+    pixels, _ = tokens.preprocess(torch.from_numpy(image).permute(2, 0, 1))
+    with torch.no_grad():
+        embedding = tokens.encode_images(pixels[None])[0]
+        full = tokens(embedding, BOXES, image.shape[:2])
+        fast = tokens(embedding, BOXES, image.shape[:2], with_masks=False)
+    assert fast.low_res_masks is None and fast.iou_predictions is None
+    torch.testing.assert_close(fast.tokens, full.tokens, rtol=0, atol=1e-6)
+
+
+def test_boxes_of_several_images_share_decoder_calls(sam, image, monkeypatch):
+    """One batch of 3 images (sizes differ, one without boxes) in chunks that straddle images
+    gives each image what it gets alone."""
+    rng = np.random.RandomState(1)
+    images = [image, (rng.rand(200, 150, 3) * 255).astype(np.uint8), image[:, ::-1].copy()]
+    boxes = [BOXES, torch.zeros(0, 4), BOXES[:2] * 0.5]
+    tokens = SamPositionTokens(sam, box_chunk_size=2)
+    with torch.no_grad():
+        pixels = torch.stack([tokens.preprocess(torch.from_numpy(im).permute(2, 0, 1))[0] for im in images])
+        embeddings = tokens.encode_images(pixels)
+        calls = []
+        original = sam.prompt_encoder.forward
+        monkeypatch.setattr(sam.prompt_encoder, "forward", lambda **kw: calls.append(len(kw["boxes"])) or original(**kw))
+        batched = tokens.prompt(embeddings, boxes, [im.shape[:2] for im in images])
+        assert calls == [2, 2, 1]  # 5 boxes of 3 images, 2 per call: not one call per image
+        monkeypatch.undo()
+        alone = [tokens(e, b, im.shape[:2]) for e, b, im in zip(embeddings, boxes, images)]
+    for got, want, b in zip(batched, alone, boxes):
+        assert got.tokens.shape == (len(b), 256) and got.low_res_masks.shape[0] == len(b)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+def test_mapper_resize_is_used_and_equals_the_models(sam, image):
+    from regionspot.modeling.position_tokens import resize_for_sam
+
+    tokens = SamPositionTokens(sam)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)
+    resized = resize_for_sam(tensor, tokens.input_size)
+    assert resized.dtype == torch.uint8 and max(resized.shape[-2:]) == tokens.input_size
+    own, size = tokens.preprocess(tensor)
+    given, given_size = tokens.preprocess(torch.zeros(3, 1, 1, dtype=torch.uint8), resized=resized)
+    assert torch.equal(own, given) and size == given_size
+    wrong = resize_for_sam(tensor, tokens.input_size // 2)  # another SAM's size: ignored, resized again
+    assert torch.equal(tokens.preprocess(tensor, resized=wrong)[0], own)

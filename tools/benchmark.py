@@ -2,7 +2,7 @@
 """Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU.
 
     python tools/benchmark.py [--device cpu|cuda] [--models small,bb,bl] [--num-boxes 1,10,100]
-                              [--repeats R] [--warmup W] [--amp] [--output FILE] [--quick]
+                              [--repeats R] [--warmup W] [--precision P] [--attention A] [--output FILE] [--quick]
 
 What is measured
 ----------------
@@ -41,8 +41,11 @@ masks were shared; computed, not run), the peak memory increase during post-proc
 ``max_memory_allocated``; CPU: resident set size sampled every 0.5 ms) and the time to
 RLE-encode the masks as the evaluator does (each distinct mask once).
 
-The encoders run under the model's own autocast context (fp16 with ``--amp`` on CUDA, i.e.
-``encoder_amp=True``; autocast is never used on the CPU, so ``amp_effective`` is false there).
+The encoders run at ``--precision`` (the model's ``ENCODER_PRECISION``: float32 by default
+here; "auto" is float16 on CUDA, float32 on the CPU) with SAM's attention ``--attention``
+(``SAM_ATTENTION``); ``settings.encoder_dtype`` records the precision used. The end-to-end
+mode (``--end-to-end``: the evaluation loop with loader and evaluator, plain vs fast path in
+one process, with their deviations) is described in ``tools/benchmark_e2e.py``.
 
 Each time is the MEDIAN over ``repeats`` timed runs that follow ``warmup`` untimed runs; on
 CUDA the device is synchronised before and after every stage, so a stage's time is its own.
@@ -107,6 +110,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmark_e2e.py
 
 import torch  # noqa: E402
 
@@ -164,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=parse_size, default=None, help="HxW of the test image (default 800x1066)")
     p.add_argument("--original-size", type=parse_size, default=None,
                    help="HxW results are reported at (default 480x640)")
-    p.add_argument("--amp", action="store_true", help="frozen encoders under CUDA autocast fp16 (encoder_amp)")
+    p.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="precision of the frozen encoders (ENCODER_PRECISION; default float32)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "official"),
+                   help="SAM image-encoder attention (SAM_ATTENTION; default sdpa)")
     p.add_argument("--no-masks", action="store_true", help="mask_on=False: no mask pasting in post-processing")
     p.add_argument("--vocabulary", default="lvis", choices=("lvis", "coco", "objects365"),
                    help="classes to score against (default lvis, 1203 classes)")
@@ -182,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json)")
     p.add_argument("--quick", action="store_true",
                    help="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
+    e = p.add_argument_group("end-to-end mode (tools/benchmark_e2e.py)")
+    e.add_argument("--end-to-end", action="store_true",
+                   help="the evaluation loop (loader, model, evaluator) on a synthetic LVIS-val-like workload, "
+                        "plain vs fast paths in one process")
+    e.add_argument("--images", type=int, default=None, help="images of the workload (default: CPU 8, CUDA 1024)")
+    e.add_argument("--boxes-per-image", type=int, default=10, help="ground-truth boxes per synthetic image (10)")
+    e.add_argument("--batch-size", type=int, default=None, help="TEST.IMS_PER_BATCH of the batched runs "
+                                                                "(default: CPU 2, CUDA 32)")
+    e.add_argument("--runs", default=None, help="comma-separated runs (default: CPU plain,fast,fast_bf16; CUDA "
+                                                "plain,fast,fast_bf16,fast_fp16); see tools/benchmark_e2e.py")
+    e.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the encoders in the fast runs (default)")
+    e.add_argument("--no-compile", dest="compile", action="store_false")
+    e.add_argument("--dataset", default=None, help="a registered dataset instead of the synthetic one "
+                                                   "(e.g. regionspot_sample)")
+    e.add_argument("--workers", type=int, default=None, help="data-loader workers (default: CPU 1, CUDA 8)")
+    e.add_argument("--data-dir", default=None, help="where the synthetic workload is written (and reused)")
+    e.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest fast batch that fits")
+    e.add_argument("--max-batch", type=int, default=512, help="upper bound of --find-max-batch")
+    e.add_argument("--quiet", action="store_true", help="no per-batch progress lines from Detectron2")
     return p
 
 
@@ -191,6 +218,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.end_to_end:
+        return resolve_end_to_end(args, parser)
     for name in ("repeats", "warmup", "text_classes", "test_topk", "box_chunk_size", "threads", "mask_pairs"):
         value = getattr(args, name)
         low = 1 if name in ("repeats", "test_topk", "box_chunk_size", "threads", "mask_pairs") else 0
@@ -213,6 +242,39 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         args.text_classes = 0 if args.device == "cuda" else 1
     if args.output is None:
         args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_{args.device}.json")
+    return args
+
+
+def resolve_end_to_end(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Defaults of the end-to-end mode (explicit flags > --quick > per device)."""
+    import benchmark_e2e
+
+    cuda = args.device == "cuda"
+    models = args.models or (["small"] if args.quick else ["bb"])
+    if len(models) != 1:
+        parser.error("--end-to-end measures one model per run: give one of --models")
+    args.model = models[0]
+    if args.quick:
+        args.images = args.images or 4
+        args.batch_size = args.batch_size or 2
+        args.compile = False if args.compile is None else args.compile
+    args.images = args.images or (1024 if cuda else 8)
+    args.batch_size = args.batch_size or (32 if cuda else 2)
+    args.workers = (8 if cuda else 1) if args.workers is None else args.workers
+    args.compile = True if args.compile is None else args.compile
+    runs = args.runs or ("plain,fast,fast_bf16,fast_fp16" if cuda else "plain,fast,fast_bf16")
+    args.runs = [r.strip() for r in runs.split(",") if r.strip()]
+    for name in args.runs:
+        if name not in benchmark_e2e.RUN_SWITCHES:
+            parser.error(f"--runs: unknown run {name!r}; runs: {', '.join(benchmark_e2e.RUN_SWITCHES)}")
+    for name in ("images", "batch_size", "boxes_per_image"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    args.data_dir = args.data_dir or os.path.join(REPO, "output", "benchmark", "e2e_data")
+    if args.output is None:
+        args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_e2e_{args.model}_{args.device}.json")
     return args
 
 
@@ -283,7 +345,8 @@ def summary(samples: Sequence[float]) -> Dict[str, object]:
 def build_model(config: str, args: argparse.Namespace, device: torch.device):
     from regionspot.modeling.postprocess import RecognitionProtocol
 
-    model = random_regionspot(config, seed=args.seed, mask_on=not args.no_masks, encoder_amp=args.amp,
+    model = random_regionspot(config, seed=args.seed, mask_on=not args.no_masks, encoder_precision=args.precision,
+                              sam_attention=args.attention,
                               protocol=RecognitionProtocol(topk=args.test_topk), box_chunk_size=args.box_chunk_size)
     return model.to(device).eval()
 
@@ -342,7 +405,7 @@ def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], origi
             gt = Instances(tuple(image.shape[-2:]))
             gt.gt_boxes = Boxes(b)
             proposals = [proposals_from_ground_truth(gt)]
-            prompts, t_dec = timed(lambda: model.prompt_boxes(features, proposals), device)
+            prompts, t_dec = timed(lambda: model.prompt_boxes(features, proposals, model.needs_sam_masks()), device)
             recognition, t_head = timed(
                 lambda: model.recognize(features, proposals, model.text_embeddings, prompts)[0], device)
             result, t_post = timed(lambda: model.postprocess(recognition, original), device)
@@ -561,7 +624,8 @@ def format_table(report: Dict[str, object]) -> str:
     s = report["settings"]
     out = [f"RegionSpot benchmark on {report['device']['name']} ({report['device']['type']}), torch "
            f"{report['torch_version']}, {report['threads']} threads, image {s['image_size'][0]}x{s['image_size'][1]}"
-           f" -> original {s['original_size'][0]}x{s['original_size'][1]}, amp {s['amp_effective']}, "
+           f" -> original {s['original_size'][0]}x{s['original_size'][1]}, encoders {s['encoder_dtype']} "
+           f"({s['sam_attention']} attention), "
            f"masks {s['mask_on']}, {s['num_classes']} classes, top-k {s['test_topk']}",
            "times: median ms (SAM enc/CLIP per image; decoder/head/post for N boxes); "
            f"mem: {mem_kind} (MiB); RANDOM weights: speed only", ""] + lines + [""]
@@ -585,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for message in (".*pkg_resources is deprecated.*", ".*enable_nested_tensor.*",
                             ".*torch.jit.script.*deprecated.*"):
                 warnings.filterwarnings("ignore", message=message)
+            if args.end_to_end:
+                import benchmark_e2e
+
+                return benchmark_e2e.run_end_to_end(args)
             return run_benchmark(args)
     finally:
         torch.set_num_threads(previous_threads)
@@ -592,10 +660,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    amp_effective = bool(args.amp and device.type == "cuda")
-    if args.amp and not amp_effective:
-        print("note: --amp has no effect on the CPU (the model only autocasts on CUDA)", flush=True)
+    from regionspot.modeling.meta_arch import resolve_encoder_precision
 
+    encoder_dtype = str(resolve_encoder_precision(args.precision, device)).replace("torch.", "")
     from regionspot.data.vocabularies import get_vocabulary
     from regionspot.io import write_json_atomic
 
@@ -616,7 +683,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "num_boxes": list(args.num_boxes), "models": list(args.models),
             "repeats": args.repeats, "warmup": args.warmup,
             "repeats_note": "null = per-device default; the values used are in each config",
-            "amp_requested": bool(args.amp), "amp_effective": amp_effective,
+            "precision": args.precision, "encoder_dtype": encoder_dtype, "sam_attention": args.attention,
             "mask_on": not args.no_masks, "vocabulary": args.vocabulary, "num_classes": len(class_names),
             "mask_image_size": list(args.mask_image_size), "mask_pairs": args.mask_pairs,
             "test_topk": args.test_topk, "box_chunk_size": args.box_chunk_size, "seed": args.seed,

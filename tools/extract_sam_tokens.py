@@ -401,6 +401,7 @@ def _launched_main(options: Dict[str, Any]) -> None:
     from detectron2.utils import comm
 
     from regionspot.data import token_cache as tc
+    from regionspot.modeling.fast_attention import set_sam_attention
     from regionspot.modeling.position_tokens import SamPositionTokens
     from regionspot.modeling.weights import load_sam
 
@@ -415,6 +416,7 @@ def _launched_main(options: Dict[str, Any]) -> None:
     elif device.type == "cpu" and comm.get_local_size() > 1:  # share the cores, do not oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     sam = load_sam(os.path.expanduser(rs.SAM_WEIGHTS))
+    set_sam_attention(sam.image_encoder, rs.SAM_ATTENTION)  # the models' attention (same result up to rounding)
     position = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE).to(device)
     identity = tc.CacheIdentity.from_dict(options["identity"])
     if position.token_dim != identity.token_dim:

@@ -97,8 +97,23 @@ def add_regionspot_config(cfg: CN) -> None:
     rs.SAM_AUTO.CROP_N_LAYERS = 0
     rs.SAM_AUTO.MIN_MASK_REGION_AREA = 0
 
-    # Run the frozen SAM and CLIP under CUDA autocast (float16); ignored on CPU.
-    rs.ENCODER_AMP = False
+    # Speed switches (docs/speed.md; each measured against float32 by tools/benchmark.py --end-to-end).
+    # Precision of the frozen SAM and CLIP (encoders and SAM's mask decoder): "auto" = float16
+    # on CUDA (the released autocast) and float32 on the CPU; or "float32", "bfloat16", "float16".
+    rs.ENCODER_PRECISION = "auto"
+    # SAM image-encoder attention: "sdpa" (torch's scaled_dot_product_attention with the
+    # relative-position term as a bias; the official result up to float rounding) or "official".
+    rs.SAM_ATTENTION = "sdpa"
+    # torch.compile SAM's image encoder and CLIP's image tower (the first batch compiles).
+    rs.COMPILE = False
+    # The mapper makes SAM's and CLIP's resizes of each image in the data-loader workers, off the
+    # model's critical path (False: the model resizes on its device). SAM_INPUT_SIZE: SAM's input
+    # side (1024 for the official models; the model resizes again if its SAM's differs).
+    rs.LOADER_RESIZE = True
+    rs.SAM_INPUT_SIZE = 1024
+    # Images per batch at test time: SAM's and CLIP's encoders, the mask decoder and the head
+    # each run once per batch. 0: 16 on CUDA, 1 on the CPU (where batching gains nothing).
+    cfg.TEST.IMS_PER_BATCH = 0
 
     # Training data. SAM-token cache written by tools/extract_sam_tokens.py ("" runs SAM online;
     # the cache holds the tokens of every annotated box of the image and of its flip).
@@ -176,6 +191,8 @@ def check_config(cfg: CN) -> None:
             its range, or a name that is not among the allowed values.
     """
     from .data.vocabularies import BUILTIN_VOCABULARIES, CLASS_NAME_STYLES
+    from .modeling.fast_attention import SAM_ATTENTION_KINDS
+    from .modeling.meta_arch import ENCODER_PRECISIONS
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.proposals import PROPOSAL_SOURCES
@@ -191,6 +208,7 @@ def check_config(cfg: CN) -> None:
         "MODEL.REGIONSPOT.NUM_DECODER_LAYERS": rs.NUM_DECODER_LAYERS, "MODEL.REGIONSPOT.NUM_HEADS": rs.NUM_HEADS,
         "MODEL.REGIONSPOT.DIM_FEEDFORWARD": rs.DIM_FEEDFORWARD, "MODEL.REGIONSPOT.TEXT_BATCH_SIZE": rs.TEXT_BATCH_SIZE,
         "MODEL.REGIONSPOT.PROPOSAL_TOPK": rs.PROPOSAL_TOPK, "MODEL.REGIONSPOT.LOGIT_SCALE": rs.LOGIT_SCALE,
+        "MODEL.REGIONSPOT.SAM_INPUT_SIZE": rs.SAM_INPUT_SIZE,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -207,6 +225,9 @@ def check_config(cfg: CN) -> None:
     for key, (value, low, high, closed) in ranges.items():
         if not (low <= value <= high if closed else low <= value < high):
             raise ConfigError(f"{key} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value!r}")
+    if cfg.TEST.IMS_PER_BATCH < 0:
+        raise ConfigError(f"TEST.IMS_PER_BATCH must be positive, or 0 for 16 on CUDA and 1 on the CPU, "
+                          f"got {cfg.TEST.IMS_PER_BATCH}")
     if cfg.DATALOADER.NUM_WORKERS < 0 or cfg.SOLVER.MAX_ITER < 0 or rs.FOCAL_GAMMA < 0 or rs.FOCAL_NEGATIVE_CLASSES < 0:
         raise ConfigError("DATALOADER.NUM_WORKERS, SOLVER.MAX_ITER, MODEL.REGIONSPOT.FOCAL_GAMMA and "
                           "FOCAL_NEGATIVE_CLASSES must not be negative")
@@ -217,6 +238,8 @@ def check_config(cfg: CN) -> None:
         "MODEL.REGIONSPOT.RPN_INPUT_FORMAT": (rs.RPN_INPUT_FORMAT, RPN_INPUT_FORMATS),
         "MODEL.REGIONSPOT.VOCABULARY": (rs.VOCABULARY, ("dataset",) + BUILTIN_VOCABULARIES + ("custom",)),
         "MODEL.REGIONSPOT.CLASS_NAME_STYLE": (rs.CLASS_NAME_STYLE, CLASS_NAME_STYLES),
+        "MODEL.REGIONSPOT.ENCODER_PRECISION": (rs.ENCODER_PRECISION, ENCODER_PRECISIONS),
+        "MODEL.REGIONSPOT.SAM_ATTENTION": (rs.SAM_ATTENTION, SAM_ATTENTION_KINDS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

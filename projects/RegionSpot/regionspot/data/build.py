@@ -10,7 +10,7 @@ so the evaluation can report it. Every other source uses Detectron2's loader unc
 import logging
 from typing import Optional, Tuple
 
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import get_detection_dataset_dicts
 
 from ..evaluation.protocol import proposal_file_for
 from .mapper import RegionSpotDatasetMapper
@@ -26,8 +26,9 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
         dataset_name: a dataset registered in Detectron2's ``DatasetCatalog``.
 
     Returns:
-        (loader, coverage): Detectron2's test loader (batch 1, inference sampler) with
-        :class:`RegionSpotDatasetMapper`; ``coverage`` is the report of
+        (loader, coverage): the loader (:func:`build_batched_test_loader`: ``TEST.IMS_PER_BATCH``
+        images per batch, Detectron2's inference sampler) with :class:`RegionSpotDatasetMapper`;
+        ``coverage`` is the report of
         :func:`~regionspot.modeling.proposals.file.attach_proposals` with ``PROPOSALS`` "file",
         else None.
 
@@ -42,17 +43,51 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
                          'MODEL.REGIONSPOT.PROPOSALS "file" and MODEL.REGIONSPOT.PROPOSAL_FILE (or '
                          'DATASETS.PROPOSAL_FILES_TEST); leave MODEL.LOAD_PROPOSALS False')
     mapper = RegionSpotDatasetMapper(cfg, False)
+    dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     if rs.PROPOSALS != "file":
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper), None
+        return build_batched_test_loader(cfg, dicts, mapper), None
     from ..modeling.proposals.file import attach_proposals, read_proposal_file
 
     path = proposal_file_for(cfg, dataset_name)
-    dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     proposals = read_proposal_file(path, rs.PROPOSAL_FILE_FORMAT)
     coverage = attach_proposals(dicts, proposals, score_thresh=rs.PROPOSAL_SCORE_THRESH,
                                 nms_thresh=rs.PROPOSAL_NMS_THRESH, topk=rs.PROPOSAL_TOPK)
-    loader = build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
-    return loader, coverage
+    return build_batched_test_loader(cfg, dicts, mapper), coverage
+
+
+def inference_batch_size(cfg) -> int:
+    """Images per test batch: ``TEST.IMS_PER_BATCH``, or for 0, 16 on CUDA and 1 on the CPU."""
+    if cfg.TEST.IMS_PER_BATCH > 0:
+        return int(cfg.TEST.IMS_PER_BATCH)
+    return 16 if str(cfg.MODEL.DEVICE).startswith("cuda") else 1
+
+
+def build_batched_test_loader(cfg, dicts, mapper):
+    """A test loader of :func:`inference_batch_size` images per batch.
+
+    Detectron2's ``InferenceSampler`` (each process its contiguous share, every image once,
+    in order), ``DATALOADER.NUM_WORKERS`` workers that read, resize and map the images (the
+    mapper also makes SAM's and CLIP's resizes there), and pinned host memory when the model
+    runs on CUDA, so the model's copies to the GPU are asynchronous (``non_blocking``).
+
+    Args:
+        cfg: a RegionSpot config (``MODEL.DEVICE`` resolved).
+        dicts: the dataset dicts (Detectron2 standard format).
+        mapper: a callable dict -> model input.
+
+    Returns:
+        ``torch.utils.data.DataLoader`` yielding lists of at most :func:`inference_batch_size` inputs.
+    """
+    import torch
+    from detectron2.data.build import trivial_batch_collator
+    from detectron2.data.common import DatasetFromList, MapDataset
+    from detectron2.data.samplers import InferenceSampler
+
+    dataset = MapDataset(DatasetFromList(list(dicts), copy=False), mapper)
+    batches = torch.utils.data.BatchSampler(InferenceSampler(len(dataset)), inference_batch_size(cfg), drop_last=False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                       collate_fn=trivial_batch_collator,
+                                       pin_memory=str(cfg.MODEL.DEVICE).startswith("cuda"))
 
 
 def build_regionspot_train_loader(cfg, mapper=None):

@@ -24,7 +24,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from ..modeling.position_tokens import resize_for_sam
 from ..modeling.proposals import check_proposal_source
+from ..modeling.semantic_features import resize_for_clip
 from .validation import InputError, check_boxes, read_image
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,12 @@ class RegionSpotDatasetMapper(DatasetMapper):
     """Read, validate and augment one dataset dict (Detectron2 standard format).
 
     Output dict: the input's keys plus "image" ((3, H, W) uint8 RGB tensor, augmented),
-    "instances" (``gt_boxes``: XYXY_ABS pixels of the augmented image, ``gt_classes``:
+    the encoders' resizes of the image that SAM and CLIP will see, made here so that they run
+    in the data-loader workers and not on the model's critical path: "sam_input" ((3, h, w)
+    uint8, long side ``SAM_INPUT_SIZE``, :func:`~regionspot.modeling.position_tokens.resize_for_sam`;
+    not when SAM's tokens come from the cache) and "clip_input" ((3, S, S) float32 in [0, 1],
+    :func:`~regionspot.modeling.semantic_features.resize_for_clip`), both only with
+    ``LOADER_RESIZE``; "instances" (``gt_boxes``: XYXY_ABS pixels of the augmented image, ``gt_classes``:
     int64 contiguous ids) and, at test time with ``PROPOSALS`` "file", "proposals"
     (``proposal_boxes`` in the same frame, ``objectness_logits``). Annotations are boxes only
     (no masks, keypoints).
@@ -46,9 +53,13 @@ class RegionSpotDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, token_cache_dir: str = "", token_identity=None, **kwargs):
+    def __init__(self, is_train: bool, *, token_cache_dir: str = "", token_identity=None, sam_input_size: int = 0,
+                 clip_input_size: int = 0, clip_antialias: bool = False, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
+        self.sam_input_size = sam_input_size
+        self.clip_input_size = clip_input_size
+        self.clip_antialias = clip_antialias
         self.skipped_images = 0
         self.token_cache_dir = token_cache_dir if is_train else ""
         self.token_identity = token_identity
@@ -62,6 +73,9 @@ class RegionSpotDatasetMapper(DatasetMapper):
         # MODEL.LOAD_PROPOSALS; proposals are used at test time only.
         file_source = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
         ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
+        if rs.LOADER_RESIZE:
+            ret.update(sam_input_size=rs.SAM_INPUT_SIZE, clip_input_size=rs.CLIP_INPUT_SIZE,
+                       clip_antialias=rs.CLIP_RESIZE_ANTIALIAS)
         if is_train and rs.TOKEN_CACHE_DIR:
             if cfg.INPUT.RANDOM_FLIP == "vertical":
                 raise InputError("MODEL.REGIONSPOT.TOKEN_CACHE_DIR holds tokens of the image and its horizontal flip: "
@@ -111,6 +125,10 @@ class RegionSpotDatasetMapper(DatasetMapper):
         image = aug_input.image
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.clip_input_size:
+            dataset_dict["clip_input"] = resize_for_clip(dataset_dict["image"], self.clip_input_size, self.clip_antialias)
+        if self.sam_input_size and not self.is_train:
+            dataset_dict["sam_input"] = resize_for_sam(dataset_dict["image"], self.sam_input_size)
 
         if self.proposal_topk is not None:
             if "proposal_boxes" not in dataset_dict:
@@ -152,6 +170,8 @@ class RegionSpotDatasetMapper(DatasetMapper):
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
             original = original[:, ::-1]
         dataset_dict["sam_image"] = torch.as_tensor(np.ascontiguousarray(original.transpose(2, 0, 1)))
+        if self.sam_input_size:
+            dataset_dict["sam_input"] = resize_for_sam(dataset_dict["sam_image"], self.sam_input_size)
         instances.sam_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
 
     def _token_cache(self, dataset_dict: Dict):

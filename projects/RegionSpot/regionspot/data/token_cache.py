@@ -22,7 +22,7 @@ its horizontal flip:
   computes them, :func:`compute_image_tokens`, is the one the extraction tool uses (its
   batched path gives the same numbers, see ``tools/extract_sam_tokens.py``), so a training
   mapper/model can compute the same tokens online when there is no cache. SAM runs in
-  float32 (no ``ENCODER_AMP`` autocast). Tokens are computed on the original-size image, not
+  float32 (whatever ``ENCODER_PRECISION`` says). Tokens are computed on the original-size image, not
   on a training resize of it: SAM resizes every image to its own input anyway, so a mapper
   that resizes and/or flips takes the entry of the right orientation and scales only the
   boxes (token i belongs to box i). Tokens computed online on an already-resized image differ
@@ -335,7 +335,7 @@ def tokens_from_embedding(position, image_embedding: torch.Tensor, boxes: torch.
     Returns:
         (N, T) float32 on SAM's device.
     """
-    return position(image_embedding, boxes, tuple(image_size)).tokens.float()
+    return position(image_embedding, boxes, tuple(image_size), with_masks=False).tokens.float()
 
 
 @torch.no_grad()
@@ -343,7 +343,7 @@ def compute_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> torch.
     """One orientation: SAM's tokens of ``boxes`` on ``image`` at its own size.
 
     ``pixels, _ = position.preprocess(image)``; ``emb = position.encode_images(pixels[None])[0]``;
-    ``position(emb, boxes, (H, W)).tokens``.
+    ``position(emb, boxes, (H, W), with_masks=False).tokens``.
 
     Args:
         position: a ``SamPositionTokens`` (frozen SAM).

@@ -5,7 +5,7 @@ bfloat16 needs no loss scaling (and also runs on CPUs); float16 scales the loss
 (``torch.amp.GradScaler``) and unscales the gradients before the optimizer step, so that
 full-model gradient clipping (inside the optimizer's ``step``) sees true gradients, which
 Detectron2 0.6's ``AMPTrainer`` does not do. Only the head trains; the frozen encoders keep
-their own precision (``ENCODER_AMP``).
+their own precision (``ENCODER_PRECISION``).
 
 ``ProgressWriter`` logs one line per period: iteration, iterations/s, images/s, ETA, the losses
 and the learning rate, in Detectron2's event storage style.

@@ -5,10 +5,13 @@ the demo and the benchmark alike, in the order the code runs it:
 
 1. the mapper has resized/flipped the image and its boxes once (``data/mapper.py``);
 2. :meth:`RegionSpot.encode_images`: SAM embeds each image once (``position_tokens.py``) and
-   CLIP turns it into the semantic feature map (``semantic_features.py``);
+   CLIP turns it into the semantic feature map (``semantic_features.py``), the whole batch in
+   one call of each encoder, at ``ENCODER_PRECISION`` (``SAM_ATTENTION``, ``COMPILE``:
+   ``fast_attention.py``, docs/speed.md);
 3. :meth:`RegionSpot.propose`: the boxes to recognise, as Detectron2 proposals, from the
    configured source (``proposals/``: ground truth, a file, an RPN, SAM's automatic masks);
-4. :meth:`RegionSpot.recognize`: each box prompts SAM for its position-aware token; the head
+4. :meth:`RegionSpot.recognize`: each box prompts SAM for its position-aware token (all boxes
+   of the batch together, masks only when needed); the head
    cross-attends the tokens onto the feature map and projects them into CLIP's space
    (``head.py``); logits against text embeddings that were computed *before*, outside the
    forward (:meth:`RegionSpot.encode_vocabulary`, ``text_embeddings.py``);
@@ -31,6 +34,7 @@ from detectron2.structures import Boxes, Instances
 from ..data.vocabularies import (check_vocabulary, duplicate_groups, get_vocabulary, names_for_text,
                                  vocabulary_by_name)
 from .head import RegionSpotHead, region_logits
+from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
 from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, SharedMasks, class_probabilities, resize_masks, select_detections
@@ -42,6 +46,27 @@ from .text_embeddings import load_or_compute_text_embeddings, weights_fingerprin
 from .weights import load_clip, load_sam
 
 logger = logging.getLogger(__name__)
+
+ENCODER_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_encoder_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the frozen SAM and CLIP compute in (``MODEL.REGIONSPOT.ENCODER_PRECISION``).
+
+    "auto" is float16 on CUDA (the released implementation's autocast) and float32 on the CPU
+    (exact); "float32", "bfloat16" and "float16" ask for that precision on any device
+    (bfloat16 is fast on CPUs with AVX512-BF16/AMX; float16 on the CPU is slow). The
+    deviations of each from float32 are measured by ``tools/benchmark.py --end-to-end``.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"MODEL.REGIONSPOT.ENCODER_PRECISION must be one of {ENCODER_PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return _DTYPES[precision]
 
 
 def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]:
@@ -74,7 +99,7 @@ class ImageFeatures:
 
     Attributes:
         image: (3, H, W) uint8 RGB, the image as given (the mapper's resized image).
-        sam_embedding: (256, g, g) SAM image embedding (float32, float16 under autocast).
+        sam_embedding: (256, g, g) SAM image embedding (float32, or the encoder precision).
         sam_input_size: (h, w) of the image inside SAM's padded S x S input.
         semantic: (L, D) float32 CLIP semantic feature map.
     """
@@ -105,15 +130,17 @@ class RegionRecognition:
         proposals: ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded
             image), ``objectness_logits`` (and ``proposal_masks`` for ``sam_auto``).
         logits: (N, C) float32 region-vocabulary logits (``LOGIT_SCALE * cosine``).
-        iou_predictions: (N,) float32 SAM's predicted IoU of each box's mask.
-        low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution).
+        iou_predictions: (N,) float32 SAM's predicted IoU of each box's mask (None when SAM's
+            masks were not computed: neither masks nor the TAP protocol asked for them).
+        low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution),
+            or None like ``iou_predictions``.
         sam_input_size: (h, w) of the image inside SAM's padded input.
     """
 
     proposals: Instances
     logits: torch.Tensor
-    iou_predictions: torch.Tensor
-    low_res_masks: torch.Tensor
+    iou_predictions: Optional[torch.Tensor]
+    low_res_masks: Optional[torch.Tensor]
     sam_input_size: Tuple[int, int]
 
     @property
@@ -152,6 +179,9 @@ class RegionSpot(nn.Module):
     Inputs (Detectron2's batched format, one dict per image, as made by
     :class:`regionspot.data.mapper.RegionSpotDatasetMapper`):
         - "image": (3, H, W) uint8 RGB tensor (the mapper's resized image);
+        - optional "sam_input" ((3, h, w) uint8, the image resized for SAM) and "clip_input"
+          ((3, S, S) float32, resized for CLIP), made by the test mapper in the data-loader
+          workers so that no resize runs on the model's critical path;
         - "instances": ``Instances`` with ``gt_boxes`` (XYXY_ABS pixels of that image) and,
           for training, ``gt_classes`` (int64 indices into the vocabulary); the proposals at
           test time with ``PROPOSALS`` "gt";
@@ -192,7 +222,9 @@ class RegionSpot(nn.Module):
         focal_negative_classes: float = 364.0,
         protocol: Optional[RecognitionProtocol] = None,
         mask_on: bool = False,
-        encoder_amp: bool = False,
+        encoder_precision: str = "auto",
+        sam_attention: str = "sdpa",
+        compile_encoders: bool = False,
         text_cache_dir: Optional[str] = None,
         text_batch_size: int = 256,
         proposal_source: str = "gt",
@@ -218,7 +250,13 @@ class RegionSpot(nn.Module):
         self.focal_negative_classes = focal_negative_classes
         self.protocol = protocol or RecognitionProtocol()
         self.mask_on = mask_on
-        self.encoder_amp = encoder_amp
+        resolve_encoder_precision(encoder_precision, "cpu")  # checks the name
+        self.encoder_precision = encoder_precision
+        self.set_sam_attention(sam_attention)
+        # Compute SAM's masks for every box even when nothing reads them (the released
+        # behaviour; the benchmark's plain path). By default they are computed only for
+        # MASK_ON and the TAP protocol (see needs_sam_masks).
+        self.always_decode_masks = False
         self.text_cache_dir = text_cache_dir
         self.text_batch_size = text_batch_size
         self.proposal_source = check_proposal_source(proposal_source)
@@ -240,6 +278,8 @@ class RegionSpot(nn.Module):
         self.ignore_unverified_negatives = ignore_unverified_negatives
         self.ignore_ancestor_negatives = ignore_ancestor_negatives
         self.class_name_style = class_name_style
+        if compile_encoders:
+            self.compile_encoders()
 
     @classmethod
     def from_config(cls, cfg):
@@ -252,8 +292,13 @@ class RegionSpot(nn.Module):
             from .proposals.rpn import RPNProposalGenerator
 
             rpn = RPNProposalGenerator(cfg, rs.RPN_WEIGHTS, rs.RPN_INPUT_FORMAT)
+        sam = load_sam(rs.SAM_WEIGHTS)
+        if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
+            logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM's input is %d px: the loader's "
+                           "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
+                           rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
         return dict(
-            sam=load_sam(rs.SAM_WEIGHTS),
+            sam=sam,
             clip_model=load_clip(rs.CLIP_WEIGHTS),
             clip_weights_id=weights_fingerprint(rs.CLIP_WEIGHTS),
             token_source=rs.TOKEN_SOURCE,
@@ -271,7 +316,9 @@ class RegionSpot(nn.Module):
             focal_negative_classes=rs.FOCAL_NEGATIVE_CLASSES,
             protocol=RecognitionProtocol.from_config(cfg),
             mask_on=cfg.MODEL.MASK_ON,
-            encoder_amp=rs.ENCODER_AMP,
+            encoder_precision=rs.ENCODER_PRECISION,
+            sam_attention=rs.SAM_ATTENTION,
+            compile_encoders=rs.COMPILE,
             text_cache_dir=rs.TEXT_CACHE_DIR or None,
             text_batch_size=rs.TEXT_BATCH_SIZE,
             proposal_source=rs.PROPOSALS,
@@ -369,39 +416,94 @@ class RegionSpot(nn.Module):
         self.text_embeddings = text_embeddings
         self.class_names = names
 
-    # ----------------------------------------------------------------- encoders
-    def encoder_autocast(self):
-        """Autocast context of the frozen encoders: float16 on CUDA when ENCODER_AMP, else a no-op."""
-        enabled = self.encoder_amp and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+    # ----------------------------------------------------------------- speed switches
+    def set_sam_attention(self, kind: str) -> None:
+        """SAM's image-encoder attention: "sdpa" (``fast_attention.py``) or "official".
 
+        Raises:
+            ValueError: another kind.
+        """
+        if kind not in SAM_ATTENTION_KINDS:
+            raise ValueError(f"MODEL.REGIONSPOT.SAM_ATTENTION must be one of {SAM_ATTENTION_KINDS}, got {kind!r}")
+        set_sam_attention(self.position.sam.image_encoder, kind)
+        self.sam_attention = kind
+
+    def compile_encoders(self, **options) -> None:
+        """``torch.compile`` SAM's image encoder and CLIP's image tower in place
+        (``MODEL.REGIONSPOT.COMPILE``); parameter names and checkpoints are unchanged.
+
+        The first batch of each new shape compiles (about a minute on a CPU for SAM ViT-B);
+        later ones run the compiled code. ``options`` go to ``torch.compile``.
+        """
+        self.position.sam.image_encoder.compile(**options)
+        self.semantic.compile(**options)
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The precision the frozen encoders and SAM's mask decoder compute in
+        (:func:`resolve_encoder_precision` of ``encoder_precision`` on this device)."""
+        return resolve_encoder_precision(self.encoder_precision, self.device)
+
+    def encoder_autocast(self):
+        """Autocast context of the frozen SAM and CLIP at :attr:`encoder_dtype` (a no-op for float32)."""
+        dtype = self.encoder_dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def needs_sam_masks(self, protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> bool:
+        """Whether recognition must compute SAM's masks: for ``MASK_ON`` and for the TAP protocol
+        (its score uses SAM's predicted IoU); box AP with the released protocol needs tokens only."""
+        protocol = protocol or self.protocol
+        mask_on = self.mask_on if mask_on is None else mask_on
+        return self.always_decode_masks or mask_on or protocol.selection == "tap"
+
+    # ----------------------------------------------------------------- encoders
     @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor]) -> List[ImageFeatures]:
-        """Run the frozen encoders once per image (step 2): :meth:`encode_sam` and
-        :meth:`encode_semantic`.
+    def encode_images(self, images: Sequence[torch.Tensor], sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                      clip_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[ImageFeatures]:
+        """Run the frozen encoders on a batch (step 2): :meth:`encode_sam` and
+        :meth:`encode_semantic`, each encoder once for the whole batch.
 
         Args:
             images: B tensors (3, H_i, W_i) uint8 RGB (sizes may differ), any device.
+            sam_inputs, clip_inputs: optional per image, the resizes the test mapper made in the
+                data-loader workers (see :meth:`encode_sam`, :meth:`encode_semantic`).
 
         Returns:
             B :class:`ImageFeatures`.
         """
-        return ImageFeatures.from_batch(images, *self.encode_sam(images), self.encode_semantic(images))
+        return ImageFeatures.from_batch(images, *self.encode_sam(images, sam_inputs),
+                                        self.encode_semantic(images, clip_inputs))
 
     @torch.no_grad()
-    def encode_sam(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-        """SAM's image encoder on B images: ((B, 256, g, g) embeddings, B (h, w) sizes inside
-        SAM's padded input). Same resize and normalisation as ``SamPredictor.set_image``."""
+    def encode_sam(self, images: Sequence[torch.Tensor], sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None
+                   ) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """SAM's image encoder on B images in one call.
+
+        Same resize and normalisation as ``SamPredictor.set_image``; the resize is taken from
+        ``sam_inputs[i]`` ((3, h, w) uint8, :func:`~regionspot.modeling.position_tokens.resize_for_sam`
+        made by the mapper) when given and of SAM's size, else done here.
+
+        Returns:
+            ((B, 256, g, g) embeddings at the encoder precision, B (h, w) sizes inside SAM's
+            padded input).
+        """
+        sam_inputs = sam_inputs if sam_inputs is not None else [None] * len(images)
+        prepared = [self.position.preprocess(image, resized) for image, resized in zip(images, sam_inputs)]
         with self.encoder_autocast():
-            sam_inputs = [self.position.preprocess(image) for image in images]
-            embeddings = self.position.encode_images(torch.stack([x for x, _ in sam_inputs]))
-        return embeddings, [size for _, size in sam_inputs]
+            embeddings = self.position.encode_images(torch.stack([x for x, _ in prepared]))
+        return embeddings, [size for _, size in prepared]
 
     @torch.no_grad()
-    def encode_semantic(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """CLIP's semantic feature maps of B images: (B, L, D) float32."""
+    def encode_semantic(self, images: Sequence[torch.Tensor],
+                        clip_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """CLIP's semantic feature maps of B images in one call: (B, L, D) float32.
+
+        ``clip_inputs[i]``: optional (3, S, S) float32 in [0, 1], the image already resized by
+        :func:`~regionspot.modeling.semantic_features.resize_for_clip` (the mapper's).
+        """
+        pixels = self.semantic.preprocess(images, clip_inputs)
         with self.encoder_autocast():
-            return self.semantic(self.semantic.preprocess(images)).float()
+            return self.semantic(pixels).float()
 
     # ----------------------------------------------------------------- proposals
     def generate_proposals(self, source: str, features: Sequence[ImageFeatures]) -> List[Instances]:
@@ -455,18 +557,21 @@ class RegionSpot(nn.Module):
 
     # ----------------------------------------------------------------- recognition
     @torch.no_grad()
-    def prompt_boxes(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances]) -> List[BoxPrompts]:
-        """SAM's prompt encoder and mask decoder on each image's proposal boxes: position-aware
-        tokens, low-resolution masks and predicted IoUs (:class:`BoxPrompts`), per image."""
-        prompts = []
-        for f, p in zip(features, proposals):
-            with self.encoder_autocast():
-                prompts.append(self.position(f.sam_embedding, p.proposal_boxes.tensor, f.image_size))
-        return prompts
+    def prompt_boxes(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
+                     with_masks: bool = True) -> List[BoxPrompts]:
+        """SAM's prompt encoder and mask decoder on the proposal boxes of B images, all boxes of
+        the batch together in chunks of ``BOX_CHUNK_SIZE``: position-aware tokens and, with
+        ``with_masks``, low-resolution masks and predicted IoUs (:class:`BoxPrompts`), per image."""
+        if not features:
+            return []
+        embeddings = torch.stack([f.sam_embedding for f in features])
+        with self.encoder_autocast():
+            return self.position.prompt(embeddings, [p.proposal_boxes.tensor for p in proposals],
+                                        [f.image_size for f in features], with_masks)
 
     def recognize(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
-                  text_embeddings: torch.Tensor, prompts: Optional[Sequence[BoxPrompts]] = None
-                  ) -> List[RegionRecognition]:
+                  text_embeddings: torch.Tensor, prompts: Optional[Sequence[BoxPrompts]] = None,
+                  with_masks: bool = True) -> List[RegionRecognition]:
         """Position-aware tokens of each proposal, the head, and logits (step 4).
 
         SAM runs without gradients; the head runs with them in training mode.
@@ -476,11 +581,12 @@ class RegionSpot(nn.Module):
             proposals: B ``Instances`` with ``proposal_boxes`` in the frame of each image.
             text_embeddings: (C, E) float32 text embeddings on the model's device.
             prompts: the :meth:`prompt_boxes` of these proposals, if already computed.
+            with_masks: compute SAM's masks and predicted IoUs too (:meth:`needs_sam_masks`).
 
         Returns:
             B :class:`RegionRecognition`.
         """
-        prompts = prompts if prompts is not None else self.prompt_boxes(features, proposals)
+        prompts = prompts if prompts is not None else self.prompt_boxes(features, proposals, with_masks)
         keep = [i for i, pr in enumerate(prompts) if pr.tokens.shape[0] > 0]
         logits = [torch.zeros(0, text_embeddings.shape[0], device=self.device) for _ in prompts]
         if keep:
@@ -544,6 +650,9 @@ class RegionSpot(nn.Module):
             kept, inverse = torch.unique(det.box_index, return_inverse=True)
             if proposals.has("proposal_masks"):
                 bitmaps = resize_masks(proposals.proposal_masks[kept], (out_h, out_w))
+            elif recognition.low_res_masks is None:
+                raise RuntimeError("masks were asked for but SAM's masks were not computed: recognise with "
+                                   "with_masks=True (RegionSpot.needs_sam_masks)")
             else:
                 bitmaps = self.position.paste_masks(recognition.low_res_masks[kept], recognition.sam_input_size,
                                                     (out_h, out_w))
@@ -553,9 +662,11 @@ class RegionSpot(nn.Module):
     def inference(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
                   text_embeddings: torch.Tensor, output_sizes: Sequence[Tuple[int, int]],
                   protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> List[Instances]:
-        """Steps 4-5 for B encoded images: :meth:`recognize`, then :meth:`postprocess` each."""
-        return [self.postprocess(r, size, protocol, mask_on)
-                for r, size in zip(self.recognize(features, proposals, text_embeddings), output_sizes)]
+        """Steps 4-5 for B encoded images: :meth:`recognize` (SAM's masks only if
+        :meth:`needs_sam_masks`), then :meth:`postprocess` each."""
+        recognitions = self.recognize(features, proposals, text_embeddings,
+                                      with_masks=self.needs_sam_masks(protocol, mask_on))
+        return [self.postprocess(r, size, protocol, mask_on) for r, size in zip(recognitions, output_sizes)]
 
     # ----------------------------------------------------------------- forward
     @staticmethod
@@ -582,7 +693,8 @@ class RegionSpot(nn.Module):
         if self.text_embeddings is None:
             raise RuntimeError("RegionSpot has no vocabulary to score against: call "
                                "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
-        features = self.encode_images(images)
+        features = self.encode_images(images, [x.get("sam_input") for x in batched_inputs],
+                                      [x.get("clip_input") for x in batched_inputs])
         proposals = self.propose(batched_inputs, features)
         sizes = [(x.get("height", f.image_size[0]), x.get("width", f.image_size[1]))
                  for x, f in zip(batched_inputs, features)]
@@ -622,13 +734,16 @@ class RegionSpot(nn.Module):
                 online.append(i)
         if online:
             sam_images = [batched_inputs[i].get("sam_image", images[i]) for i in online]
-            embeddings, _ = self.encode_sam(sam_images)
-            for j, i in enumerate(online):
+            embeddings, _ = self.encode_sam(sam_images, [batched_inputs[i].get("sam_input") for i in online])
+            boxes = []
+            for i in online:
                 instances = batched_inputs[i]["instances"]
-                boxes = instances.sam_boxes if instances.has("sam_boxes") else instances.gt_boxes
-                with torch.no_grad(), self.encoder_autocast():
-                    prompts = self.position(embeddings[j], boxes.tensor.to(self.device), tuple(sam_images[j].shape[-2:]))
-                tokens[i] = prompts.tokens
+                boxes.append((instances.sam_boxes if instances.has("sam_boxes") else instances.gt_boxes).tensor)
+            with torch.no_grad(), self.encoder_autocast():
+                prompts = self.position.prompt(embeddings, boxes, [tuple(im.shape[-2:]) for im in sam_images],
+                                               with_masks=False)
+            for i, p in zip(online, prompts):
+                tokens[i] = p.tokens
         return tokens
 
     def ignored_negatives(self, inputs: Dict, labels: torch.Tensor, vocabulary: Vocabulary) -> Optional[torch.Tensor]:
@@ -680,7 +795,7 @@ class RegionSpot(nn.Module):
         keep = [i for i, t in enumerate(tokens) if t.shape[0] > 0]
         if not keep:  # keep every head parameter in the graph (DDP) with a zero loss
             return {"loss_region_focal": sum(p.sum() for p in self.head.parameters()) * 0.0}
-        semantic = self.encode_semantic([images[i] for i in keep])
+        semantic = self.encode_semantic([images[i] for i in keep], [batched_inputs[i].get("clip_input") for i in keep])
         losses = []
         for i, embeddings in zip(keep, self._run_head([tokens[i] for i in keep], semantic)):
             vocabulary, x = vocabularies[i], batched_inputs[i]

@@ -1,9 +1,16 @@
 """Position-aware tokens and masks from frozen SAM (paper Sec. 3, "localization model").
 
 SAM's image encoder runs once per image; each box is then its own prompt to SAM's prompt
-encoder and mask decoder, which give one position-aware token and one mask per box. The
-token is read out of the official ``segment_anything`` modules with forward hooks, so the
-computation is exactly SAM's own (``SamPredictor.predict_torch``), not a copy of it.
+encoder and mask decoder, which give one position-aware token and one mask per box.
+
+The mask decoder runs on the boxes of a whole batch of images at once (each box reads its
+own image's embedding), in chunks of ``box_chunk_size`` boxes. Its steps are those of
+``segment_anything``'s ``MaskDecoder.predict_masks`` with SAM's own submodules (prompt
+encoder, two-way transformer, upscaling, hypernetwork MLP 0, IoU head), written out so that
+boxes of different images can share a call; ``tests/test_position_tokens.py`` checks tokens,
+masks and IoUs against ``SamPredictor.predict_torch``. When masks are not needed (box AP
+without ``MASK_ON``, the released protocol) the upscaling, hypernetwork and IoU head are
+skipped: the token comes out of the transformer, the same value either way.
 
 Token sources (paper Table 4b):
 - ``"transformer"`` (default, as released): mask token 0 at the output of the mask decoder's
@@ -12,8 +19,7 @@ Token sources (paper Table 4b):
 - ``"mlp"``: mask token 0 after its hypernetwork MLP, ``transformer_dim // 8`` = 32-d.
 """
 
-import contextlib
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,28 +33,41 @@ MASK_PASTE_CHUNK = 16
 
 
 class BoxPrompts(NamedTuple):
-    """What SAM gives for N box prompts of one image (:meth:`SamPositionTokens.forward`).
+    """What SAM gives for N box prompts of one image (:meth:`SamPositionTokens.prompt`).
 
     Attributes:
         tokens: (N, T) float32 position-aware tokens.
         low_res_masks: (N, 1, 4g, 4g) float32 mask logits of SAM's single-mask output, in the
-            padded S x S frame at 1/4 resolution (see :meth:`SamPositionTokens.paste_masks`).
+            padded S x S frame at 1/4 resolution (see :meth:`SamPositionTokens.paste_masks`);
+            None when masks were not asked for.
         iou_predictions: (N,) float32, SAM's predicted IoU of each mask (its IoU head; TAP's
-            protocol fuses it into the score, the released protocol does not use it).
+            protocol fuses it into the score, the released protocol does not use it); None
+            when masks were not asked for.
     """
 
     tokens: torch.Tensor
-    low_res_masks: torch.Tensor
-    iou_predictions: torch.Tensor
+    low_res_masks: Optional[torch.Tensor]
+    iou_predictions: Optional[torch.Tensor]
 
 
-@contextlib.contextmanager
-def _capture_output(module: nn.Module, store: List):
-    handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
-    try:
-        yield store
-    finally:
-        handle.remove()
+def resize_for_sam(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """SAM's resize of one image, as ``SamPredictor.set_image`` does it (CPU, uint8).
+
+    ``ResizeLongestSide.apply_image`` (long side -> ``long_side``, PIL bilinear on uint8).
+    Cheap enough for a data-loader worker, where the test mapper calls it.
+
+    Args:
+        image: (3, H, W) uint8 RGB tensor (any device; copied to the CPU).
+        long_side: SAM's input side S (1024 for the official models).
+
+    Returns:
+        (3, h, w) uint8 CPU tensor with max(h, w) == ``long_side``.
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    resized = ResizeLongestSide(long_side).apply_image(array)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 class SamPositionTokens(nn.Module):
@@ -57,8 +76,8 @@ class SamPositionTokens(nn.Module):
     Args:
         sam: a ``segment_anything.modeling.Sam`` (any image-encoder size).
         token_source: one of :data:`TOKEN_SOURCES`.
-        box_chunk_size: boxes sent through the mask decoder at once; SAM copies the image
-            embedding once per box, so this bounds memory (64 boxes ~ 0.3 GB in float32).
+        box_chunk_size: boxes sent through the mask decoder at once; each box holds a copy of
+            its image's embedding, so this bounds memory (64 boxes ~ 0.3 GB in float32).
 
     Raises:
         ValueError: unknown ``token_source`` or non-positive ``box_chunk_size``.
@@ -88,25 +107,29 @@ class SamPositionTokens(nn.Module):
         dim = self.sam.mask_decoder.transformer_dim
         return dim // 8 if self.token_source == "mlp" else dim
 
-    def preprocess(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: torch.Tensor, resized: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Resize, normalise and pad one image for SAM's image encoder.
 
-        Same steps as ``SamPredictor.set_image``: ``ResizeLongestSide.apply_image`` on the
-        uint8 image (long side -> :attr:`input_size`), then ``Sam.preprocess`` (pixel
-        mean/std, zero padding to a square).
+        Same steps as ``SamPredictor.set_image``: :func:`resize_for_sam` (long side ->
+        :attr:`input_size`), then ``Sam.preprocess`` (pixel mean/std, zero padding to a square)
+        on SAM's device.
 
         Args:
             image: (3, H, W) uint8 RGB, any device.
+            resized: optional :func:`resize_for_sam` of ``image`` made beforehand (by the test
+                mapper, in a data-loader worker); used when its long side is :attr:`input_size`,
+                else ignored.
 
         Returns:
             pixels: (3, S, S) float32 on SAM's device, S = :attr:`input_size`.
             resized_size: (h, w) of the image inside ``pixels`` before padding.
         """
-        array = image.permute(1, 2, 0).cpu().numpy()
-        resized = self.transform.apply_image(np.ascontiguousarray(array))
+        if resized is None or max(resized.shape[-2:]) != self.input_size or resized.dtype != torch.uint8:
+            resized = resize_for_sam(image, self.input_size)
         device = self.sam.pixel_mean.device
-        x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous().float()
-        return self.sam.preprocess(x[None])[0], tuple(resized.shape[:2])
+        x = resized.to(device, non_blocking=True).float()
+        return self.sam.preprocess(x[None])[0], tuple(resized.shape[-2:])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """SAM image embeddings, computed once per image.
@@ -115,58 +138,107 @@ class SamPositionTokens(nn.Module):
             pixels: (B, 3, S, S) float32 from :meth:`preprocess`.
 
         Returns:
-            (B, 256, S / 16, S / 16) image embeddings (float32, or float16 under autocast).
+            (B, 256, S / 16, S / 16) image embeddings (float32, or lower under autocast).
         """
         return self.sam.image_encoder(pixels)
 
-    def forward(
-        self, image_embedding: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]
-    ) -> BoxPrompts:
-        """Position-aware tokens, low-resolution masks and IoU predictions for one image's boxes.
+    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int],
+                with_masks: bool = True) -> BoxPrompts:
+        """Position-aware tokens (and masks, IoU predictions) of one image's boxes.
 
         Args:
             image_embedding: (256, g, g) SAM embedding of the image.
             boxes: (N, 4) float32, XYXY_ABS pixels of the image that :meth:`preprocess`
                 was given, whose size is ``image_size`` = (H, W).
+            with_masks: also compute the low-resolution masks and predicted IoUs.
 
         Returns:
-            :class:`BoxPrompts` (tokens (N, :attr:`token_dim`), low-res masks, IoU predictions).
+            :class:`BoxPrompts`.
         """
-        n = boxes.shape[0]
-        device = image_embedding.device
-        if n == 0:
-            side = image_embedding.shape[-1] * 4
-            return BoxPrompts(torch.zeros(0, self.token_dim, device=device),
-                              torch.zeros(0, 1, side, side, device=device), torch.zeros(0, device=device))
-        boxes_sam = self.transform.apply_boxes_torch(boxes.to(device).float(), image_size)
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
-        tokens, masks, ious = [], [], []
-        for chunk in boxes_sam.split(self.box_chunk_size):
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
-            decoder = self.sam.mask_decoder
-            hooked = {"transformer": decoder.transformer,
-                      "mlp": decoder.output_hypernetworks_mlps[0]}.get(self.token_source)
-            store: List = []
-            with contextlib.ExitStack() as stack:
-                if hooked is not None:
-                    stack.enter_context(_capture_output(hooked, store))
-                low_res, iou = decoder(
-                    image_embeddings=image_embedding[None],
-                    image_pe=image_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
-            if self.token_source == "transformer":
-                token = store[0][0][:, 1]  # hs: [IoU token, 4 mask tokens, prompts] -> mask token 0
-            elif self.token_source == "mlp":
-                token = store[0]
-            else:
-                token = sparse.mean(dim=1)  # the two box-corner embeddings
-            tokens.append(token.float())
-            masks.append(low_res.float())
-            ious.append(iou[:, 0].float())
-        return BoxPrompts(torch.cat(tokens), torch.cat(masks), torch.cat(ious))
+        return self.prompt(image_embedding[None], [boxes], [image_size], with_masks)[0]
+
+    def prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
+               image_sizes: Sequence[Tuple[int, int]], with_masks: bool = True) -> List[BoxPrompts]:
+        """Position-aware tokens of the boxes of B images, in as few decoder calls as memory allows.
+
+        All boxes of the batch go through the prompt encoder and the mask decoder together,
+        :attr:`box_chunk_size` at a time, each box against its own image's embedding.
+
+        Args:
+            image_embeddings: (B, 256, g, g) SAM embeddings.
+            boxes: B tensors (N_i, 4) float, XYXY_ABS pixels of image i, of size ``image_sizes[i]``.
+            image_sizes: B (H_i, W_i).
+            with_masks: also compute low-resolution masks and predicted IoUs (needed for
+                ``MASK_ON`` and the TAP protocol only).
+
+        Returns:
+            B :class:`BoxPrompts` (tokens (N_i, :attr:`token_dim`) float32).
+
+        Raises:
+            ValueError: the numbers of embeddings, box tensors and sizes differ.
+        """
+        if not (image_embeddings.shape[0] == len(boxes) == len(image_sizes)):
+            raise ValueError(f"{image_embeddings.shape[0]} image embeddings, {len(boxes)} box tensors and "
+                             f"{len(image_sizes)} image sizes: expected one of each per image")
+        device = image_embeddings.device
+        counts = [int(b.shape[0]) for b in boxes]
+        in_sam = [self.transform.apply_boxes_torch(b.to(device).float(), tuple(size))
+                  for b, size in zip(boxes, image_sizes)]
+        all_boxes = torch.cat(in_sam) if in_sam else torch.zeros(0, 4, device=device)
+        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=device),
+                                              torch.tensor(counts, device=device))
+        pieces = [self._decode(image_embeddings, all_boxes[s:s + self.box_chunk_size],
+                               image_index[s:s + self.box_chunk_size], with_masks)
+                  for s in range(0, all_boxes.shape[0], self.box_chunk_size)]
+        if not pieces:
+            pieces = [self._empty(image_embeddings, with_masks)]
+        joined = [torch.cat(parts) if parts[0] is not None else None for parts in zip(*pieces)]
+        split = [t.split(counts) if t is not None else [None] * len(counts) for t in joined]
+        return [BoxPrompts(*per_image) for per_image in zip(*split)]
+
+    def _empty(self, image_embeddings: torch.Tensor, with_masks: bool) -> BoxPrompts:
+        device = image_embeddings.device
+        side = image_embeddings.shape[-1] * 4
+        if not with_masks:
+            return BoxPrompts(torch.zeros(0, self.token_dim, device=device), None, None)
+        return BoxPrompts(torch.zeros(0, self.token_dim, device=device),
+                          torch.zeros(0, 1, side, side, device=device), torch.zeros(0, device=device))
+
+    def _decode(self, image_embeddings: torch.Tensor, boxes_sam: torch.Tensor, image_index: torch.Tensor,
+                with_masks: bool) -> BoxPrompts:
+        """SAM's prompt encoder and single-mask decoder on one chunk of n boxes.
+
+        ``MaskDecoder.predict_masks`` with ``multimask_output=False``, except that each box's
+        source is its own image's embedding (``image_embeddings[image_index]``) and only the
+        single-mask output (mask token 0) is computed.
+
+        Args:
+            image_embeddings: (B, 256, g, g).
+            boxes_sam: (n, 4) boxes in SAM's resized input frame.
+            image_index: (n,) int64, the image of each box.
+        """
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes_sam, masks=None)
+        if self.token_source == "prompt_encoder" and not with_masks:
+            return BoxPrompts(sparse.mean(dim=1).float(), None, None)  # the two box-corner embeddings
+        decoder = self.sam.mask_decoder
+        n = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        queries = torch.cat([output_tokens[None].expand(n, -1, -1), sparse], dim=1)
+        source = image_embeddings[image_index] + dense
+        image_pe = self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        hs, keys = decoder.transformer(source, image_pe, queries)
+        mask_token = hs[:, 1]  # [IoU token, mask tokens..., prompt tokens]: mask token 0
+        hyper = decoder.output_hypernetworks_mlps[0](mask_token) if (with_masks or self.token_source == "mlp") else None
+        token = {"transformer": mask_token, "mlp": hyper}.get(self.token_source)
+        if token is None:
+            token = sparse.mean(dim=1)
+        if not with_masks:
+            return BoxPrompts(token.float(), None, None)
+        _, c, h, w = source.shape
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+        masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(n, 1, *upscaled.shape[-2:])
+        iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
+        return BoxPrompts(token.float(), masks.float(), iou.float())
 
     def paste_masks(
         self,
@@ -181,7 +253,7 @@ class SamPositionTokens(nn.Module):
         stay small. Call it only for the boxes that are kept after post-processing.
 
         Args:
-            low_res_masks: (K, 1, 4g, 4g) from :meth:`forward`.
+            low_res_masks: (K, 1, 4g, 4g) from :meth:`prompt`.
             resized_size: (h, w) returned by :meth:`preprocess`.
             output_size: (H_out, W_out) of the frame to paste into (e.g. the original image).
 

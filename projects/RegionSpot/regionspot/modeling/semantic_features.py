@@ -11,7 +11,7 @@ were trained with a non-antialiased resize (torchvision < 0.17 on tensors); anti
 an explicit option here, off by default, instead of a library default.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,21 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos])
+
+
+def resize_for_clip(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """The released CLIP input resize of one image: /255, bilinear (align_corners False) to
+    ``size`` x ``size`` (aspect not kept), optionally antialiased; not normalised.
+
+    Args:
+        image: (3, H, W) uint8 RGB, any device (the result stays there).
+        size: S, CLIP's input side in pixels.
+
+    Returns:
+        (3, S, S) float32 in [0, 1].
+    """
+    x = image.float()[None] / 255.0
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 class ClipSemanticFeatures(nn.Module):
@@ -88,22 +103,27 @@ class ClipSemanticFeatures(nn.Module):
         """L, rows of the feature map: (S / patch)^2, plus 1 with the class token."""
         return self.positional_embedding.shape[0] - (0 if self.use_class_token else 1)
 
-    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def preprocess(self, images: Sequence[torch.Tensor],
+                   resized: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
         """Resize and normalise images for CLIP.
 
         Args:
             images: B tensors (3, H_i, W_i) uint8 RGB (sizes may differ).
+            resized: optional, per image, :func:`resize_for_clip` of it made beforehand (by the
+                test mapper in a data-loader worker); used when it is (3, S, S) float32, else
+                the image is resized here, on CLIP's device.
 
         Returns:
             (B, 3, S, S) float32 on CLIP's device.
         """
         device = self.pixel_mean.device
+        resized = resized if resized is not None else [None] * len(images)
         out = []
-        for image in images:
-            x = image.to(device).float()[None] / 255.0
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=self.antialias)
-            out.append((x[0] - self.pixel_mean) / self.pixel_std)
+        for image, x in zip(images, resized):
+            size = (3, self.input_size, self.input_size)
+            if x is None or tuple(x.shape) != size or x.dtype != torch.float32:
+                x = resize_for_clip(image.to(device, non_blocking=True), self.input_size, self.antialias)
+            out.append((x.to(device, non_blocking=True) - self.pixel_mean) / self.pixel_std)
         return torch.stack(out)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,565 @@
+"""End-to-end mode of ``tools/benchmark.py`` (``--end-to-end``): the real evaluation loop.
+
+    python tools/benchmark.py --end-to-end [--models bb] [--images 16] [--boxes-per-image 10]
+        [--batch-size 4] [--runs plain,fast,fast_bf16] [--compile|--no-compile] [--dataset NAME]
+        [--device cpu|cuda] [--workers W] [--find-max-batch] [--output FILE] [--quick]
+
+What runs
+---------
+A workload of ``--images`` images: by default synthetic LVIS-val-like JPEG photos (COCO-like
+sizes, smooth random content, ``--boxes-per-image`` ground-truth boxes each, LVIS v1's 1203
+categories with their r/c/f frequencies), written once under ``--data-dir`` and registered as
+an LVIS-format dataset; or any registered dataset (``--dataset regionspot_sample``: the
+bundled real photos). Every run goes through what ``train_net.py --eval-only`` runs:
+:func:`~regionspot.data.build.build_batched_test_loader` with the test mapper and
+``--workers`` workers, the model (random weights of ``--models``; ground-truth boxes as
+proposals, box AP, ``MASK_ON`` off), the RegionSpot LVIS evaluator and Detectron2's
+``inference_on_dataset``. The runs share the process, the images, the weights (same seed) and
+the text embeddings (random unit vectors of the vocabulary's shape), so their ratios hold on a
+noisy machine; each run builds its own model.
+
+Runs (``--runs``), each a set of switches:
+
+- ``plain``: batch 1, float32, official SAM attention, SAM's masks decoded for every box,
+  SAM's and CLIP's resizes inside the model: the path before these switches existed;
+- ``sdpa``, ``tokens_only``, ``batched``, ``compile``, ``bf16``, ``fp16``: ``plain`` with one
+  switch (SAM attention through SDPA; no mask decoding when masks are not needed;
+  ``--batch-size`` images per batch with the resizes in the loader workers; ``torch.compile``
+  of the encoders; encoders in bfloat16 / float16);
+- ``fast``: all exact switches together (batch, SDPA, tokens only, worker resizes, and
+  ``torch.compile`` unless ``--no-compile``), float32;
+- ``fast_bf16``, ``fast_fp16``: ``fast`` with the encoders in bfloat16 / float16.
+
+Defaults: CPU ``plain,fast,fast_bf16``; CUDA ``plain,fast,fast_bf16,fast_fp16``.
+
+Figures per run (JSON, written atomically after every run)
+----------------------------------------------------------
+- ``images_per_second``: timed images / wall time of the timed loop (data loading, model,
+  evaluator ``process``; the final ``evaluate`` is timed apart as ``evaluate_s``);
+- ``warmup_s``: an untimed pass over the first batch of the run's size first (allocator,
+  oneDNN/cuDNN set-up, and the compilation of ``torch.compile`` runs);
+- ``stages_s``: time in each stage summed over the timed loop (data wait, SAM image encoder,
+  CLIP, proposals, SAM prompt encoder + mask decoder, head, post-processing, evaluator
+  process); on CUDA the device is synchronised around each stage (so stages add up; it costs
+  a little overlap);
+- ``peak_memory_bytes`` (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far);
+- ``results``: the evaluator's AP table (random weights: NOT accuracy; compared between runs);
+- ``deviation`` against the first run (``plain``): the largest absolute change in the
+  position-aware tokens and in the logits over all boxes, the top-1 label changes (count of
+  boxes), and the largest change in the AP figures;
+- ``speedup``: images/s over the first run's.
+
+On CUDA, ``--find-max-batch`` also doubles the batch of the ``fast`` run until it does not fit
+(or ``--max-batch``) and records the largest that fits with its peak memory and images/s.
+"""
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run presets: switches on top of "plain".
+PLAIN = dict(batch=1, precision="float32", attention="official", always_masks=True, compile=False,
+             worker_resize=False)
+RUN_SWITCHES: Dict[str, Dict[str, object]] = {
+    "plain": {},
+    "sdpa": dict(attention="sdpa"),
+    "tokens_only": dict(always_masks=False),
+    "batched": dict(batch=None, worker_resize=True),
+    "compile": dict(compile=True),
+    "bf16": dict(precision="bfloat16"),
+    "fp16": dict(precision="float16"),
+    "fast": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None),
+    "fast_bf16": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None,
+                      precision="bfloat16"),
+    "fast_fp16": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None,
+                      precision="float16"),
+}
+
+# Image sizes (H, W) of COCO/LVIS val photos: the common ones.
+PHOTO_SIZES = [(480, 640), (427, 640), (640, 480), (640, 427), (375, 500), (500, 375), (424, 640),
+               (612, 612), (480, 640), (427, 640)]
+# LVIS v1: 1203 categories, 337 rare, 461 common, 405 frequent.
+LVIS_FREQUENCIES = ["r"] * 337 + ["c"] * 461 + ["f"] * 405
+
+STAGES = ("data_wait", "sam_image_encoder", "clip_semantic", "proposals", "sam_prompt_decoder", "head",
+          "postprocess", "evaluator_process")
+
+
+def run_settings(name: str, batch_size: int, compile_default: bool) -> Dict[str, object]:
+    """The switches of a named run (see the module docstring).
+
+    Raises:
+        ValueError: an unknown run name.
+    """
+    if name not in RUN_SWITCHES:
+        raise ValueError(f"unknown run {name!r}; runs: {', '.join(RUN_SWITCHES)}")
+    settings = dict(PLAIN)
+    for key, value in RUN_SWITCHES[name].items():
+        if value is None:
+            value = batch_size if key == "batch" else compile_default
+        settings[key] = value
+    return settings
+
+
+# ----------------------------------------------------------------------------- workload
+def synthetic_photo(rng: np.random.RandomState, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8: smooth colour fields plus mild noise, so JPEG sizes and decoding cost are
+    those of photos rather than of white noise."""
+    low = rng.rand(max(2, height // 32), max(2, width // 32), 3).astype(np.float32)
+    field = torch.nn.functional.interpolate(torch.from_numpy(low).permute(2, 0, 1)[None], size=(height, width),
+                                            mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
+    noise = rng.randn(height, width, 3).astype(np.float32) * 0.04
+    return (np.clip(field + noise, 0, 1) * 255).astype(np.uint8)
+
+
+def random_xywh(rng: np.random.RandomState, height: int, width: int, n: int) -> List[List[float]]:
+    """n boxes [x, y, w, h] inside the image, each side >= 8 px, sizes spread like LVIS's."""
+    out = []
+    for _ in range(n):
+        w = float(np.clip(width * rng.beta(1.2, 3.0), 8, width))
+        h = float(np.clip(height * rng.beta(1.2, 3.0), 8, height))
+        x = float(rng.uniform(0, width - w))
+        y = float(rng.uniform(0, height - h))
+        out.append([round(x, 2), round(y, 2), round(w, 2), round(h, 2)])
+    return out
+
+
+def write_synthetic_lvis(folder: str, num_images: int, boxes_per_image: int, seed: int = 0) -> str:
+    """Write (or reuse) the synthetic LVIS-val-like workload: ``folder/images/*.jpg`` and
+    ``folder/lvis_synthetic.json`` (LVIS format: 1203 categories with frequencies, per-image
+    ``neg_category_ids``/``not_exhaustive_category_ids``). Reused when a manifest says the same
+    size, boxes and seed. Returns the json path."""
+    from PIL import Image
+
+    from regionspot.data.vocabularies import get_vocabulary
+    from regionspot.io import write_json_atomic
+
+    json_path = os.path.join(folder, "lvis_synthetic.json")
+    manifest_path = os.path.join(folder, "manifest.json")
+    manifest = {"num_images": num_images, "boxes_per_image": boxes_per_image, "seed": seed, "version": 1}
+    if os.path.isfile(json_path) and os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f) == manifest:
+                return json_path
+    names = get_vocabulary("lvis")
+    rng = np.random.RandomState(seed)
+    categories = [{"id": i + 1, "name": n, "frequency": LVIS_FREQUENCIES[i % len(LVIS_FREQUENCIES)],
+                   "synset": n, "image_count": 1, "instance_count": 1} for i, n in enumerate(names)]
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = PHOTO_SIZES[rng.randint(len(PHOTO_SIZES))]
+        file_name = f"{i + 1:012d}.jpg"
+        Image.fromarray(synthetic_photo(rng, h, w)).save(os.path.join(folder, "images", file_name), quality=90)
+        cats = rng.randint(1, len(names) + 1, size=boxes_per_image)
+        negatives = sorted(set(rng.randint(1, len(names) + 1, size=8).tolist()) - set(cats.tolist()))
+        images.append({"id": i + 1, "height": h, "width": w, "file_name": file_name,
+                       "neg_category_ids": negatives, "not_exhaustive_category_ids": []})
+        for box, cat in zip(random_xywh(rng, h, w, boxes_per_image), cats.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat, "bbox": box,
+                                "area": box[2] * box[3], "iscrowd": 0,
+                                "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0] + box[2],
+                                                  box[1] + box[3], box[0], box[1] + box[3]]]})
+    write_json_atomic(json_path, {"images": images, "annotations": annotations, "categories": categories,
+                                  "info": {"description": "synthetic LVIS-val-like workload (random content)"},
+                                  "licenses": []})
+    write_json_atomic(manifest_path, manifest)
+    return json_path
+
+
+# ----------------------------------------------------------------------------- instrumentation
+class StageClock:
+    """Wall time per stage, summed; the device is synchronised around each stage on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: Dict[str, float] = {s: 0.0 for s in STAGES}
+        self.enabled = True
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.totals[stage] += time.perf_counter() - start
+        return timed
+
+
+class TimedLoader:
+    """A data loader whose waits for the next batch are added to a :class:`StageClock`."""
+
+    def __init__(self, loader, clock: StageClock, limit: Optional[int] = None):
+        self.loader, self.clock, self.limit = loader, clock, limit
+
+    def __len__(self):
+        return len(self.loader) if self.limit is None else min(self.limit, len(self.loader))
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        for _ in range(len(self)):
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            if self.clock.enabled:
+                self.clock.totals["data_wait"] += time.perf_counter() - start
+            yield batch
+
+
+class Recorder:
+    """Per image (by ``image_id``): the position-aware tokens and the logits of its boxes."""
+
+    def __init__(self):
+        self.tokens: Dict[int, torch.Tensor] = {}
+        self.logits: Dict[int, torch.Tensor] = {}
+        self.current: List[int] = []
+
+
+def instrument(model, clock: StageClock, recorder: Recorder) -> None:
+    """Wrap the model's stage methods (on the instance: the forward calls them through self)."""
+    forward = model.forward
+
+    def recording_forward(batched_inputs):
+        recorder.current = [x["image_id"] for x in batched_inputs]
+        return forward(batched_inputs)
+
+    prompt_boxes = clock.wrap("sam_prompt_decoder", model.prompt_boxes)
+
+    def recording_prompt_boxes(*args, **kwargs):
+        prompts = prompt_boxes(*args, **kwargs)
+        for image_id, p in zip(recorder.current, prompts):
+            recorder.tokens[image_id] = p.tokens.detach().float().cpu()
+        return prompts
+
+    recognize = model.recognize
+
+    def recording_recognize(*args, **kwargs):
+        recognitions = recognize(*args, **kwargs)
+        for image_id, r in zip(recorder.current, recognitions):
+            recorder.logits[image_id] = r.logits.detach().float().cpu()
+        return recognitions
+
+    model.forward = recording_forward
+    model.encode_sam = clock.wrap("sam_image_encoder", model.encode_sam)
+    model.encode_semantic = clock.wrap("clip_semantic", model.encode_semantic)
+    model.propose = clock.wrap("proposals", model.propose)
+    model.prompt_boxes = recording_prompt_boxes
+    model._run_head = clock.wrap("head", model._run_head)
+    model.recognize = recording_recognize
+    model.postprocess = clock.wrap("postprocess", model.postprocess)
+
+
+# ----------------------------------------------------------------------------- runs
+def build_cfg(variant: str, settings: Dict[str, object], device: str, workers: int, output_dir: str):
+    """A RegionSpot config for a run: the Base config, the variant's CLIP size, the run's switches."""
+    from detectron2.config import get_cfg
+
+    from regionspot.config import add_regionspot_config, check_config
+    from regionspot.modeling.random_backbones import SAM_PRESETS, VARIANTS
+
+    sam_preset, _, clip_size = VARIANTS[variant]
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-RegionSpot.yaml"))
+    rs = cfg.MODEL.REGIONSPOT
+    rs.CLIP_INPUT_SIZE = clip_size
+    rs.ENCODER_PRECISION = settings["precision"]
+    rs.SAM_ATTENTION = settings["attention"]
+    rs.COMPILE = bool(settings["compile"])
+    rs.LOADER_RESIZE = bool(settings["worker_resize"])
+    rs.SAM_INPUT_SIZE = int(SAM_PRESETS[sam_preset].get("img_size", 1024))
+    cfg.MODEL.MASK_ON = False
+    cfg.MODEL.DEVICE = device
+    cfg.TEST.IMS_PER_BATCH = int(settings["batch"])
+    cfg.DATALOADER.NUM_WORKERS = workers
+    cfg.OUTPUT_DIR = output_dir
+    check_config(cfg)
+    return cfg
+
+
+def build_model(cfg, variant: str, seed: int, text_embeddings: torch.Tensor, class_names: Sequence[str],
+                settings: Dict[str, object]):
+    """The variant with random weights (same seed, same weights in every run), the run's
+    switches, and the given vocabulary."""
+    from regionspot.modeling.postprocess import RecognitionProtocol
+    from regionspot.modeling.random_backbones import random_regionspot
+
+    rs = cfg.MODEL.REGIONSPOT
+    model = random_regionspot(variant, seed=seed, mask_on=False, protocol=RecognitionProtocol.from_config(cfg),
+                              encoder_precision=rs.ENCODER_PRECISION, sam_attention=rs.SAM_ATTENTION,
+                              box_chunk_size=rs.BOX_CHUNK_SIZE)
+    model.always_decode_masks = bool(settings["always_masks"])
+    model = model.to(cfg.MODEL.DEVICE).eval()
+    if rs.COMPILE:
+        model.compile_encoders()
+    model.set_vocabulary(class_names, text_embeddings=text_embeddings, allow_duplicates=True)
+    return model
+
+
+def peak_memory(device: torch.device) -> int:
+    from regionspot.environment import peak_rss_bytes
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_names: Sequence[str],
+             text_embeddings: torch.Tensor, work_dir: str) -> Dict[str, object]:
+    """One run: warm-up pass, timed pass through ``inference_on_dataset``, evaluation."""
+    from detectron2.data import get_detection_dataset_dicts
+    from detectron2.evaluation import inference_on_dataset
+
+    from regionspot.data.build import build_batched_test_loader
+    from regionspot.data.mapper import RegionSpotDatasetMapper
+    from regionspot.engine.trainer import RegionSpotTrainer
+
+    device = torch.device(args.device)
+    cfg = build_cfg(args.model, settings, args.device, args.workers, os.path.join(work_dir, name))
+    built = time.perf_counter()
+    model = build_model(cfg, args.model, args.seed, text_embeddings, class_names, settings)
+    build_s = time.perf_counter() - built
+    dicts = get_detection_dataset_dicts([dataset], filter_empty=False)[:args.images]
+    mapper = RegionSpotDatasetMapper(cfg, False)
+    clock, recorder = StageClock(device), Recorder()
+    instrument(model, clock, recorder)
+
+    # Warm-up: the first images, untimed (compilation happens here).
+    clock.enabled = False
+    warmup_images = min(int(settings["batch"]), len(dicts))  # one batch of the run's size
+    warm = build_batched_test_loader(cfg, dicts[:warmup_images], mapper)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in warm:
+            model(batch)
+    clock.sync()
+    warmup_s = time.perf_counter() - start
+    recorder.tokens.clear()
+    recorder.logits.clear()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock.enabled = True
+    loader = TimedLoader(build_batched_test_loader(cfg, dicts, mapper), clock)
+    evaluator = RegionSpotTrainer.build_evaluator(cfg, dataset, output_folder=os.path.join(work_dir, name))
+    evaluator.process = clock.wrap("evaluator_process", evaluator.process)
+    evaluate = evaluator.evaluate
+    timings = {}
+
+    def timed_evaluate():
+        clock.sync()
+        timings["loop_end"] = time.perf_counter()
+        result = evaluate()
+        timings["evaluate_s"] = time.perf_counter() - timings["loop_end"]
+        return result
+
+    evaluator.evaluate = timed_evaluate
+    quiet = logging.getLogger("detectron2.evaluation.evaluator")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING if args.quiet else level)
+    try:
+        start = time.perf_counter()
+        results = inference_on_dataset(model, loader, evaluator)
+    finally:
+        quiet.setLevel(level)
+    loop_s = timings["loop_end"] - start
+    out = {
+        "settings": settings,
+        "images": len(dicts),
+        "build_s": build_s,
+        "warmup_images": warmup_images,
+        "warmup_s": warmup_s,
+        "loop_s": loop_s,
+        "images_per_second": len(dicts) / loop_s,
+        "evaluate_s": timings["evaluate_s"],
+        "stages_s": dict(clock.totals),
+        "stages_ms_per_image": {k: 1000.0 * v / len(dicts) for k, v in clock.totals.items()},
+        "peak_memory_bytes": peak_memory(device),
+        "peak_memory_kind": "cuda_max_memory_allocated (timed loop)" if device.type == "cuda" else
+                            "cpu_process_peak_rss (whole process so far)",
+        "results": {task: {k: v for k, v in metrics.items()} for task, metrics in results.items()},
+    }
+    del model
+    return out, recorder
+
+
+def deviation(reference: Recorder, other: Recorder, ref_results: Dict, results: Dict) -> Dict[str, object]:
+    """Largest changes of ``other`` against ``reference`` over all boxes of all images."""
+    ids = sorted(reference.tokens)
+    if sorted(other.tokens) != ids:
+        raise RuntimeError("the runs did not see the same images")
+    tokens = max((float((other.tokens[i] - reference.tokens[i]).abs().max()) if reference.tokens[i].numel() else 0.0)
+                 for i in ids)
+    logits = max((float((other.logits[i] - reference.logits[i]).abs().max()) if reference.logits[i].numel() else 0.0)
+                 for i in ids)
+    changed = sum(int((other.logits[i].argmax(1) != reference.logits[i].argmax(1)).sum()) for i in ids)
+    boxes = sum(reference.logits[i].shape[0] for i in ids)
+    ap = {}
+    for task, metrics in ref_results.items():
+        for key, value in metrics.items():
+            other_value = results.get(task, {}).get(key)
+            if isinstance(value, (int, float)) and isinstance(other_value, (int, float)):
+                both_nan = value != value and other_value != other_value
+                ap[f"{task}/{key}"] = 0.0 if both_nan else abs(other_value - value)
+    token_scale = max(float(reference.tokens[i].abs().max()) for i in ids if reference.tokens[i].numel())
+    logit_scale = max(float(reference.logits[i].abs().max()) for i in ids if reference.logits[i].numel())
+    return {"tokens_max_abs": tokens, "tokens_max_abs_reference": token_scale,
+            "logits_max_abs": logits, "logits_max_abs_reference": logit_scale,
+            "top1_changed": changed, "boxes": boxes,
+            "ap_max_abs": max(ap.values()) if ap else 0.0, "ap_abs": ap}
+
+
+def find_max_batch(args, dataset, class_names, text_embeddings, work_dir) -> Dict[str, object]:
+    """CUDA: the largest ``fast`` batch that fits, doubling from ``--batch-size``."""
+    from detectron2.data import get_detection_dataset_dicts
+
+    from regionspot.data.build import build_batched_test_loader
+    from regionspot.data.mapper import RegionSpotDatasetMapper
+
+    device = torch.device(args.device)
+    tried, batch = [], args.batch_size
+    dicts = get_detection_dataset_dicts([dataset], filter_empty=False)
+    while batch <= args.max_batch:
+        settings = run_settings("fast", batch, args.compile)
+        cfg = build_cfg(args.model, settings, args.device, args.workers, os.path.join(work_dir, f"batch{batch}"))
+        model = build_model(cfg, args.model, args.seed, text_embeddings, class_names, settings)
+        chosen = (dicts * ((2 * batch) // max(len(dicts), 1) + 1))[:2 * batch]
+        loader = build_batched_test_loader(cfg, chosen, RegionSpotDatasetMapper(cfg, False))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.no_grad():
+                times = []
+                for inputs in loader:
+                    torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    model(inputs)
+                    torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - start)
+            tried.append({"batch": batch, "fits": True, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                          "images_per_second_model_only": batch / times[-1]})
+        except torch.cuda.OutOfMemoryError:
+            tried.append({"batch": batch, "fits": False})
+            del model
+            torch.cuda.empty_cache()
+            break
+        del model
+        batch *= 2
+    fitting = [t for t in tried if t["fits"]]
+    return {"tried": tried, "largest_batch_that_fits": fitting[-1]["batch"] if fitting else None,
+            "note": "two batches of the fast run per size; model time of the second (warm) batch"}
+
+
+def run_end_to_end(args) -> int:
+    """Entry point of ``tools/benchmark.py --end-to-end`` (arguments parsed there)."""
+    import datetime
+    import platform
+
+    from regionspot.data.datasets.user import register_dataset
+    from regionspot.data.vocabularies import vocabulary_by_name
+    from regionspot.environment import device_name, git_commit, load_average
+    from regionspot.io import write_json_atomic
+
+    device = torch.device(args.device)
+    json_path = None
+    if args.dataset:
+        dataset = args.dataset
+    else:
+        json_path = write_synthetic_lvis(args.data_dir, args.images, args.boxes_per_image, args.seed)
+        dataset = f"regionspot_e2e_synthetic_{args.images}x{args.boxes_per_image}"
+        from detectron2.data import DatasetCatalog
+
+        if dataset not in DatasetCatalog.list():
+            register_dataset(dataset, json_path, os.path.join(args.data_dir, "images"))
+    class_names = vocabulary_by_name(dataset)
+    g = torch.Generator().manual_seed(args.seed)
+    from regionspot.modeling.random_backbones import VARIANTS, random_clip
+
+    embed_dim = random_clip(VARIANTS[args.model][1]).text_projection.shape[1] if args.model != "small" else 32
+    text_embeddings = torch.nn.functional.normalize(torch.randn(len(class_names), embed_dim, generator=g), dim=-1)
+
+    report = {
+        "schema": "regionspot-benchmark-e2e/1",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count(),
+                   "cuda_version": torch.version.cuda if device.type == "cuda" else None},
+        "torch_version": torch.__version__, "python_version": platform.python_version(),
+        "git_commit": git_commit(REPO), "threads": torch.get_num_threads(),
+        "load_average_before": load_average(),
+        "settings": {"model": args.model, "dataset": dataset, "data_json": json_path, "images": args.images,
+                     "boxes_per_image": args.boxes_per_image if not args.dataset else None,
+                     "num_classes": len(class_names), "batch_size": args.batch_size, "workers": args.workers,
+                     "warmup": "one batch of each run's size, untimed", "compile": args.compile,
+                     "runs": list(args.runs),
+                     "seed": args.seed,
+                     "weights": "random (regionspot.modeling.random_backbones): speed is representative; AP "
+                                "figures are NOT accuracy, only compared between runs"},
+        "runs": {},
+    }
+    reference = None
+    work_dir = os.path.join(os.path.dirname(os.path.abspath(args.output)), "e2e_runs")
+    for name in args.runs:
+        settings = run_settings(name, args.batch_size, args.compile)
+        print(f"[e2e {args.model}] run {name}: {settings}", flush=True)
+        result, recorder = run_once(name, settings, args, dataset, class_names, text_embeddings, work_dir)
+        if reference is None:
+            reference = (name, recorder, result)
+        else:
+            result["deviation"] = deviation(reference[1], recorder, reference[2]["results"], result["results"])
+            result["deviation"]["against"] = reference[0]
+            result["speedup"] = result["images_per_second"] / reference[2]["images_per_second"]
+        report["runs"][name] = result
+        report["load_average_after"] = load_average()
+        write_json_atomic(args.output, report)
+        extra = ""
+        if "speedup" in result:
+            d = result["deviation"]
+            extra = (f", x{result['speedup']:.2f} vs {reference[0]}; max |d tokens| {d['tokens_max_abs']:.2e}, "
+                     f"|d logits| {d['logits_max_abs']:.2e}, top-1 changed {d['top1_changed']}/{d['boxes']}")
+        print(f"[e2e {args.model}] {name}: {result['images_per_second']:.3f} images/s "
+              f"(warm-up {result['warmup_s']:.1f}s){extra}", flush=True)
+    if args.find_max_batch and device.type == "cuda":
+        report["max_batch"] = find_max_batch(args, dataset, class_names, text_embeddings, work_dir)
+        write_json_atomic(args.output, report)
+    print(format_e2e_table(report), flush=True)
+    print(f"\nwrote {os.path.abspath(args.output)}", flush=True)
+    return 0
+
+
+def format_e2e_table(report: Dict[str, object]) -> str:
+    """A plain-text table of the runs."""
+    head = ["run", "batch", "dtype", "attn", "masks", "compile", "img/s", "speedup", "SAM enc ms", "CLIP ms",
+            "decoder ms", "data ms", "|d tok|", "|d logit|", "top-1 chg"]
+    rows = [head]
+    for name, r in report["runs"].items():
+        s, per, d = r["settings"], r["stages_ms_per_image"], r.get("deviation")
+        rows.append([name, s["batch"], s["precision"], s["attention"], "all" if s["always_masks"] else "needed",
+                     s["compile"], f"{r['images_per_second']:.3g}", f"{r.get('speedup', 1.0):.2f}",
+                     f"{per['sam_image_encoder']:.0f}", f"{per['clip_semantic']:.0f}",
+                     f"{per['sam_prompt_decoder']:.0f}", f"{per['data_wait']:.0f}",
+                     f"{d['tokens_max_abs']:.1e}" if d else "-", f"{d['logits_max_abs']:.1e}" if d else "-",
+                     f"{d['top1_changed']}/{d['boxes']}" if d else "-"])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = report["settings"]
+    return "\n".join([f"\nRegionSpot end to end: {s['model']} on {report['device']['name']}, {s['images']} images of "
+                      f"{s['dataset']}, {s['num_classes']} classes (RANDOM weights: speed only)", *lines])
