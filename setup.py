@@ -71,6 +71,10 @@ setup(
         "iopath<0.1.10",  # detectron2 0.6 declares iopath<0.1.10
         "opencv-python-headless",
         "pycocotools",
+        # TEST.EVALUATOR_BACKEND faster_coco_eval: LVIS AP from its C++ core, equal to the LVIS
+        # API's (regionspot/evaluation/fast_lvis.py, which was checked against 1.8.0 and drives its
+        # COCOeval_faster object directly, hence the bound on the minor version).
+        "faster-coco-eval>=1.8.0,<1.9",
         "matplotlib",
         # Offline sample photographs (skimage.data, sklearn.datasets.load_sample_images).
         "scikit-image",

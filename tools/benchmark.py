@@ -45,7 +45,9 @@ The encoders run at ``--precision`` (the model's ``ENCODER_PRECISION``: float32 
 here; "auto" is float16 on CUDA, float32 on the CPU) with SAM's attention ``--attention``
 (``SAM_ATTENTION``); ``settings.encoder_dtype`` records the precision used. The end-to-end
 mode (``--end-to-end``: the evaluation loop with loader and evaluator, plain vs fast path in
-one process, with their deviations) is described in ``tools/benchmark_e2e.py``.
+one process, with their deviations) is described in ``tools/benchmark_e2e.py``; the evaluator
+mode (``--evaluator``: the two LVIS evaluator backends timed on a synthetic LVIS-val-sized set,
+with their AP compared) in ``tools/benchmark_eval.py``, whose options follow ``--evaluator``.
 
 Each time is the MEDIAN over ``repeats`` timed runs that follow ``warmup`` untimed runs; on
 CUDA the device is synchronised before and after every stage, so a stage's time is its own.
@@ -110,7 +112,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmark_e2e.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmark_e2e.py, benchmark_eval.py
 
 import torch  # noqa: E402
 
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json)")
     p.add_argument("--quick", action="store_true",
                    help="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
+    p.add_argument("--evaluator", action="store_true",
+                   help="evaluator mode: time the LVIS evaluator backends (lvis vs faster_coco_eval) on a synthetic "
+                        "LVIS-val-sized set; the options that follow are tools/benchmark_eval.py's")
     e = p.add_argument_group("end-to-end mode (tools/benchmark_e2e.py)")
     e.add_argument("--end-to-end", action="store_true",
                    help="the evaluation loop (loader, model, evaluator) on a synthetic LVIS-val-like workload, "
@@ -196,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", type=int, default=None, help="images of the workload (default: CPU 8, CUDA 1024)")
     e.add_argument("--boxes-per-image", type=int, default=10, help="ground-truth boxes per synthetic image (10)")
     e.add_argument("--batch-size", type=int, default=None, help="TEST.IMS_PER_BATCH of the batched runs "
-                                                                "(default: CPU 2, CUDA 32)")
+                                                                "(default: CPU 1, as TEST.IMS_PER_BATCH 0 gives there, CUDA 32)")
     e.add_argument("--runs", default=None, help="comma-separated runs (default: CPU plain,fast,fast_bf16; CUDA "
                                                 "plain,fast,fast_bf16,fast_fp16); see tools/benchmark_e2e.py")
     e.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="torch.compile the encoders in the fast runs (default)")
+                   help="torch.compile the encoders in the fast runs (default on CUDA; on the CPU it gained "
+                        "nothing measurable and costs ~1 min of compilation per run)")
     e.add_argument("--no-compile", dest="compile", action="store_false")
     e.add_argument("--dataset", default=None, help="a registered dataset instead of the synthetic one "
                                                    "(e.g. regionspot_sample)")
@@ -259,9 +265,9 @@ def resolve_end_to_end(args: argparse.Namespace, parser: argparse.ArgumentParser
         args.batch_size = args.batch_size or 2
         args.compile = False if args.compile is None else args.compile
     args.images = args.images or (1024 if cuda else 8)
-    args.batch_size = args.batch_size or (32 if cuda else 2)
+    args.batch_size = args.batch_size or (32 if cuda else 1)
     args.workers = (8 if cuda else 1) if args.workers is None else args.workers
-    args.compile = True if args.compile is None else args.compile
+    args.compile = cuda if args.compile is None else args.compile
     runs = args.runs or ("plain,fast,fast_bf16,fast_fp16" if cuda else "plain,fast,fast_bf16")
     args.runs = [r.strip() for r in runs.split(",") if r.strip()]
     for name in args.runs:
@@ -639,6 +645,11 @@ def format_table(report: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--evaluator" in argv:  # the evaluator mode has its own options (tools/benchmark_eval.py)
+        import benchmark_eval
+
+        return benchmark_eval.main([a for a in argv if a != "--evaluator"])
     parser = build_parser()
     args = resolve_settings(parser.parse_args(argv), parser)
     previous_threads = torch.get_num_threads()

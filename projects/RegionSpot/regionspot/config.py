@@ -137,6 +137,10 @@ def add_regionspot_config(cfg: CN) -> None:
     cfg.INPUT.FORMAT = "RGB"
     # LVIS's standard cap on detections per image, applied by the LVIS evaluator.
     cfg.TEST.DETECTIONS_PER_IMAGE = 300
+    # What computes LVIS AP: "lvis" (the LVIS API through Detectron2's LVISEvaluator, the
+    # reference) or "faster_coco_eval" (the same numbers from faster-coco-eval's C++ LVIS mode,
+    # much faster on LVIS val; LVIS-format datasets only). See regionspot/evaluation/fast_lvis.py.
+    cfg.TEST.EVALUATOR_BACKEND = "lvis"
     # "auto": the GPU when there is one, else the CPU (with a notice); "cuda", "cuda:1", "cpu"
     # ask for that device and are an error if it is not there.
     cfg.MODEL.DEVICE = "auto"
@@ -191,6 +195,7 @@ def check_config(cfg: CN) -> None:
             its range, or a name that is not among the allowed values.
     """
     from .data.vocabularies import BUILTIN_VOCABULARIES, CLASS_NAME_STYLES
+    from .evaluation.fast_lvis import EVALUATOR_BACKENDS
     from .modeling.fast_attention import SAM_ATTENTION_KINDS
     from .modeling.meta_arch import ENCODER_PRECISIONS
     from .modeling.position_tokens import TOKEN_SOURCES
@@ -240,12 +245,12 @@ def check_config(cfg: CN) -> None:
         "MODEL.REGIONSPOT.CLASS_NAME_STYLE": (rs.CLASS_NAME_STYLE, CLASS_NAME_STYLES),
         "MODEL.REGIONSPOT.ENCODER_PRECISION": (rs.ENCODER_PRECISION, ENCODER_PRECISIONS),
         "MODEL.REGIONSPOT.SAM_ATTENTION": (rs.SAM_ATTENTION, SAM_ATTENTION_KINDS),
+        "TEST.EVALUATOR_BACKEND": (cfg.TEST.EVALUATOR_BACKEND, EVALUATOR_BACKENDS),
+        "SOLVER.AMP.PRECISION": (cfg.SOLVER.AMP.PRECISION, ("bfloat16", "float16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
-    if cfg.SOLVER.AMP.PRECISION not in ("bfloat16", "float16"):
-        raise ConfigError(f"SOLVER.AMP.PRECISION must be 'bfloat16' or 'float16', got {cfg.SOLVER.AMP.PRECISION!r}")
     ratios = list(cfg.DATALOADER.DATASET_RATIO)
     if ratios and (len(ratios) != len(cfg.DATASETS.TRAIN) or min(ratios) <= 0):
         raise ConfigError(f"DATALOADER.DATASET_RATIO needs one positive ratio per DATASETS.TRAIN dataset "

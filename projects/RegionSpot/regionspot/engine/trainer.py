@@ -155,7 +155,8 @@ class RegionSpotTrainer(DefaultTrainer):
                              f"LVIS- and COCO-format datasets")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return evaluators[evaluator_type](dataset_name, tasks, distributed=True, output_dir=output_folder,
-                                          max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, protocol=protocol)
+                                          max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, protocol=protocol,
+                                          backend=cfg.TEST.EVALUATOR_BACKEND)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
