@@ -1,8 +1,6 @@
 """The speed switches: SDPA attention, batched inference, tokens without masks, loader-side
 resizes, encoder precision and torch.compile, each against the plain path."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -91,6 +89,53 @@ def test_sdpa_attention_bias_is_the_decomposed_relative_position_term():
     zeros = torch.zeros(4, h * w, h * w)
     expected = add_decomposed_rel_pos(zeros, q, attention.rel_pos_h, attention.rel_pos_w, (h, w), (h, w))
     torch.testing.assert_close(relative_position_bias(q, attention, (h, w)), expected, rtol=0, atol=1e-6)
+
+
+def test_sdpa_attention_in_row_chunks_equals_one_call(monkeypatch):
+    """Queries taken a few token rows at a time (each with its slice of the bias) give exactly
+    the output of one SDPA call with the whole bias, with and without autograd."""
+    from regionspot.modeling import fast_attention
+
+    sam = random_sam("tiny", seed=5)
+    encoder = sam.image_encoder.eval()
+    x = torch.randn(2, 3, encoder.img_size, encoder.img_size, generator=torch.Generator().manual_seed(1))
+    set_sam_attention(encoder, "sdpa")
+    calls = []
+    sdpa = fast_attention.F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[-2])  # queries in this call
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(fast_attention.F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(fast_attention, "BIAS_CHUNK_ELEMENTS", 1 << 40)
+    with torch.no_grad():
+        whole = encoder(x)
+    whole_calls = list(calls)
+    calls.clear()
+    monkeypatch.setattr(fast_attention, "BIAS_CHUNK_ELEMENTS", 1)  # one token row per call
+    with torch.no_grad():
+        chunked = encoder(x)
+    assert len(calls) > len(whole_calls) and max(calls) < max(whole_calls)
+    assert torch.equal(chunked, whole)
+    with_grad = encoder(x)
+    with_grad.sum().backward()
+    rel = next(p for n, p in encoder.named_parameters() if "rel_pos" in n)
+    assert rel.grad is not None and rel.grad.abs().sum() > 0
+    torch.testing.assert_close(with_grad.detach(), whole, rtol=0, atol=1e-5)  # autograd: another SDPA kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_encoder_on_the_meta_device(dtype):
+    """The GPU-shaped call (a batch of 4, half precision, the whole encoder through the SDPA
+    forwards) on torch's meta device: shapes and dtypes hold without running any kernel."""
+    sam = random_sam("tiny", seed=2)
+    encoder = sam.image_encoder.to(device="meta", dtype=dtype).eval()
+    set_sam_attention(encoder, "sdpa")
+    with torch.no_grad():
+        out = encoder(torch.empty(4, 3, encoder.img_size, encoder.img_size, device="meta", dtype=dtype))
+    assert out.device.type == "meta" and out.dtype == dtype
+    assert out.shape == (4, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
 
 
 def test_attention_switch_errors():
@@ -189,12 +234,16 @@ def test_encoder_precision_resolution():
         resolve_encoder_precision("int8", torch.device("cpu"))
 
 
-def test_bfloat16_encoders_on_the_cpu(tiny_cfg, records):
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_encoders_on_the_cpu(tiny_cfg, records, precision):
+    """bfloat16 (the optional CPU path) and float16 (the CUDA default's code path, run here on
+    the CPU since CI has no GPU): the encoders really run in that dtype, results stay sane."""
     model = build_tiny_model(tiny_cfg).eval()
     inputs = [RegionSpotDatasetMapper(tiny_cfg, False)(r) for r in records[1:3]]
     reference = _outputs(model, [inputs])
-    model.encoder_precision = "bfloat16"
-    assert model.encoder_dtype == torch.bfloat16
+    model.encoder_precision = precision
+    dtype = getattr(torch, precision)
+    assert model.encoder_dtype == dtype
     dtypes = []
     hooks = [model.position.sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)),
              model.semantic.clip.visual.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))]
@@ -204,7 +253,7 @@ def test_bfloat16_encoders_on_the_cpu(tiny_cfg, records):
     finally:
         for h in hooks:
             h.remove()
-    assert dtypes == [torch.bfloat16, torch.bfloat16]  # SAM and CLIP really ran in bfloat16
+    assert dtypes == [dtype, dtype]  # SAM and CLIP really ran in that precision
     fast = _outputs(model, [inputs])
     assert [len(r) for r in fast] == [len(r) for r in reference]
     assert all(torch.isfinite(r.scores).all() for r in fast)
