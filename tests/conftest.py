@@ -16,6 +16,17 @@ warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
 torch.set_num_threads(2)
 
 
+def load_tool(name: str, module_name: str = None):
+    """Import ``tools/<name>.py`` as a fresh module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name or f"regionspot_{name}_tool",
+                                                  os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("weights")

@@ -1,6 +1,5 @@
 """tools/benchmark.py: the quick CPU run writes a complete, consistent JSON report."""
 
-import importlib.util
 import json
 import math
 import os
@@ -8,14 +7,11 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import load_tool
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("regionspot_benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ APr/c/f) on the sample and on a synthetic LVIS-format set, through the evaluator
 the config key, the errors and the benchmark tool."""
 
 import copy
-import importlib.util
 import json
 import logging
 import math
-import os
 
 import numpy as np
 import pytest
@@ -27,22 +25,14 @@ from regionspot.evaluation.fast_lvis import (
     limit_dets_per_image,
 )
 
-from conftest import REPO
+from conftest import load_tool
 
 TOL = 1e-4  # percent points
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("regionspot_benchmark_eval_tool",
-                                                  os.path.join(REPO, "tools", "benchmark_eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return _load_tool()
+    return load_tool("benchmark_eval")
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +303,7 @@ def test_config_key(registered):
 
 def test_benchmark_quick_writes_a_consistent_json(tmp_path):
     """Through tools/benchmark.py --evaluator, as the README runs it."""
-    spec = importlib.util.spec_from_file_location("regionspot_benchmark_tool_for_eval",
-                                                  os.path.join(REPO, "tools", "benchmark.py"))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_tool("benchmark", "regionspot_benchmark_tool_for_eval")
     path = tmp_path / "eval.json"
     assert benchmark.main(["--evaluator", "--quick", "--images", "150", "--segm-images", "40",
                            "--output", str(path)]) == 0

@@ -1,9 +1,7 @@
 """One recognition path: the evaluator's forward, the predictor, the demo and the benchmark give
 identical results for the same image, boxes and vocabulary."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from regionspot import RegionSpotPredictor
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.data.mapper import RegionSpotDatasetMapper
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 BOXES = [[10.0, 20.0, 200.0, 150.0], [220.0, 50.0, 440.0, 290.0], [0.0, 0.0, 450.0, 300.0]]
 
@@ -87,9 +85,7 @@ def test_demo_equals_the_predictor(tiny_model, tiny_cfg, photo, tmp_path, sam_pa
 
 
 def test_benchmark_stages_equal_the_evaluator(tiny_model, evaluated):
-    spec = importlib.util.spec_from_file_location("regionspot_benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("benchmark")
     inputs, instances = evaluated
     n = len(BOXES)
     _, _, results = tool.stage_pass(tiny_model, inputs["image"], {n: inputs["instances"].gt_boxes.tensor},

@@ -1,6 +1,5 @@
 """tools/summarize.py: evaluation outputs -> Table-1 layout (text, Markdown, PNG)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 DESC = ("proposals: {p}; softmax over 1203 classes; score = proposal score^1 x class probability; "
         "top {topk} (box, class) pairs per image; LVIS evaluator keeps 300 per image")
@@ -18,11 +17,7 @@ COMMON = ("softmax over 1203 classes; score = proposal score^1 x class probabili
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("regionspot_summarize_tool",
-                                                  os.path.join(REPO, "tools", "summarize.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("summarize")
 
 
 def _write(path, obj):

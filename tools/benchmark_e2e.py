@@ -53,7 +53,6 @@ On CUDA, ``--find-max-batch`` also doubles the batch of the ``fast`` run until i
 (or ``--max-batch``) and records the largest that fits with its peak memory and images/s.
 """
 
-import contextlib
 import functools
 import json
 import logging
@@ -87,8 +86,6 @@ RUN_SWITCHES: Dict[str, Dict[str, object]] = {
 # Image sizes (H, W) of COCO/LVIS val photos: the common ones.
 PHOTO_SIZES = [(480, 640), (427, 640), (640, 480), (640, 427), (375, 500), (500, 375), (424, 640),
                (612, 612), (480, 640), (427, 640)]
-# LVIS v1: 1203 categories, 337 rare, 461 common, 405 frequent.
-LVIS_FREQUENCIES = ["r"] * 337 + ["c"] * 461 + ["f"] * 405
 
 STAGES = ("data_wait", "sam_image_encoder", "clip_semantic", "proposals", "sam_prompt_decoder", "head",
           "postprocess", "evaluator_process")
@@ -140,20 +137,23 @@ def write_synthetic_lvis(folder: str, num_images: int, boxes_per_image: int, see
     size, boxes and seed. Returns the json path."""
     from PIL import Image
 
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
     from regionspot.data.vocabularies import get_vocabulary
     from regionspot.io import write_json_atomic
 
     json_path = os.path.join(folder, "lvis_synthetic.json")
     manifest_path = os.path.join(folder, "manifest.json")
-    manifest = {"num_images": num_images, "boxes_per_image": boxes_per_image, "seed": seed, "version": 1}
+    manifest = {"num_images": num_images, "boxes_per_image": boxes_per_image, "seed": seed, "version": 2}
     if os.path.isfile(json_path) and os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             if json.load(f) == manifest:
                 return json_path
-    names = get_vocabulary("lvis")
+    names = get_vocabulary("lvis")  # LVIS v1's names in category-id order (ids 1..1203)
+    frequencies = [c["frequency"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
     rng = np.random.RandomState(seed)
-    categories = [{"id": i + 1, "name": n, "frequency": LVIS_FREQUENCIES[i % len(LVIS_FREQUENCIES)],
-                   "synset": n, "image_count": 1, "instance_count": 1} for i, n in enumerate(names)]
+    categories = [{"id": i + 1, "name": n, "frequency": f, "synset": n, "image_count": 1, "instance_count": 1}
+                  for i, (n, f) in enumerate(zip(names, frequencies))]
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images, annotations = [], []
     for i in range(num_images):
