@@ -27,6 +27,17 @@ def load_tool(name: str, module_name: str = None):
     return module
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine, two OpenMP threads competing with other processes made SAM's
+    mask decoder up to 50x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("weights")

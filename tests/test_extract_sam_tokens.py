@@ -19,15 +19,9 @@ TOOL = os.path.join(REPO, "tools", "extract_sam_tokens.py")
 CONFIG = os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """SAM's small CPU kernels on one thread during these tests: on a shared 2-core machine, two
-    OpenMP threads competing with other processes made the mask decoder up to 50x slower.
-    Every token compared bit for bit here is computed with this same setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# SAM's small CPU kernels on one thread (conftest.one_thread): every token compared bit for bit
+# here is computed with that same setting.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -95,25 +95,21 @@ def load_cfg(config_file: str, opts: Sequence[str]):
     A ``MODEL.DEVICE`` this machine does not have is not an error here (the text embeddings are
     the same on any device): the config is loaded again with ``MODEL.DEVICE cpu``.
     """
-    from regionspot.config import load_config
+    from regionspot.config import ConfigError, load_config_for_tool
 
-    if not os.path.isfile(config_file):
-        raise ToolError(f"config file not found: {config_file}")
-    if len(opts) % 2:
-        raise ToolError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
     try:
-        return load_config(config_file, list(opts))
-    except Exception as e:  # yacs raises KeyError / ValueError / AssertionError; ours ConfigError
-        message = str(e).strip("'\"")
+        return load_config_for_tool(config_file, opts)
+    except ConfigError as e:
+        message = str(e)
         if "MODEL.DEVICE" in message:
             try:
-                cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
-            except Exception:
+                cfg = load_config_for_tool(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
+            except ConfigError:
                 pass
             else:
                 print(f"note: {message}; encoding on the CPU")
                 return cfg
-        raise ToolError(f"cannot load config {config_file}: {type(e).__name__}: {message}") from None
+        raise ToolError(message) from None
 
 
 def usable_device(value: str):

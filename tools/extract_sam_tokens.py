@@ -120,17 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_cfg(config_file: str, opts: Sequence[str]):
     """``regionspot.config.load_config`` with its errors as :class:`ToolError` (a ``MODEL.DEVICE``
     this machine lacks is an error: extracting a large dataset on the CPU by accident is not wanted)."""
-    from regionspot.config import load_config
+    from regionspot.config import ConfigError, load_config_for_tool
 
-    if not os.path.isfile(config_file):
-        raise ToolError(f"config file not found: {config_file}")
-    if len(opts) % 2:
-        raise ToolError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
     try:
-        return load_config(config_file, list(opts))
-    except Exception as e:  # yacs: KeyError / ValueError / AssertionError; ours: ConfigError
-        message = str(e).strip("'\"")
-        raise ToolError(f"cannot load config {config_file}: {type(e).__name__}: {message}") from None
+        return load_config_for_tool(config_file, opts)
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
 
 
 def output_root(cfg, output_dir: Optional[str]) -> str:

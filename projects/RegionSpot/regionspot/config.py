@@ -290,6 +290,27 @@ def load_config(config_file: str, opts=()) -> CN:
     return cfg
 
 
+def load_config_for_tool(config_file: str, opts=()) -> CN:
+    """:func:`load_config` for command-line tools: every failure is one :class:`ConfigError`
+    whose message names the file and what is wrong (a missing file, ``KEY VALUE`` overrides
+    of odd length, an unknown key, a bad value), ready to print without a stack trace.
+
+    Raises:
+        ConfigError: as described; the original exception's type is in the message.
+    """
+    import os
+
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file not found: {config_file}")
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
+    try:
+        return load_config(config_file, list(opts))
+    except Exception as e:  # yacs: KeyError / ValueError / AssertionError; ours: ConfigError
+        message = str(e).strip("'\"")
+        raise ConfigError(f"cannot load config {config_file}: {type(e).__name__}: {message}") from None
+
+
 def register_config_datasets(cfg: CN) -> None:
     """Register the ``DATASETS.REGISTER`` datasets ([[NAME, JSON, IMAGE_ROOT], ...]).
 
