@@ -38,6 +38,18 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def forget_new_datasets():
+    """Remove the datasets a test registered (catalog and metadata) when it ends."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("weights")

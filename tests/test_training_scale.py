@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 import train_net
@@ -54,13 +53,8 @@ def _argv(out, sam_path, clip_path, two_datasets, *extra):
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", *extra]
 
 
-@pytest.fixture(autouse=True)
-def cleanup():
-    before = set(DatasetCatalog.list())
-    yield
-    for name in set(DatasetCatalog.list()) - before:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+# every test forgets the datasets it registered (conftest.forget_new_datasets)
+pytestmark = pytest.mark.usefixtures("forget_new_datasets")
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -55,13 +55,8 @@ def _eval(tmp_path, sam_path, clip_path, name, json_path, image_root, *opts):
     return results[name], json.load(open(os.path.join(out, "inference", name, "metrics.json"))), out
 
 
-@pytest.fixture(autouse=True)
-def cleanup():
-    before = set(DatasetCatalog.list())
-    yield
-    for name in set(DatasetCatalog.list()) - before:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+# every test forgets the datasets it registered (conftest.forget_new_datasets)
+pytestmark = pytest.mark.usefixtures("forget_new_datasets")
 
 
 def test_an_lvis_json_with_its_own_vocabulary(tmp_path, sample, sam_path, clip_path, monkeypatch):
