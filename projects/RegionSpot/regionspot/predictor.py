@@ -12,8 +12,9 @@ and text embeddings, so several predictors can share one model without disturbin
 or the model's evaluation vocabulary.
 """
 
+import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -26,6 +27,9 @@ from detectron2.structures import Boxes, Instances
 from .checkpoint import RegionSpotCheckpointer
 from .data.validation import InputError, check_boxes
 from .data.vocabularies import check_vocabulary
+from .modeling.proposals.filters import FilterReport
+
+logger = logging.getLogger(__name__)
 
 PREDICTOR_SOURCES = ("sam_auto", "rpn")
 # Vocabularies whose text embeddings a predictor keeps in memory.
@@ -46,6 +50,10 @@ class RegionPredictions:
         masks: (N, H, W) bool masks in the image's pixels (SAM's box-prompted masks, or the
             automatic mask generator's with ``proposals="sam_auto"``).
         vocabulary: the C class names scored against.
+        filters: what each selection step removed on the way (SAM's automatic-mask filters,
+            the ``PROPOSAL_*`` selection, :meth:`above_score`), with the key that controls it
+            (:class:`~regionspot.modeling.proposals.filters.FilterReport`; ``filters.as_dict()``
+            is JSON). Empty for given boxes, which are never filtered.
     """
 
     boxes: torch.Tensor
@@ -56,6 +64,7 @@ class RegionPredictions:
     proposal_scores: torch.Tensor
     masks: torch.Tensor
     vocabulary: List[str]
+    filters: FilterReport = field(default_factory=FilterReport)
 
     def select(self, keep: torch.Tensor) -> "RegionPredictions":
         """The predictions of the boxes where ``keep`` ((N,) bool or int64 indices) says so."""
@@ -64,7 +73,30 @@ class RegionPredictions:
             boxes=self.boxes[keep], classes=self.classes[keep],
             labels=[self.labels[i] for i in torch.arange(len(self.labels))[keep].tolist()],
             scores=self.scores[keep], probabilities=self.probabilities[keep],
-            proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary)
+            proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary,
+            filters=self.filters.copy())
+
+    def above_score(self, min_score: float, key: str = "min_score", where: str = "") -> "RegionPredictions":
+        """The predictions whose score is at least ``min_score``, the step recorded in
+        :attr:`filters` (stage "minimum score", under ``key``, e.g. the demo's "--min-score").
+
+        When it removes every region, one warning is logged naming the step, the counts and
+        ``key``. ``min_score`` <= 0 keeps everything and records no step.
+
+        Args:
+            min_score: the lowest score kept (scores are in [0, 1]).
+            key: the setting's name as the user knows it.
+            where: what is being recognised, for the warning (e.g. the image's path).
+        """
+        kept = self.select(self.scores >= min_score)
+        if min_score > 0:
+            best = f"; the best score was {float(self.scores.max()):.4g}" if len(self.labels) else ""
+            kept.filters.add("minimum score", key, float(min_score), "regions", len(self.labels), len(kept.labels),
+                             "lower it" + best)
+            message = kept.filters.warning(where or "RegionPredictions.above_score")
+            if message and kept.filters.emptying_step() is kept.filters.steps[-1]:
+                logger.warning(message)
+        return kept
 
     def to_json(self) -> List[dict]:
         """One dict per box: box (XYXY pixels), label, class index, score, proposal score."""
@@ -99,6 +131,8 @@ class RegionSpotPredictor:
     def __init__(self, model, min_size: int = 800, max_size: int = 1333,
                  vocabulary: Optional[Sequence[str]] = None):
         self.model = model.eval()
+        # The head's weights file ("" for an untrained head), recorded in outputs; set by from_config.
+        self.weights: Optional[str] = None
         self.resize = T.ResizeShortestEdge(min_size, max_size)
         self.protocol = model.protocol.replace(selection="per_box")
         self._text_embeddings: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -108,12 +142,30 @@ class RegionSpotPredictor:
         self.reset_image()
 
     @classmethod
-    def from_config(cls, cfg, vocabulary: Optional[Sequence[str]] = None) -> "RegionSpotPredictor":
-        """Build the model of ``cfg`` and load ``MODEL.WEIGHTS`` (the head) when set."""
+    def from_config(cls, cfg, vocabulary: Optional[Sequence[str]] = None, *,
+                    allow_untrained_head: bool = False) -> "RegionSpotPredictor":
+        """Build the model of ``cfg`` and load its head from ``MODEL.WEIGHTS``.
+
+        Args:
+            cfg: a RegionSpot config (e.g. ``regionspot.config.load_config(file, opts)``).
+            vocabulary: the default class names of :meth:`predict`.
+            allow_untrained_head: with an empty ``MODEL.WEIGHTS``, recognise with a randomly
+                initialised head on purpose (its labels are chance); refused otherwise.
+
+        Raises:
+            ValueError: ``MODEL.WEIGHTS`` is empty and ``allow_untrained_head`` is False.
+            CheckpointError: the file is missing or is not a head of this variant.
+        """
+        if not cfg.MODEL.WEIGHTS and not allow_untrained_head:
+            raise ValueError("MODEL.WEIGHTS is empty: set it to a RegionSpot checkpoint (a released one or one "
+                             "written by train_net.py); to recognise with a randomly initialised head on purpose, "
+                             "pass allow_untrained_head=True (the demo's --untrained-head)")
         model = build_model(cfg)
         if cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        return cls(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, vocabulary=vocabulary)
+        predictor = cls(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, vocabulary=vocabulary)
+        predictor.weights = cfg.MODEL.WEIGHTS
+        return predictor
 
     # ----------------------------------------------------------------- vocabulary
     def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None) -> None:
@@ -205,7 +257,10 @@ class RegionSpotPredictor:
                 score and selected with the ``PROPOSAL_*`` settings.
 
         Returns:
-            :class:`RegionPredictions` (N may be 0), one row per box in box order.
+            :class:`RegionPredictions` (N may be 0), one row per box in box order; its
+            ``filters`` say what each selection step removed. When a step removes every
+            region (e.g. no SAM mask passes ``SAM_AUTO.PRED_IOU_THRESH``), one warning is
+            logged naming the step, the counts and the config key.
 
         Raises:
             RuntimeError: :meth:`set_image` was not called.
@@ -223,6 +278,7 @@ class RegionSpotPredictor:
         text_embeddings = self.text_embeddings_for(names)
         features = self._features
         h, w = self._image_size
+        report = FilterReport()
         if proposals is None:
             checked = check_boxes(boxes, (h, w), "boxes")
             instances = Instances(features[0].image_size)
@@ -233,14 +289,18 @@ class RegionSpotPredictor:
             instances.objectness_logits = torch.full((len(checked),), float("inf"))
             regions = [instances.to(self.model.device)]
         elif proposals in PREDICTOR_SOURCES:
-            regions = self.model.generate_proposals(proposals, features)
+            regions = self.model.generate_proposals(proposals, features, reports=[report])
         else:
             raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
-        result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True)[0]
+        result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True,
+                                      reports=[report])[0]
         result = result.to("cpu")
+        message = report.warning(f"predict(proposals={proposals!r}) on a {w}x{h} (WxH) image")
+        if message:
+            logger.warning(message)
         return RegionPredictions(
             boxes=result.pred_boxes.tensor, classes=result.pred_classes,
             labels=[names[i] for i in result.pred_classes.tolist()], scores=result.scores,
             probabilities=result.class_probs, proposal_scores=result.proposal_scores,
-            masks=result.pred_masks.tensor(), vocabulary=list(names),
+            masks=result.pred_masks.tensor(), vocabulary=list(names), filters=report,
         )

@@ -4,7 +4,10 @@ detector's proposals attached when configured).
 With ``PROPOSALS`` "file" the dataset dicts get the proposal file's boxes as Detectron2's
 precomputed-proposal keys (``modeling/proposals/file.py``), and the mapper turns them into
 ``proposals``; the coverage of the file (images it lacks, ids the dataset lacks) is returned
-so the evaluation can report it. Every other source uses Detectron2's loader unchanged.
+so the evaluation can report it, and each image's dict carries what the file's selection
+removed from its boxes (``proposal_filters``, :mod:`regionspot.modeling.proposals.filters`),
+which the model's per-image filter report starts from. Every other source uses Detectron2's
+loader unchanged.
 """
 
 import logging

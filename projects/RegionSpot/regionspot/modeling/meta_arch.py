@@ -39,6 +39,7 @@ from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, SharedMasks, class_probabilities, resize_masks, select_detections
 from .proposals import check_proposal_source, logit_to_score, select_proposals
+from .proposals.filters import FilterReport, report_of_input
 from .proposals.gt import proposals_from_ground_truth
 from .proposals.sam_auto import SamAutoProposalGenerator
 from .semantic_features import ClipSemanticFeatures
@@ -187,13 +188,17 @@ class RegionSpot(nn.Module):
           test time with ``PROPOSALS`` "gt";
         - "proposals": ``Instances`` with ``proposal_boxes`` / ``objectness_logits`` (the
           mapper's, from a file) with ``PROPOSALS`` "file";
+        - optional "proposal_filters": what the file's selection removed from the image's boxes
+          (attached by the test loader; the output's "filters" starts from it);
         - optional "height", "width": the original image size to report results in.
 
     Outputs: training -> ``{"loss_region_focal": scalar}``; inference -> one
     ``{"instances": Instances}`` per image with ``pred_boxes`` (XYXY_ABS, original pixels),
     ``scores`` (float32), ``pred_classes`` (int64 vocabulary indices), ``proposal_scores``
     and, with ``mask_on``, ``pred_masks`` (:class:`~regionspot.modeling.postprocess.SharedMasks`,
-    (K, H, W) bool).
+    (K, H, W) bool); and ``"filters"``, the image's
+    :class:`~regionspot.modeling.proposals.filters.FilterReport` (what each selection step
+    removed, and the key that controls it).
 
     The vocabulary ``forward`` scores against is set from outside with :meth:`set_vocabulary`
     (the trainer does it per dataset); the predictor passes its own text embeddings to
@@ -506,11 +511,14 @@ class RegionSpot(nn.Module):
             return self.semantic(pixels).float()
 
     # ----------------------------------------------------------------- proposals
-    def generate_proposals(self, source: str, features: Sequence[ImageFeatures]) -> List[Instances]:
+    def generate_proposals(self, source: str, features: Sequence[ImageFeatures],
+                           reports: Optional[Sequence[FilterReport]] = None) -> List[Instances]:
         """Proposals that the model computes itself from the images: "rpn" or "sam_auto".
 
         Selection (``PROPOSAL_SCORE_THRESH``, ``PROPOSAL_NMS_THRESH``, ``PROPOSAL_TOPK``) is
-        applied as for a file's boxes.
+        applied as for a file's boxes. With ``reports`` (one
+        :class:`~regionspot.modeling.proposals.filters.FilterReport` per image), SAM's own
+        filters ("sam_auto") and the selection record what they removed there.
 
         Raises:
             ValueError: another source, or "rpn" on a model built without RPN weights.
@@ -521,18 +529,21 @@ class RegionSpot(nn.Module):
                                  'MODEL.REGIONSPOT.RPN_WEIGHTS set (see configs/eval_lvis_rpn.yaml)')
             generated = self.rpn([f.image for f in features])
         elif source == "sam_auto":
-            generated = [self.sam_auto(f.image, f.sam_embedding, f.sam_input_size) for f in features]
+            generated = [self.sam_auto(f.image, f.sam_embedding, f.sam_input_size, report=r)
+                         for f, r in zip(features, reports or [None] * len(features))]
         else:
             raise ValueError(f'the model generates proposals only for "rpn" and "sam_auto", not {source!r}')
         selected = []
-        for p in generated:
+        for p, r in zip(generated, reports or [None] * len(generated)):
             keep = select_proposals(p.proposal_boxes.tensor, logit_to_score(p.objectness_logits),
-                                    **self.proposal_selection)
+                                    **self.proposal_selection, report=r)
             selected.append(p[keep])
         return selected
 
-    def propose(self, batched_inputs: List[Dict], features: Sequence[ImageFeatures]) -> List[Instances]:
-        """The boxes to recognise in each image, from the configured source (step 3).
+    def propose(self, batched_inputs: List[Dict], features: Sequence[ImageFeatures],
+                reports: Optional[Sequence[FilterReport]] = None) -> List[Instances]:
+        """The boxes to recognise in each image, from the configured source (step 3); with
+        ``reports``, what the model's proposal filters removed (:meth:`generate_proposals`).
 
         Returns:
             B ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded image) and
@@ -542,7 +553,7 @@ class RegionSpot(nn.Module):
             ValueError: an input lacks what its source needs (named by file name).
         """
         if self.proposal_source in ("rpn", "sam_auto"):
-            return self.generate_proposals(self.proposal_source, features)
+            return self.generate_proposals(self.proposal_source, features, reports)
         key = "instances" if self.proposal_source == "gt" else "proposals"
         out = []
         for x in batched_inputs:
@@ -612,7 +623,8 @@ class RegionSpot(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, recognition: RegionRecognition, output_size: Tuple[int, int],
-                    protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> Instances:
+                    protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None,
+                    report: Optional[FilterReport] = None) -> Instances:
         """Scored detections of one image in the output frame (step 5).
 
         Args:
@@ -622,6 +634,8 @@ class RegionSpot(nn.Module):
             mask_on: paste masks (default: ``MODEL.MASK_ON``). One mask per kept box, shared
                 by all its detections: the ``sam_auto`` mask if the proposal has one, else
                 SAM's box-prompted mask.
+            report: the image's :class:`~regionspot.modeling.proposals.filters.FilterReport`,
+                to which the protocol's selection steps add what they removed.
 
         Returns:
             ``Instances`` of size ``output_size`` with ``pred_boxes``, ``scores``,
@@ -633,7 +647,8 @@ class RegionSpot(nn.Module):
         proposals = recognition.proposals
         boxes = proposals.proposal_boxes.tensor
         probs = class_probabilities(recognition.logits, protocol.class_score)
-        det = select_detections(probs, recognition.proposal_scores, boxes, protocol, recognition.iou_predictions)
+        det = select_detections(probs, recognition.proposal_scores, boxes, protocol, recognition.iou_predictions,
+                                report=report)
         out_h, out_w = output_size
         in_h, in_w = proposals.image_size
         result = Instances((out_h, out_w))
@@ -661,12 +676,16 @@ class RegionSpot(nn.Module):
 
     def inference(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
                   text_embeddings: torch.Tensor, output_sizes: Sequence[Tuple[int, int]],
-                  protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> List[Instances]:
+                  protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None,
+                  reports: Optional[Sequence[FilterReport]] = None) -> List[Instances]:
         """Steps 4-5 for B encoded images: :meth:`recognize` (SAM's masks only if
-        :meth:`needs_sam_masks`), then :meth:`postprocess` each."""
+        :meth:`needs_sam_masks`), then :meth:`postprocess` each (with its image's report, if
+        ``reports`` is given)."""
         recognitions = self.recognize(features, proposals, text_embeddings,
                                       with_masks=self.needs_sam_masks(protocol, mask_on))
-        return [self.postprocess(r, size, protocol, mask_on) for r, size in zip(recognitions, output_sizes)]
+        reports = reports or [None] * len(recognitions)
+        return [self.postprocess(r, size, protocol, mask_on, report)
+                for r, size, report in zip(recognitions, output_sizes, reports)]
 
     # ----------------------------------------------------------------- forward
     @staticmethod
@@ -681,7 +700,9 @@ class RegionSpot(nn.Module):
         return images
 
     def forward(self, batched_inputs: List[Dict]):
-        """Training: dict of losses. Inference: list of {"instances": Instances} (see class doc).
+        """Training: dict of losses. Inference: list of {"instances": Instances, "filters":
+        FilterReport} (see class doc; "filters" says what each selection step removed from the
+        image's candidates, :mod:`~regionspot.modeling.proposals.filters`).
 
         Raises:
             RuntimeError: no vocabulary was set (:meth:`set_vocabulary`).
@@ -695,10 +716,12 @@ class RegionSpot(nn.Module):
                                "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
         features = self.encode_images(images, [x.get("sam_input") for x in batched_inputs],
                                       [x.get("clip_input") for x in batched_inputs])
-        proposals = self.propose(batched_inputs, features)
+        reports = [report_of_input(x) for x in batched_inputs]  # + a proposal file's selection
+        proposals = self.propose(batched_inputs, features, reports)
         sizes = [(x.get("height", f.image_size[0]), x.get("width", f.image_size[1]))
                  for x, f in zip(batched_inputs, features)]
-        return [{"instances": r} for r in self.inference(features, proposals, self.text_embeddings, sizes)]
+        results = self.inference(features, proposals, self.text_embeddings, sizes, reports=reports)
+        return [{"instances": r, "filters": report} for r, report in zip(results, reports)]
 
     def vocabulary_of(self, inputs: Dict) -> Vocabulary:
         """The training vocabulary of one input: its dataset's (``inputs["dataset"]``), else the

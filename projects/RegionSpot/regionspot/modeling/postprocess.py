@@ -28,6 +28,8 @@ Selections (``MODEL.REGIONSPOT.TEST_PROTOCOL``):
   the demo: "what is in this box?").
 
 The LVIS evaluator then keeps ``TEST.DETECTIONS_PER_IMAGE`` (300, LVIS's standard) per image.
+Each selection step records what it removed, and its key, in the image's filter report
+(:mod:`regionspot.modeling.proposals.filters`), so that an empty result says which step emptied it.
 
 Masks: a box that carries several classes shares one mask. :class:`SharedMasks` stores one
 bitmap per kept box and an index per detection, so mask memory grows with the number of
@@ -156,7 +158,7 @@ class Detections(NamedTuple):
 
 def select_detections(probabilities: torch.Tensor, proposal_scores: torch.Tensor, boxes: torch.Tensor,
                       protocol: RecognitionProtocol,
-                      iou_predictions: Optional[torch.Tensor] = None) -> Detections:
+                      iou_predictions: Optional[torch.Tensor] = None, report=None) -> Detections:
     """Apply a protocol's score fusion and selection to one image's N proposals.
 
     Args:
@@ -165,6 +167,10 @@ def select_detections(probabilities: torch.Tensor, proposal_scores: torch.Tensor
         boxes: (N, 4) float XYXY boxes (any frame; only NMS uses them).
         protocol: the :class:`RecognitionProtocol`.
         iou_predictions: (N,) SAM's predicted IoU of each box's mask; required by "tap".
+        report: optional :class:`~regionspot.modeling.proposals.filters.FilterReport` of the
+            image: each selection step records how many (box, class) pairs it removed, with
+            its key ("tap": ``TAP_CLASS_THRESH``, then ``TEST_NMS_THRESH`` and ``TEST_TOPK``;
+            "topk": ``TEST_TOPK``, then ``TEST_NMS_THRESH``; "per_box" removes nothing).
 
     Returns:
         :class:`Detections`.
@@ -174,6 +180,11 @@ def select_detections(probabilities: torch.Tensor, proposal_scores: torch.Tensor
     """
     n, c = probabilities.shape
     device = probabilities.device
+
+    def record(stage, key, setting, before, after, advice):
+        if report is not None:
+            report.add(f"recognition: {stage}", f"MODEL.REGIONSPOT.{key}", setting, "(box, class) pairs",
+                       before, after, advice)
     weight = proposal_scores.float().clamp(0, 1) ** protocol.proposal_score_power  # 0 ** 0 == 1
     if protocol.selection == "per_box":
         scores, classes = (probabilities * weight[:, None]).max(dim=1) if n else (
@@ -183,6 +194,8 @@ def select_detections(probabilities: torch.Tensor, proposal_scores: torch.Tensor
         if iou_predictions is None:
             raise ValueError("the TAP protocol needs SAM's predicted IoU of every box")
         box_idx, classes = torch.nonzero(probabilities > protocol.tap_class_thresh, as_tuple=True)
+        record("TAP class threshold", "TAP_CLASS_THRESH", protocol.tap_class_thresh, n * c, box_idx.numel(),
+               "lower it")
         iou = iou_predictions.float().clamp(0, 1)[box_idx]
         scores = (probabilities[box_idx, classes] * iou).sqrt() * weight[box_idx]
         order = torch.argsort(scores, descending=True)
@@ -191,12 +204,19 @@ def select_detections(probabilities: torch.Tensor, proposal_scores: torch.Tensor
         fused = (probabilities * weight[:, None]).flatten()
         scores, flat = fused.topk(min(protocol.topk, fused.numel()))
         box_idx, classes = flat // c, flat % c
-    if protocol.nms_thresh > 0 and scores.numel():
-        from torchvision.ops import batched_nms
+        record("top-k", "TEST_TOPK", protocol.topk, n * c, scores.numel(), "raise it")
+    if protocol.nms_thresh > 0:
+        before = scores.numel()
+        if before:
+            from torchvision.ops import batched_nms
 
-        keep = batched_nms(boxes[box_idx].float(), scores, classes, protocol.nms_thresh)
-        box_idx, classes, scores = box_idx[keep], classes[keep], scores[keep]
+            keep = batched_nms(boxes[box_idx].float(), scores, classes, protocol.nms_thresh)
+            box_idx, classes, scores = box_idx[keep], classes[keep], scores[keep]
+        record("per-class NMS", "TEST_NMS_THRESH", protocol.nms_thresh, before, scores.numel(),
+               "raise it (0 turns NMS off)")
     k = min(protocol.topk, scores.numel())
+    if protocol.selection == "tap":
+        record("top-k", "TEST_TOPK", protocol.topk, scores.numel(), k, "raise it")
     return Detections(box_idx[:k], classes[:k], scores[:k])
 
 

@@ -20,6 +20,9 @@ Sources (``MODEL.REGIONSPOT.PROPOSALS``), one module each:
   precomputed-proposal keys and turned into ``proposals`` by the mapper;
 - ``rpn`` (:mod:`.rpn`): Detectron2's RPN with its own weights, in the same forward;
 - ``sam_auto`` (:mod:`.sam_auto`): SAM's automatic mask generator ("recognise everything").
+
+Every step that drops proposals (SAM's own filters, :func:`select_proposals`) can record what
+it removed, and the key that controls it, in the image's filter report (:mod:`.filters`).
 """
 
 from typing import Optional
@@ -63,7 +66,7 @@ def logit_to_score(logits):
 
 
 def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, *, topk: Optional[int] = None,
-                     score_thresh: float = 0.0, nms_thresh: float = 0.0) -> torch.Tensor:
+                     score_thresh: float = 0.0, nms_thresh: float = 0.0, report=None) -> torch.Tensor:
     """Indices of the proposals to keep, best first: score threshold, class-agnostic NMS, top-k.
 
     The same selection applies to every predicted source (a file's boxes, the RPN's, SAM's
@@ -75,20 +78,36 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, *, topk: Optiona
         topk: keep at most this many (None or <= 0: no cap).
         score_thresh: drop proposals whose score is below it (0: keep all).
         nms_thresh: class-agnostic NMS IoU threshold; 0 (or >= 1) disables NMS.
+        report: optional :class:`~regionspot.modeling.proposals.filters.FilterReport` of the
+            image: each step that is on records how many boxes it removed, with its key
+            (``MODEL.REGIONSPOT.PROPOSAL_SCORE_THRESH``, ``PROPOSAL_NMS_THRESH``,
+            ``PROPOSAL_TOPK``).
 
     Returns:
         (K,) int64 indices into ``boxes``, sorted by decreasing score (stable for ties).
     """
     from torchvision.ops import nms
 
+    def record(stage, key, setting, before, advice):
+        if report is not None:
+            report.add(f"proposals: {stage}", f"MODEL.REGIONSPOT.{key}", setting, "boxes", before,
+                       order.numel(), advice)
+
     order = torch.argsort(scores, descending=True, stable=True)
     if score_thresh > 0:
+        before = order.numel()
         order = order[scores[order] >= score_thresh]
-    if 0 < nms_thresh < 1 and order.numel() > 1:
-        kept = nms(boxes[order].float(), scores[order].float(), nms_thresh)
-        order = order[kept.sort().values]  # nms returns by decreasing score; keep our stable order
+        record("score threshold", "PROPOSAL_SCORE_THRESH", float(score_thresh), before, "lower it")
+    if 0 < nms_thresh < 1:
+        before = order.numel()
+        if before > 1:
+            kept = nms(boxes[order].float(), scores[order].float(), nms_thresh)
+            order = order[kept.sort().values]  # nms returns by decreasing score; keep our stable order
+        record("NMS", "PROPOSAL_NMS_THRESH", float(nms_thresh), before, "raise it (0 turns NMS off)")
     if topk is not None and topk > 0:
+        before = order.numel()
         order = order[:topk]
+        record("top-k", "PROPOSAL_TOPK", int(topk), before, "raise it")
     return order
 
 

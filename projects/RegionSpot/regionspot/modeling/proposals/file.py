@@ -51,6 +51,7 @@ from tqdm import tqdm
 from ...data.validation import BOX_TOLERANCE_PX, InputError
 from ...io import atomic_write
 from . import logit_to_score, score_to_logit, select_proposals
+from .filters import PROPOSAL_FILTERS_KEY, FilterReport
 
 logger = logging.getLogger(__name__)
 
@@ -657,7 +658,12 @@ def attach_proposals(dataset_dicts: Iterable[dict], proposals: ProposalSet, *, s
     - ``proposal_boxes``: (K, 4) float32, XYXY_ABS pixels of the original image, clipped to
       it, sorted by decreasing score;
     - ``proposal_objectness_logits``: (K,) float32, ``score_to_logit(score)`` (+inf for 1);
-    - ``proposal_bbox_mode``: ``BoxMode.XYXY_ABS``.
+    - ``proposal_bbox_mode``: ``BoxMode.XYXY_ABS``;
+
+    and, for an image the file has, ``proposal_filters``
+    (:data:`~regionspot.modeling.proposals.filters.PROPOSAL_FILTERS_KEY`): the
+    :meth:`FilterReport.as_dict` of the steps below for that image, which the model's
+    output report starts from.
 
     Per image: boxes are checked against the image (a box may overhang by
     ``BOX_TOLERANCE_PX`` + :data:`BOX_TOLERANCE_FRACTION` of the side and is clipped), boxes
@@ -744,18 +750,19 @@ def _select_for_image(record: dict, key: str, proposals: ProposalSet, counts: di
     scores = proposals.scores[key]
     counts["boxes_in_file_for_dataset"] += len(boxes)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    counts["degenerate_boxes_dropped"] += int((~valid).sum())
+    report = FilterReport()
+    report.add("proposal file: zero-area boxes", "MODEL.REGIONSPOT.PROPOSAL_FILE", proposals.path, "boxes",
+               len(boxes), int(valid.sum()), "check the file's boxes: XYXY pixels of the original image")
     boxes, scores = boxes[valid], scores[valid]
-    above = int((scores >= score_thresh).sum()) if score_thresh > 0 else len(scores)
-    counts["boxes_below_score_thresh"] += len(scores) - above
-    keep = select_proposals(torch.from_numpy(boxes), torch.from_numpy(scores), topk=None,
-                            score_thresh=score_thresh, nms_thresh=nms_thresh)
-    counts["boxes_removed_by_nms"] += above - len(keep)
-    if topk is not None and topk > 0:
-        counts["boxes_removed_by_topk"] += max(len(keep) - topk, 0)
-        keep = keep[:topk]
-    keep = keep.numpy()
+    keep = select_proposals(torch.from_numpy(boxes), torch.from_numpy(scores), topk=topk,
+                            score_thresh=score_thresh, nms_thresh=nms_thresh, report=report).numpy()
+    removed = {s.key.rsplit(".", 1)[-1]: s.removed for s in report.steps}
+    counts["degenerate_boxes_dropped"] += removed["PROPOSAL_FILE"]
+    counts["boxes_below_score_thresh"] += removed.get("PROPOSAL_SCORE_THRESH", 0)
+    counts["boxes_removed_by_nms"] += removed.get("PROPOSAL_NMS_THRESH", 0)
+    counts["boxes_removed_by_topk"] += removed.get("PROPOSAL_TOPK", 0)
     counts["boxes_kept"] += len(keep)
+    record[PROPOSAL_FILTERS_KEY] = report.as_dict()
     return np.ascontiguousarray(boxes[keep], dtype=np.float32), score_to_logit(scores[keep])
 
 

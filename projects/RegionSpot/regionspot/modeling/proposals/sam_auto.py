@@ -12,6 +12,13 @@ The region is then recognised like any other box: its position-aware token comes
 prompted with that box (the prompt RegionSpot was trained with). The image embedding the
 model computed already is handed to the generator, so SAM's image encoder runs once per
 image (crops, with ``CROP_N_LAYERS`` > 0, are encoded by SAM itself).
+
+The generator drops masks in several steps of its own (``SAM_AUTO.PRED_IOU_THRESH`` 0.88 and
+``STABILITY_SCORE_THRESH`` 0.95 by default, box NMS, ...); with a photo SAM does not find
+confident regions in, they can remove every mask. The generator used here
+(:func:`counting_mask_generator_class`) runs SAM's steps as ``segment_anything`` does and
+counts what each removed, so that an empty result says which setting emptied it
+(:mod:`.filters`).
 """
 
 from typing import Dict, Tuple
@@ -41,6 +48,102 @@ def _embedded_predictor(sam, image_shape: Tuple[int, int], embedding: torch.Tens
             return None
 
     return EmbeddedImagePredictor(sam)
+
+
+_SAM_AUTO_KEY = "MODEL.REGIONSPOT.SAM_AUTO."
+# The counters of CountingMaskGenerator, in the order SAM applies its filters.
+_SAM_FILTERS = ("pred_iou", "stability", "crop_edge", "box_nms", "crop_nms", "small_regions")
+
+
+def counting_mask_generator_class():
+    """``CountingMaskGenerator``: ``segment_anything.SamAutomaticMaskGenerator`` counting what
+    each of its filters removes (the class is built on first use: ``segment_anything`` is
+    imported lazily, as everywhere in this package).
+
+    Its ``counts`` dict holds ``generated`` (masks SAM's decoder returned: 3 per point prompt,
+    every crop) and, per filter, the masks it removed: ``pred_iou`` (``pred_iou_thresh``),
+    ``stability`` (``stability_score_thresh``), ``crop_edge`` (masks touching an inner crop
+    edge; only with crops), ``box_nms`` (``box_nms_thresh``, within each crop), ``crop_nms``
+    (duplicates between crops, ``crop_nms_thresh``), ``small_regions`` (the NMS after
+    ``min_mask_region_area``'s clean-up). ``generated`` minus all removals is the number of
+    regions ``generate`` returns.
+
+    ``_process_batch`` is segment_anything 1.0's, step for step, with the counts added (its
+    filters are inside one method, so it is restated here from the package's public
+    ``utils.amg`` pieces); the other steps are counted around segment_anything's own methods.
+    A test checks that the regions equal those of SAM's own generator.
+    """
+    global _COUNTING_GENERATOR
+    if _COUNTING_GENERATOR is not None:
+        return _COUNTING_GENERATOR
+    from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.utils.amg import (MaskData, batched_mask_to_box, calculate_stability_score,
+                                            is_box_near_crop_edge, mask_to_rle_pytorch, uncrop_masks)
+
+    class CountingMaskGenerator(SamAutomaticMaskGenerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.counts = dict.fromkeys(("generated",) + _SAM_FILTERS, 0)
+            self._batch_kept = 0  # masks that left _process_batch, all crops so far
+            self._crop_kept = 0  # masks that left _process_crop (after box NMS), all crops so far
+
+        def _process_batch(self, points, im_size, crop_box, orig_size):
+            orig_h, orig_w = orig_size
+            transformed_points = self.predictor.transform.apply_coords(points, im_size)
+            in_points = torch.as_tensor(transformed_points, device=self.predictor.device)
+            in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+            masks, iou_preds, _ = self.predictor.predict_torch(
+                in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True)
+            data = MaskData(masks=masks.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
+                            points=torch.as_tensor(points.repeat(masks.shape[1], axis=0)))
+            del masks
+            self.counts["generated"] += len(data["iou_preds"])
+            if self.pred_iou_thresh > 0.0:
+                keep_mask = data["iou_preds"] > self.pred_iou_thresh
+                self.counts["pred_iou"] += int((~keep_mask).sum())
+                data.filter(keep_mask)
+            data["stability_score"] = calculate_stability_score(
+                data["masks"], self.predictor.model.mask_threshold, self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                keep_mask = data["stability_score"] >= self.stability_score_thresh
+                self.counts["stability"] += int((~keep_mask).sum())
+                data.filter(keep_mask)
+            data["masks"] = data["masks"] > self.predictor.model.mask_threshold
+            data["boxes"] = batched_mask_to_box(data["masks"])
+            keep_mask = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+            if not torch.all(keep_mask):
+                self.counts["crop_edge"] += int((~keep_mask).sum())
+                data.filter(keep_mask)
+            data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+            data["rles"] = mask_to_rle_pytorch(data["masks"])
+            del data["masks"]
+            self._batch_kept += len(data["rles"])
+            return data
+
+        def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):
+            before = self._batch_kept
+            data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
+            self.counts["box_nms"] += (self._batch_kept - before) - len(data["rles"])
+            self._crop_kept += len(data["rles"])
+            return data
+
+        def _generate_masks(self, image):
+            before = self._crop_kept
+            data = super()._generate_masks(image)
+            self.counts["crop_nms"] += (self._crop_kept - before) - len(data["rles"])
+            return data
+
+        def postprocess_small_regions(self, mask_data, min_area, nms_thresh):
+            before = len(mask_data["rles"])
+            mask_data = SamAutomaticMaskGenerator.postprocess_small_regions(mask_data, min_area, nms_thresh)
+            self.counts["small_regions"] += before - len(mask_data["rles"])
+            return mask_data
+
+    _COUNTING_GENERATOR = CountingMaskGenerator
+    return CountingMaskGenerator
+
+
+_COUNTING_GENERATOR = None
 
 
 class SamAutoProposalGenerator:
@@ -83,25 +186,28 @@ class SamAutoProposalGenerator:
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, sam_embedding: torch.Tensor,
-                 sam_input_size: Tuple[int, int]) -> Instances:
+                 sam_input_size: Tuple[int, int], report=None) -> Instances:
         """Regions of one image.
 
         Args:
             image: (3, H, W) uint8 RGB, the image the model sees.
             sam_embedding: (256, g, g) SAM's embedding of that image.
             sam_input_size: (h, w) of the image inside SAM's padded input.
+            report: optional :class:`~regionspot.modeling.proposals.filters.FilterReport` of
+                the image: each of SAM's filters that is on records how many masks it removed
+                (:meth:`record_filters`).
 
         Returns:
             ``Instances`` of size (H, W), sorted by decreasing score, with ``proposal_boxes``
             (XYXY_ABS), ``objectness_logits`` (logit of predicted IoU x stability score) and
             ``proposal_masks`` ((N, H, W) bool).
         """
-        from segment_anything import SamAutomaticMaskGenerator
-
         h, w = image.shape[-2:]
-        generator = SamAutomaticMaskGenerator(self.sam, output_mode="binary_mask", **self.settings)
+        generator = counting_mask_generator_class()(self.sam, output_mode="binary_mask", **self.settings)
         generator.predictor = _embedded_predictor(self.sam, (h, w), sam_embedding, sam_input_size)
         regions = generator.generate(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
+        if report is not None:
+            self.record_filters(generator, report)
         device = sam_embedding.device
         result = Instances((h, w))
         if not regions:
@@ -122,3 +228,34 @@ class SamAutoProposalGenerator:
         result.objectness_logits = score_to_logit(scores[order]).to(device)
         result.proposal_masks = masks.to(device)
         return result
+
+    def record_filters(self, generator, report) -> None:
+        """Add the steps of SAM's generator that are on, with the masks each removed, to
+        ``report`` (stage "sam_auto: ...", key ``MODEL.REGIONSPOT.SAM_AUTO.*``, unit "masks").
+
+        Args:
+            generator: a ``CountingMaskGenerator`` after ``generate``
+                (:func:`counting_mask_generator_class`).
+            report: the image's :class:`~regionspot.modeling.proposals.filters.FilterReport`.
+        """
+        counts, settings = generator.counts, self.settings
+        crops = settings.get("crop_n_layers", 0) > 0
+        steps = [  # (counter, stage, key, setting, advice, on)
+            ("pred_iou", "predicted IoU", "PRED_IOU_THRESH", generator.pred_iou_thresh, "lower it",
+             generator.pred_iou_thresh > 0),
+            ("stability", "stability score", "STABILITY_SCORE_THRESH", generator.stability_score_thresh,
+             "lower it", generator.stability_score_thresh > 0),
+            ("crop_edge", "masks at crop edges", "CROP_N_LAYERS", settings.get("crop_n_layers", 0),
+             "0 turns crops off", crops),
+            ("box_nms", "box NMS", "BOX_NMS_THRESH", generator.box_nms_thresh, "raise it", True),
+            ("crop_nms", f"NMS between crops (IoU {generator.crop_nms_thresh:g})", "CROP_N_LAYERS",
+             settings.get("crop_n_layers", 0), "0 turns crops off", crops),
+            ("small_regions", "NMS after small-region clean-up", "MIN_MASK_REGION_AREA",
+             generator.min_mask_region_area, "0 turns it off", generator.min_mask_region_area > 0),
+        ]
+        left = counts["generated"]
+        for counter, stage, key, setting, advice, on in steps:
+            if on:
+                report.add(f"sam_auto: {stage}", _SAM_AUTO_KEY + key, setting, "masks", left,
+                           left - counts[counter], advice)
+            left -= counts[counter]
