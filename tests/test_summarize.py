@@ -1,5 +1,6 @@
 """tools/summarize.py: evaluation outputs -> Table-1 layout (text, Markdown, PNG)."""
 
+import io
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ def tool():
 def _write(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(obj, f)  # NaN is written as NaN, as Python's json does in train_net.py
+        json.dump(obj, f)  # a NaN as a bare NaN, as metrics.json files were before strict JSON: still read
     return str(path)
 
 
@@ -109,7 +110,7 @@ def test_printed_table_columns_protocol_and_outputs(tool, runs, capsys):
     assert "Note: random weights: numbers are not accuracy" in lines
     md_path, png_path = (os.path.join(runs["out"], "table1.md"), os.path.join(runs["out"], "table1.png"))
     assert md_path in out and png_path in out
-    assert sorted(os.listdir(runs["out"])) == ["table1.md", "table1.png"]  # no temp files left
+    assert sorted(os.listdir(runs["out"])) == ["table1.log", "table1.md", "table1.png"]  # no temp files left
 
     md = open(md_path).read()
     assert "| Proposals | Box APr | APc | APf | AP | Mask APr | APc | APf | AP |" in md
@@ -131,9 +132,10 @@ def test_printed_table_columns_protocol_and_outputs(tool, runs, capsys):
     out = capsys.readouterr().out
     header, _ = _table_rows(out)
     assert header == ["Proposals", "Box APr", "APc", "APf", "AP"]
-    assert sorted(os.listdir(runs["out"])) == ["table1.md", "table1.png"]
+    assert sorted(os.listdir(runs["out"])) == ["table1.log", "table1.md", "table1.png"]
     md = open(md_path).read()
-    assert md.startswith("# Second\n") and "Mask" not in md and "GT boxes" not in md
+    assert md.startswith("# Second\n") and "Mask APr" not in md and "GT boxes" not in md
+    assert "Mask AP not evaluated for these runs (no segm results in metrics.json: MODEL.MASK_ON False)" in md
     with Image.open(png_path) as im:
         assert im.size[0] < two_panel_width
 
@@ -237,4 +239,73 @@ def test_script_from_repo_root(runs, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "Traceback" not in ok.stderr
     assert ok.stdout.splitlines()[0].startswith("Proposals") and "GT boxes" in ok.stdout
-    assert sorted(os.listdir(tmp_path / "o")) == ["t.md", "t.png"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["t.log", "t.md", "t.png"]
+
+
+def _texts(fig):
+    """Every text drawn in a matplotlib figure: its own, its panels' and their titles."""
+    texts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        texts += [t.get_text() for t in ax.texts] + [ax.get_title()]
+    return texts
+
+
+def test_box_only_runs_with_mask_ap_skipped(tool, tmp_path, capsys):
+    """Runs on a dataset without mask annotations (MODEL.MASK_ON True): metrics.json (strict
+    JSON, a null APr) has only box AP and records the skipped mask AP; the mask columns say
+    "n/a" (not 0.0) and a note says why, in the table, the Markdown and the chart."""
+    from regionspot.io import write_json_atomic
+
+    reason = "the dataset has no mask annotations (none of its 62 annotations has a 'segmentation')"
+    for name, proposals, box in (("gt", "gt", {"AP": 31.2, "APr": float("nan"), "APc": 28.0, "APf": 35.5}),
+                                 ("det", "file", {"AP": 12.0, "APr": 10.0, "APc": 11.0, "APf": 13.0})):
+        obj = _eval("box_photos", proposals, box, proposal_file="det.json" if proposals == "file" else None)
+        obj["skipped_tasks"] = {"segm": reason}
+        write_json_atomic(str(tmp_path / "runs" / name / "inference" / "box_photos" / "metrics.json"), obj)
+    assert "NaN" not in open(tmp_path / "runs" / "gt" / "inference" / "box_photos" / "metrics.json").read()
+    out_dir = tmp_path / "summary"
+    assert tool.main([str(tmp_path / "runs" / "gt"), str(tmp_path / "runs" / "det"), "--output-dir", str(out_dir),
+                      "--label", "GT", "det"]) == 0
+    out = capsys.readouterr().out
+    header, rows = _table_rows(out)
+    assert header == ["Proposals", "Box APr", "APc", "APf", "AP", "Mask APr", "APc", "APf", "AP"]
+    assert rows == {"GT": ["–", "28.0", "35.5", "31.2", "n/a", "n/a", "n/a", "n/a"],
+                    "det": ["10.0", "11.0", "13.0", "12.0", "n/a", "n/a", "n/a", "n/a"]}
+    note = f"Mask AP not available (n/a): {reason}; mask AP (segm) skipped, box AP only"
+    assert note in out.splitlines() and tool.MISSING_LEGEND in out.splitlines()
+    md = open(out_dir / "table1.md").read()
+    assert "| GT | – | 28.0 | 35.5 | 31.2 | n/a | n/a | n/a | n/a |" in md and note in md
+
+    loaded = tool.load_runs([str(tmp_path / "runs")])
+    assert [r.skipped for r in loaded] == [{"segm": reason}] * 2 and all(r.segm is None for r in loaded)
+    texts = _texts(tool.build_figure(loaded, note="random weights"))
+    caption = " ".join(" ".join(t.split()) for t in texts)
+    assert note in caption and "Note: random weights" in caption
+    mask_panel = [ax for ax in tool.build_figure(loaded).axes if ax.get_title() == "Mask AP"]
+    assert len(mask_panel) == 1
+    panel_texts = [t.get_text() for t in mask_panel[0].texts]
+    assert len(panel_texts) == 1 and panel_texts[0].startswith("not available:")  # no "0.0" bar labels
+    assert "no mask annotations" in " ".join(panel_texts[0].split())
+
+    # the caption is inside the saved PNG: a longer note makes a taller image
+    from PIL import Image
+
+    heights = []
+    for extra in (None, "a long note, " * 40):  # wrapped onto four caption lines
+        with Image.open(io.BytesIO(tool.render_png(loaded, note=extra))) as im:
+            heights.append(im.size[1])
+    assert heights[1] > heights[0] + 40
+
+
+def test_all_zero_panel_is_noted(tool, tmp_path, capsys):
+    path = _write(tmp_path / "z" / "metrics.json",
+                  _eval("lvis_v1_val", "gt", {"AP": 0.0, "APr": 0.0, "APc": 0.0, "APf": 0.0},
+                        segm={"AP": 1.5, "APr": 0.0, "APc": 2.0, "APf": 3.0}))
+    assert tool.main([path, "--output-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "Box AP: every value is 0.0 (the bars have no height)" in out
+    assert not any(line.startswith("Mask AP") for line in out)
+    rows = tool.load_runs([path])
+    assert tool.panel_note(rows, "bbox") == "every value is 0.0" and tool.panel_note(rows, "segm") is None
+    box_panel = [ax for ax in tool.build_figure(rows).axes if ax.get_title() == "Box AP"][0]
+    assert "every value is 0.0" in [t.get_text() for t in box_panel.texts]

@@ -14,9 +14,12 @@ of the RUN arguments. Every evaluated dataset of a file gives one row.
 
 Numbers are LVIS-style average precision in percent (Detectron2's convention): AP over all
 categories and APr / APc / APf over the rare / common / frequent categories, for boxes
-("bbox") and, when masks were evaluated, for masks ("segm"). A missing value, NaN, or a
+("bbox") and, when masks were evaluated, for masks ("segm"). A missing value, null/NaN, or a
 negative value (the LVIS API's -1 for "no category of this group was evaluated") is shown as
-"–".
+"–". Mask AP that the evaluation skipped because the dataset has no mask annotations (recorded
+as "skipped_tasks" in metrics.json) is shown as "n/a", with a note saying why. Notes under the
+table (and in the chart's caption and panels) also say when mask AP was not evaluated at all,
+when a panel's values are all 0.0, and what "–" means.
 
 The table is printed with the dataset(s), the weights and the evaluation protocol of each row,
 then written as ``<DIR>/<name>.md`` (Markdown) and ``<DIR>/<name>.png`` (grouped bar chart),
@@ -46,6 +49,10 @@ METRICS_NAME = "metrics.json"
 METRICS = ("APr", "APc", "APf", "AP")  # Table 1 column order
 TASKS = (("bbox", "Box"), ("segm", "Mask"))
 MISSING = "–"
+NOT_AVAILABLE = "n/a"  # a task the evaluation skipped (e.g. mask AP on a dataset without masks)
+MISSING_LEGEND = (f"{MISSING}: no value (not in metrics.json, null/NaN e.g. without detections, or the LVIS "
+                  f"API's -1: no category of that frequency group was evaluated; COCO-format datasets have no "
+                  f"APr/APc/APf)")
 DEFAULT_OUTPUT_DIR = os.path.join("output", "summary")
 DEFAULT_NAME = "table1"
 DEFAULT_TITLE = "RegionSpot: AP by proposal source (Table 1 layout)"
@@ -64,7 +71,9 @@ class Row:
     """One evaluated (run, dataset): one line of Table 1.
 
     ``box`` and ``segm`` map "AP", "APr", "APc", "APf" (and whatever else the evaluator wrote)
-    to AP in percent; ``segm`` is None when masks were not evaluated. ``description`` is the
+    to AP in percent; ``segm`` is None when masks were not evaluated. ``skipped`` maps a task
+    the evaluation skipped ("segm" on a dataset without mask annotations) to the reason
+    recorded in metrics.json ("skipped_tasks"). ``description`` is the
     protocol's text (None if the file records none); ``proposals`` is "gt", "file", "rpn",
     "sam_auto" (or None when unknown); ``path`` is the metrics.json the row comes from.
     """
@@ -80,6 +89,7 @@ class Row:
     protocol: Optional[Dict[str, Any]] = None
     coverage: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     def value(self, task: str, metric: str) -> Optional[float]:
         """AP in percent of ``task`` ("bbox" or "segm") for ``metric`` ("AP", "APr", "APc",
@@ -205,6 +215,9 @@ def _rows_from_eval(path: str, obj: Dict[str, Any]) -> List[Row]:
     protocol = obj.get("protocol")
     kind, label = _proposal_label(obj)
     coverage = obj.get("proposal_coverage")
+    skipped_tasks = obj.get("skipped_tasks")
+    skipped = ({str(k): str(v) for k, v in skipped_tasks.items() if k in dict(TASKS)}
+               if isinstance(skipped_tasks, dict) else {})
     rows = []
     for dataset, section in per_dataset:
         tasks = {}
@@ -217,7 +230,7 @@ def _rows_from_eval(path: str, obj: Dict[str, Any]) -> List[Row]:
                                    f'(expected {", ".join(METRICS)} in percent); got '
                                    f'{json.dumps(values)[:120]}')
             tasks[task] = values
-        if not tasks:
+        if not tasks and not skipped:
             keys = ", ".join(map(str, section)) or "none"
             raise SummaryError(f'{path}: no "bbox" or "segm" AP values in "results" (keys: {keys}); '
                                f"expected {EXPECTED}")
@@ -226,7 +239,8 @@ def _rows_from_eval(path: str, obj: Dict[str, Any]) -> List[Row]:
                         proposals=kind, description=_protocol_description(protocol),
                         box=tasks.get("bbox"), segm=tasks.get("segm"), path=path,
                         protocol=protocol if isinstance(protocol, dict) else None,
-                        coverage=coverage if isinstance(coverage, dict) else None))
+                        coverage=coverage if isinstance(coverage, dict) else None,
+                        skipped={t: r for t, r in skipped.items() if t not in tasks}))
     return rows
 
 
@@ -314,7 +328,50 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _has_segm(rows: Sequence[Row]) -> bool:
-    return any(r.segm is not None for r in rows)
+    """Whether the mask columns are shown: a row has mask AP, or mask AP was asked for and
+    skipped (then the columns say "n/a")."""
+    return any(r.segm is not None or "segm" in r.skipped for r in rows)
+
+
+def _cell(row: Row, task: str, metric: str) -> str:
+    """The table text of one value: one decimal, "–" when missing, "n/a" when the task was
+    skipped for this row."""
+    if task in row.skipped:
+        return NOT_AVAILABLE
+    return _fmt(row.value(task, metric))
+
+
+def _labels(rows: Sequence[Row]) -> str:
+    return ", ".join(r.label for r in rows)
+
+
+def availability_notes(rows: Sequence[Row]) -> List[str]:
+    """Lines that say which numbers are not available and why: mask AP skipped (dataset
+    without mask annotations; the "n/a" cells), mask AP not evaluated, a panel whose values are
+    all 0.0, and the meaning of "–" when a shown cell has it."""
+    lines = []
+    by_reason: Dict[str, List[Row]] = {}
+    for r in rows:
+        if "segm" in r.skipped:
+            by_reason.setdefault(r.skipped["segm"], []).append(r)
+    for reason, group in by_reason.items():
+        who = "" if len(group) == len(rows) else f" for {_labels(group)}"
+        lines.append(f"Mask AP not available ({NOT_AVAILABLE}){who}: {reason}; mask AP (segm) skipped, box AP only")
+    not_evaluated = [r for r in rows if r.segm is None and "segm" not in r.skipped]
+    if not_evaluated:
+        who = "these runs" if len(not_evaluated) == len(rows) else _labels(not_evaluated)
+        lines.append(f"Mask AP not evaluated for {who} (no segm results in metrics.json: MODEL.MASK_ON False)")
+    for task, prefix in TASKS:
+        if task == "segm" and not _has_segm(rows):
+            continue
+        values = [r.value(task, m) for r in rows for m in METRICS]
+        present = [v for v in values if v is not None]
+        if present and all(v == 0 for v in present):
+            lines.append(f"{prefix} AP: every value is 0.0 (the bars have no height)")
+    cells = [_cell(r, task, metric) for r in rows for _, task, metric in _columns(rows)]
+    if MISSING in cells:
+        lines.append(MISSING_LEGEND)
+    return lines
 
 
 def _columns(rows: Sequence[Row]) -> List[Tuple[str, str, str]]:
@@ -331,7 +388,7 @@ def _columns(rows: Sequence[Row]) -> List[Tuple[str, str, str]]:
 def _cells(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]]]:
     cols = _columns(rows)
     header = ["Proposals"] + [c[0] for c in cols]
-    body = [[r.label] + [_fmt(r.value(task, metric)) for _, task, metric in cols] for r in rows]
+    body = [[r.label] + [_cell(r, task, metric) for _, task, metric in cols] for r in rows]
     return header, body
 
 
@@ -354,7 +411,8 @@ def _strip_proposals_prefix(text: str) -> str:
 
 def footer_lines(rows: Sequence[Row], note: Optional[str] = None) -> List[str]:
     """The lines printed under the table: dataset(s) (with a warning when rows evaluate
-    different datasets), weights, proposal coverage problems, protocol, and ``note``."""
+    different datasets), weights, proposal coverage problems, protocol, what is not available
+    and why (:func:`availability_notes`), and ``note``."""
     lines = []
     datasets = [r.dataset or MISSING for r in rows]
     if len(set(datasets)) <= 1:
@@ -390,6 +448,7 @@ def footer_lines(rows: Sequence[Row], note: Optional[str] = None) -> List[str]:
     else:
         lines.append("Protocol (per row):")
         lines.extend(f"  {r.label}: {d or 'not recorded in ' + r.path}" for r, d in zip(rows, descriptions))
+    lines.extend(availability_notes(rows))
     if note:
         lines.append(f"Note: {note}")
     return lines
@@ -397,8 +456,9 @@ def footer_lines(rows: Sequence[Row], note: Optional[str] = None) -> List[str]:
 
 def format_table(rows: Sequence[Row]) -> str:
     """The Table-1 layout as aligned plain text: ``Proposals | Box APr | APc | APf | AP`` and,
-    when any row has masks, ``| Mask APr | APc | APf | AP`` (AP in percent, one decimal, "–"
-    when missing). Only the table; see :func:`format_report` for the lines under it."""
+    when any row has masks or skipped them, ``| Mask APr | APc | APf | AP`` (AP in percent, one
+    decimal, "–" when missing, "n/a" when skipped). Only the table; see :func:`format_report`
+    for the lines under it."""
     header, body = _cells(rows)
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
 
@@ -412,7 +472,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def format_report(rows: Sequence[Row], note: Optional[str] = None) -> str:
-    """:func:`format_table` followed by :func:`footer_lines` (dataset, weights, protocol, note)."""
+    """:func:`format_table` followed by :func:`footer_lines` (dataset, weights, protocol, notes)."""
     return "\n".join([format_table(rows), ""] + footer_lines(rows, note))
 
 
@@ -446,11 +506,27 @@ def markdown_report(rows: Sequence[Row], note: Optional[str] = None, title: Opti
 # ----------------------------------------------------------------------------- chart
 
 
-def render_png(rows: Sequence[Row], title: Optional[str] = None, note: Optional[str] = None) -> bytes:
-    """A grouped bar chart of the rows as PNG bytes (matplotlib's Agg backend, no pyplot state):
-    groups APr, APc, APf, AP; one bar per row; one subplot for box AP and one for mask AP when
-    any row has masks; y axis "AP (%)"; legend with the row labels; the dataset(s) in the title
-    and the protocol and note in a caption."""
+def panel_note(rows: Sequence[Row], task: str) -> Optional[str]:
+    """The text drawn inside the ``task`` panel of the chart when its bars show nothing: "not
+    available" (and why: e.g. mask AP skipped on a dataset without mask annotations) when no
+    row has a value, "every value is 0.0" when all values are 0; None otherwise."""
+    present = [v for v in (r.value(task, m) for r in rows for m in METRICS) if v is not None]
+    if not present:
+        reasons = sorted({r.skipped[task] for r in rows if task in r.skipped})
+        if reasons:
+            return "not available:\n" + "\n".join(textwrap.fill(x, 60) for x in reasons) + "\n(skipped, box AP only)"
+        return "not available: no value for any row"
+    if all(v == 0 for v in present):
+        return "every value is 0.0"
+    return None
+
+
+def build_figure(rows: Sequence[Row], title: Optional[str] = None, note: Optional[str] = None):
+    """The bar chart of :func:`render_png` as a matplotlib ``Figure`` (Agg canvas, no pyplot
+    state): groups APr, APc, APf, AP; one bar per row; a panel for box AP and one for mask AP
+    when any row has or skipped masks; a panel with nothing to show says so inside it
+    (:func:`panel_note`); the dataset(s) in the title; the protocol, the notes on what is not
+    available (:func:`availability_notes`) and ``note`` in a caption under the panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -471,13 +547,20 @@ def render_png(rows: Sequence[Row], title: Optional[str] = None, note: Optional[
     width = 0.8 / n
     top = max([r.value(t, m) or 0.0 for r in rows for t, _ in tasks for m in METRICS] + [1.0])
     for ax, (task, prefix) in zip(axes, tasks):
+        empty = panel_note(rows, task)
         for i, row in enumerate(rows):
             xs = [g + (i - (n - 1) / 2) * width for g in range(len(METRICS))]
             values = [row.value(task, m) for m in METRICS]
+            # a missing value gets no bar (height 0), only its "–" / "n/a" label
             bars = ax.bar(xs, [v or 0.0 for v in values], width, label=row.label, color=f"C{i % 10}")
-            for bar, v in zip(bars, values):
-                ax.text(bar.get_x() + bar.get_width() / 2, (v or 0.0) + top * 0.01, _fmt(v),
+            if empty is not None and not any(values):
+                continue  # the panel's note says it all
+            for bar, v, m in zip(bars, values, METRICS):
+                ax.text(bar.get_x() + bar.get_width() / 2, (v or 0.0) + top * 0.01, _cell(row, task, m),
                         ha="center", va="bottom", fontsize=7 if n <= 4 else 5)
+        if empty is not None:
+            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                    color="0.25", bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.6"))
         ax.set_xticks(range(len(METRICS)))
         ax.set_xticklabels(METRICS)
         ax.set_ylim(0, top * 1.12)
@@ -489,6 +572,12 @@ def render_png(rows: Sequence[Row], title: Optional[str] = None, note: Optional[
     fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="Proposals")
     fig.suptitle(full_title)
     fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7)
+    return fig
+
+
+def render_png(rows: Sequence[Row], title: Optional[str] = None, note: Optional[str] = None) -> bytes:
+    """:func:`build_figure` as PNG bytes (120 dpi; the saved area takes in the caption)."""
+    fig = build_figure(rows, title=title, note=note)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
@@ -558,18 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0, or 2 on an input/output error)."""
-    args = build_parser().parse_args(argv)
-    try:
+    """Command-line entry point; returns the exit status (0, or 2 on an input/output error, in one
+    ``summarize.py: error:`` line; the traceback too with ``--debug``, and in ``<DIR>/<name>.log``
+    once the outputs are checked)."""
+    from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
+
+    args = add_debug_argument(build_parser()).parse_args(argv)
+    setup_logging()  # the console; the log file once the outputs are checked
+
+    def run() -> int:
         rows = load_runs(args.runs, labels=args.label, dataset=args.dataset)
         check_outputs(rows, args.output_dir, args.name)  # refuse before printing anything
+        setup_logging(os.path.join(args.output_dir, f"{args.name}.log"))
         print(format_report(rows, note=args.note))
         md_path, png_path = write_outputs(rows, args.output_dir, args.name, note=args.note, title=args.title)
-    except SummaryError as e:
-        print(f"summarize.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"\nWrote {md_path} and {png_path}")
-    return 0
+        print(f"\nWrote {md_path} and {png_path}")
+        return 0
+
+    return run_entry_point(run, "summarize.py", args.debug)
 
 
 if __name__ == "__main__":

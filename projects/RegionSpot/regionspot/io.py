@@ -1,6 +1,8 @@
-"""Atomic file writing: results, checkpoints and weights are never left half-written."""
+"""Atomic file writing: results, checkpoints and weights are never left half-written; JSON is
+written strictly (RFC 8259: no bare ``NaN`` / ``Infinity``, which strict parsers reject)."""
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable, IO
@@ -28,6 +30,52 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> st
     return path
 
 
-def write_json_atomic(path: str, obj: Any) -> str:
-    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: json.dump(obj, f, indent=2), "w")
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every float that is NaN or infinite replaced by None (JSON ``null``).
+
+    Python's ``json`` writes such floats as bare ``NaN`` / ``Infinity`` / ``-Infinity``, which
+    are not JSON (strict parsers, ``jq``, JavaScript's ``JSON.parse`` reject the file). Dicts,
+    lists and tuples are walked (a tuple becomes a list, as ``json`` writes it); numpy scalars
+    and 0-d arrays become Python numbers; everything else is returned as it is. ``obj`` is not
+    modified.
+    """
+    if isinstance(obj, float):  # also numpy.float64, a float subclass
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return strict_json_value(obj.item())  # numpy.float32, numpy.int64, 0-d arrays
+    return obj
+
+
+def dumps_strict_json(obj: Any, **kwargs) -> str:
+    """``json.dumps(obj, **kwargs)`` as strict JSON: NaN and infinite floats written as ``null``
+    (see :func:`strict_json_value`).
+
+    The common case (no such float) costs one ``json.dumps`` with ``allow_nan=False`` (C
+    encoder, no copy of ``obj``); only when that refuses a value is ``obj`` cleaned and dumped
+    again.
+
+    Raises:
+        TypeError: a value ``json`` cannot serialise (as ``json.dumps``).
+    """
+    kwargs.pop("allow_nan", None)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        return json.dumps(strict_json_value(obj), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: str, obj: Any, indent: Any = 2, **kwargs) -> str:
+    """Write ``obj`` as strict JSON (indented by ``indent``; NaN and infinite floats as
+    ``null``, see :func:`dumps_strict_json`) to ``path`` atomically (see :func:`atomic_write`).
+    ``kwargs`` go to ``json.dumps`` (e.g. ``separators``). Returns ``path``.
+
+    Raises:
+        TypeError: a value ``json`` cannot serialise; nothing is written then.
+        OSError: the file cannot be written (any previous ``path`` is kept).
+    """
+    text = dumps_strict_json(obj, indent=indent, **kwargs)  # before the file is opened
+    return atomic_write(path, lambda f: f.write(text), "w")
