@@ -23,18 +23,15 @@ import sys
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup
 
-from regionspot.checkpoint import CheckpointError, RegionSpotCheckpointer
+from regionspot.checkpoint import RegionSpotCheckpointer
+from regionspot.cli import add_debug_argument, report_user_error, run_entry_point, setup_logging, USER_ERRORS
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.engine.launch import launch
 from regionspot.engine.trainer import RegionSpotTrainer as Trainer
-from regionspot.modeling.weights import WeightsError
+from regionspot.modeling.weights import require_file
 
 logger = logging.getLogger("regionspot")
-
-
-# Errors of the user's input: reported in one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, WeightsError, CheckpointError)
 
 
 def check_datasets(cfg, eval_only: bool) -> None:
@@ -81,13 +78,34 @@ def check_no_overwrite(cfg, args) -> None:
                              f"OUTPUT_DIR {cfg.OUTPUT_DIR!r}; choose another OUTPUT_DIR or move the file")
 
 
-def setup(args):
+def check_inputs(args):
+    """Everything a run reads, checked before any model is built: the config (keys, values,
+    device), ``--register``'ed datasets, the datasets named, that no output overwrites an input,
+    the SAM and CLIP files, and for evaluation a head to evaluate. Returns the config (not frozen).
+
+    Raises:
+        ValueError: an input the run cannot use (the message names it).
+        WeightsError: a SAM or CLIP weights file is missing.
+    """
     register_from_args(args.register)
     cfg = load_config(args.config_file, args.opts)
     check_datasets(cfg, args.eval_only)
     check_no_overwrite(cfg, args)
+    require_file(cfg.MODEL.REGIONSPOT.SAM_WEIGHTS, "SAM")
+    require_file(cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS, "CLIP")
+    if args.eval_only and not cfg.MODEL.WEIGHTS and not args.untrained_head:
+        raise ValueError("--eval-only needs the head to evaluate: set MODEL.WEIGHTS to a RegionSpot checkpoint "
+                         "(a released one or one written by train_net.py), or pass --untrained-head to evaluate "
+                         "a randomly initialised head on purpose")
+    return cfg
+
+
+def setup(args):
+    setup_logging(names=("regionspot",))  # the console, from the first line
+    cfg = check_inputs(args)
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # Detectron2's and fvcore's loggers, OUTPUT_DIR/log.txt, config.yaml
+    setup_logging(cfg.OUTPUT_DIR, names=("regionspot",))
     return cfg
 
 
@@ -99,11 +117,25 @@ def main(args):
             RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
                                                                                   resume=args.resume)
         else:
-            logger.warning("MODEL.WEIGHTS is empty: evaluating an untrained (randomly initialised) head")
+            logger.warning("--untrained-head: evaluating a randomly initialised head (MODEL.WEIGHTS is empty); "
+                           "its AP is chance level for this vocabulary, not RegionSpot's accuracy")
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def worker_main(args):
+    """:func:`main` in one process of the job: an input error is reported once (rank 0), as
+    one line, and ends the process with exit code 2 (the launcher then ends the job)."""
+    from detectron2.utils import comm
+
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if comm.get_rank() == 0:
+            report_user_error("train_net.py", e, args.debug)
+        raise SystemExit(2) from None
 
 
 class _Parser:
@@ -111,11 +143,15 @@ class _Parser:
     ``--resume`` and ``--eval-only`` are also accepted among the trailing ``KEY VALUE`` config
     overrides (Detectron2 would take them for config keys)."""
 
-    FLAGS = {"--resume": "resume", "--eval-only": "eval_only"}
+    FLAGS = {"--resume": "resume", "--eval-only": "eval_only", "--debug": "debug", "--untrained-head": "untrained_head"}
 
     def __init__(self):
         self.parser = default_argument_parser()
         add_register_argument(self.parser)
+        add_debug_argument(self.parser)
+        self.parser.add_argument("--untrained-head", action="store_true",
+                                 help="with --eval-only and an empty MODEL.WEIGHTS: evaluate a randomly initialised "
+                                      "head on purpose (otherwise refused)")
 
     def parse_args(self, argv=None):
         args = self.parser.parse_args(argv)
@@ -142,12 +178,29 @@ def get_parser():
     return _Parser()
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
+def run(argv=None) -> int:
+    """The command line: parse, check the inputs once in this process, then launch the job.
+    An input error is one line on stderr and exit code 2 (the traceback with ``--debug``)."""
+    import torch.multiprocessing as mp
+
+    args = get_parser().parse_args(argv)
     print("Command Line Args:", args)
+    if args.num_gpus * args.num_machines > 1:
+        # caught here once, not in every process
+        code = run_entry_point(lambda: check_inputs(args) and None, "train_net.py", args.debug)
+        if code:
+            return code
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        launch(worker_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except USER_ERRORS as e:
-        print(f"train_net.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except mp.ProcessExitedException as e:  # a worker ended with an exit code (its error is printed)
+        return e.exit_code or 1
+    except USER_ERRORS as e:  # the launcher's own checks (--dist-url, --num-gpus)
+        return report_user_error("train_net.py", e, args.debug)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

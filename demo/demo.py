@@ -18,11 +18,18 @@ Everything in the photo, with no detector and no box file (SAM's automatic masks
 ``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
 list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
 ``<output>/<name>.jpg`` (boxes, labels, scores and SAM masks drawn with Detectron2's
-Visualizer) and ``<output>/<name>.json`` (the predictions); two inputs with the same name in
-different formats get ``<name>_<ext>``. The output folder may not be an input's folder, no
-output may be an input, and the folder must be writable: checked before any image is
-computed (exit code 2). An image that fails is reported with its file name and the others go
-on; the exit code is 1 if any failed.
+Visualizer) and ``<output>/<name>.json`` (the predictions), and the run's log in ``<output>/log.txt``; two inputs with the same name in
+different formats get ``<name>_<ext>``, and ``"weights"``, the head file used. The JSON's
+``"filters"`` say how many candidates each selection step removed (SAM's automatic-mask
+thresholds, the ``PROPOSAL_*`` selection, ``--min-score``) and the key that controls it; a
+step that removes everything is also logged, in one warning line.
+
+Every input is checked before a model is loaded or anything is written, and a problem ends
+the demo with one line and exit code 2 (``--debug`` for the traceback): the config, the
+vocabulary, ``MODEL.WEIGHTS`` (empty only with ``--untrained-head``), each image (it exists
+and is an image) and its boxes in ``--boxes``, and the output folder (writable, not an input's
+folder, no output over an input). An image that fails later (while decoding or predicting)
+is reported with its file name and the others go on; the exit code is then 1.
 """
 
 import argparse
@@ -37,20 +44,20 @@ import numpy as np
 
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from regionspot import RegionSpotPredictor
-from regionspot.predictor import PREDICTOR_SOURCES
-from regionspot.checkpoint import CheckpointError
+from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
-from regionspot.data.validation import InputError, read_image
+from regionspot.data.validation import InputError, check_boxes, image_size, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
+from regionspot.engine.trainer import head_weights_record
 from regionspot.io import atomic_write, write_json_atomic
-from regionspot.modeling.weights import WeightsError
+from regionspot.predictor import PREDICTOR_SOURCES
 
 logger = logging.getLogger("regionspot.demo")
+LOG_FILE = "log.txt"  # in --output, beside the drawings
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -70,7 +77,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--custom-vocabulary", default="", help='comma-separated names, e.g. "cat,dog,sofa"')
     parser.add_argument("--output", required=True, help="folder for the drawn images and JSON files")
     parser.add_argument("--no-masks", action="store_true", help="draw boxes and labels only")
+    parser.add_argument("--untrained-head", action="store_true",
+                        help="allow an empty MODEL.WEIGHTS: recognise with a randomly initialised head on purpose "
+                             "(its labels are chance); refused otherwise")
     add_register_argument(parser)
+    add_debug_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -80,6 +91,10 @@ def setup_cfg(args):
     if args.proposals == "rpn" and not cfg.MODEL.REGIONSPOT.RPN_WEIGHTS:
         raise ValueError("--proposals rpn needs the RPN's weights: add --opts MODEL.REGIONSPOT.RPN_WEIGHTS FILE "
                          "(and the RPN's architecture keys, see configs/eval_lvis_rpn.yaml)")
+    if not cfg.MODEL.WEIGHTS and not args.untrained_head:
+        raise ValueError("MODEL.WEIGHTS is empty: add --opts MODEL.WEIGHTS FILE (a RegionSpot checkpoint, released or "
+                         "written by train_net.py), or pass --untrained-head to recognise with a randomly initialised "
+                         "head on purpose")
     cfg.freeze()
     return cfg
 
@@ -116,6 +131,36 @@ def boxes_for(table: dict, path: str, boxes_file: str):
     raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")
 
 
+def check_images(paths, box_table, boxes_file):
+    """Every input image exists and is an image; with ``--boxes``, each has valid boxes there.
+
+    Checked before any model is loaded or any output written, from the files' headers (no
+    pixels decoded). Every problem is listed, one per image.
+
+    Returns:
+        ``{path: (N, 4) float32 boxes}`` (XYXY_ABS pixels of the image) with ``--boxes``, else ``{}``.
+
+    Raises:
+        InputError: one or more images are missing, unreadable, or lack valid boxes.
+    """
+    problems, boxes = [], {}
+    if not paths:
+        raise InputError("--input matched no file")
+    for path in paths:
+        try:
+            size = image_size(path)
+            if box_table is not None:
+                key, raw = boxes_for(box_table, path, boxes_file)
+                boxes[path] = check_boxes(raw, size, f"the boxes of {key!r} in {boxes_file}")
+        except InputError as e:
+            problems.append(str(e))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(f"{len(problems)} of {len(paths)} input image(s) cannot be used, nothing was computed: "
+                         f"{shown}")
+    return boxes
+
+
 def plan_outputs(paths, output: str) -> dict:
     """``{input path: output stem}``, every output distinct and never an input.
 
@@ -144,20 +189,29 @@ def plan_outputs(paths, output: str) -> dict:
                         ", ".join(plan[p] + ".{jpg,json}" for p in group))
     if len(set(plan.values())) != len(plan):
         raise InputError("two inputs would write the same output name; rename one of them")
-    for path, stem in plan.items():
-        for ext in (".jpg", ".json"):
-            target = os.path.realpath(os.path.join(output, stem + ext))
-            if target in inputs:
-                raise InputError(f"writing {target} would overwrite the input image {path!r}; choose another --output")
-    try:
-        os.makedirs(output, exist_ok=True)
-        probe = os.path.join(output, f".regionspot-write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise InputError(f"--output {output!r} cannot be written: {e}") from None
+    targets = [(path, os.path.realpath(os.path.join(output, stem + ext))) for path, stem in plan.items()
+               for ext in (".jpg", ".json")]
+    for path, target in targets + [("(the log)", os.path.realpath(os.path.join(output, LOG_FILE)))]:
+        if target in inputs:
+            raise InputError(f"writing {target} would overwrite the input image {path!r}; choose another --output")
+    check_writable_folder(output, "--output")
     return plan
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """``folder`` is a writable folder, or can be created: checked without creating anything.
+
+    Raises:
+        InputError: ``folder`` (or the first existing folder above it) is a file or cannot be
+            written.
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{what} {folder!r} cannot be written: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {folder!r} cannot be written: no write permission on {existing!r}")
 
 
 def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
@@ -175,20 +229,30 @@ def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    """The demo's command line; returns the exit code (0; 1 if an image failed; 2 for an input
+    error, reported in one line before any model is loaded)."""
     args = get_parser().parse_args(argv)
-    setup_logger(name="regionspot")
-    setup_logger(name="detectron2")
-    try:
-        register_from_args(args.register)
-        box_table = read_boxes_file(args.boxes) if args.boxes else None
-        vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
-        cfg = setup_cfg(args)
-        paths = expand_inputs(args.input)
-        plan = plan_outputs(paths, args.output)
-        predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary)
-    except (OSError, ValueError, WeightsError, CheckpointError) as e:
-        logger.error("%s", e)
-        return 2
+    setup_logging()
+    return run_entry_point(lambda: run(args), "demo.py", args.debug)
+
+
+def run(args) -> int:
+    """Check every input, load the model, then recognise and draw each image."""
+    register_from_args(args.register)
+    box_table = read_boxes_file(args.boxes) if args.boxes else None
+    vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
+    cfg = setup_cfg(args)
+    paths = expand_inputs(args.input)
+    given_boxes = check_images(paths, box_table, args.boxes)
+    plan = plan_outputs(paths, args.output)
+    os.makedirs(args.output, exist_ok=True)
+    setup_logging(os.path.join(args.output, LOG_FILE))  # everything from here on is also in the log file
+    predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary, allow_untrained_head=args.untrained_head)
+    weights = head_weights_record(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        logger.info("head: %s", weights)
+    else:
+        logger.warning("--untrained-head: recognising with a randomly initialised head; its labels are chance")
     import cv2
 
     failures = []
@@ -198,14 +262,10 @@ def main(argv=None) -> int:
             image = read_image(path, "RGB")
             predictor.set_image(image)
             if box_table is not None:
-                key, boxes = boxes_for(box_table, path, args.boxes)
-                try:
-                    predictions = predictor.predict(boxes)
-                except InputError as e:
-                    raise InputError(f"{e} (the boxes of {key!r} in {args.boxes})") from None
+                predictions = predictor.predict(given_boxes[path])
             else:
                 predictions = predictor.predict(proposals=args.proposals)
-            predictions = predictions.select(predictions.scores >= args.min_score)
+            predictions = predictions.above_score(args.min_score, key="--min-score", where=path)
         except (InputError, ValueError) as e:
             logger.error("%s: %s", path, e)
             failures.append(path)
@@ -219,8 +279,8 @@ def main(argv=None) -> int:
             continue
         atomic_write(os.path.join(args.output, f"{stem}.jpg"), lambda f: f.write(encoded.tobytes()))
         write_json_atomic(os.path.join(args.output, f"{stem}.json"),
-                          {"image": path, "height": image.shape[0], "width": image.shape[1],
-                           "predictions": predictions.to_json()})
+                          {"image": path, "height": image.shape[0], "width": image.shape[1], "weights": weights,
+                           "predictions": predictions.to_json(), "filters": predictions.filters.as_dict()})
         logger.info("%s: %d boxes in %.2fs -> %s", path, len(predictions.labels),
                     time.perf_counter() - start, os.path.join(args.output, stem + ".jpg"))
     if failures:

@@ -107,3 +107,53 @@ def build_tiny_model(cfg):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
     return build_tiny_model(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def head_path(tiny_cfg, tmp_path_factory):
+    """A head checkpoint of the tiny model (untrained weights, seed 0) written by the project's
+    checkpointer, for entry points that refuse an empty ``MODEL.WEIGHTS``."""
+    from regionspot.checkpoint import RegionSpotCheckpointer
+
+    folder = tmp_path_factory.mktemp("head")
+    RegionSpotCheckpointer(build_tiny_model(tiny_cfg), save_dir=str(folder)).save("head_random")
+    return str(folder / "head_random.pth")
+
+
+@pytest.fixture(autouse=True)
+def _restore_project_loggers():
+    """Entry points called in-process (``demo.main``, ``tool.main``) set up the project's
+    loggers for a person (console handlers, ``propagate=False``); undo that after each test so
+    that later tests' ``caplog`` still sees the records."""
+    import logging
+
+    names = ("regionspot", "detectron2", "fvcore")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
+             for n in names}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        log = logging.getLogger(name)
+        log.handlers[:] = handlers
+        log.propagate, log.level = propagate, level
+
+
+def _no_console(name):
+    def disabled():
+        raise AssertionError(f"{name}.disabled() writes to the console among pytest's progress dots; tests must not "
+                             f"print: put the figures in an assertion message or read them with {name}.readouterr()")
+    return disabled
+
+
+@pytest.fixture
+def capsys(capsys):
+    """pytest's ``capsys`` without ``disabled()``: no test writes to the console (under pytest's
+    default fd capture that is the only way a test's output gets among the dots)."""
+    capsys.disabled = _no_console("capsys")
+    return capsys
+
+
+@pytest.fixture
+def capfd(capfd):
+    """pytest's ``capfd`` without ``disabled()`` (see ``capsys``)."""
+    capfd.disabled = _no_console("capfd")
+    return capfd

@@ -149,7 +149,7 @@ def test_image_sizes_in_worker_processes(split):
 
 def _error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and err[0].startswith("convert_openimages.py: error: "), err
     return err[0]
 
 
@@ -199,7 +199,8 @@ def test_errors(split, capsys, case, expected):
             (split["tmp"] / "images" / "train_0" / "0bbb.jpg").write_bytes(b"not a jpeg")
     assert tool.main(argv) == 2
     assert re.search(expected, _error(capsys)), case
-    assert _leftovers(split) == []  # nothing written, no temporary file
+    log = os.path.basename(split["out"]) + ".log"  # the run's log, with the traceback, once the output is checked
+    assert _leftovers(split) == ([] if case == "missing boxes" else [log])  # nothing else written, no temporary file
 
 
 def test_missing_images_can_be_left_out(split, capsys):
@@ -237,4 +238,6 @@ def test_output_is_atomic(split, monkeypatch):
     monkeypatch.setattr(tool, "write_json", broken)
     assert tool.main(_argv(split, "--overwrite")) == 2
     assert open(split["out"]).read() == good  # the previous file is untouched
-    assert _leftovers(split) == [os.path.basename(split["out"])]  # and no temporary file is left
+    name = os.path.basename(split["out"])
+    assert _leftovers(split) == [name, name + ".log"]  # and no temporary file is left
+    assert "Traceback" in open(split["out"] + ".log").read() and "No space left on device" in open(split["out"] + ".log").read()

@@ -1,7 +1,6 @@
 """demo/demo.py: draws predictions and writes JSON per image; failures are named, others go on."""
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -23,6 +22,12 @@ def images(tmp_path):
     return paths
 
 
+@pytest.fixture(autouse=True)
+def _head(head_path):
+    global HEAD
+    HEAD = head_path
+
+
 def _run(tmp_path, sam_path, clip_path, inputs, boxes, vocab=("custom", "cat,dog,remote control")):
     boxes_file = tmp_path / "boxes.json"
     boxes_file.write_text(json.dumps(boxes))
@@ -30,8 +35,15 @@ def _run(tmp_path, sam_path, clip_path, inputs, boxes, vocab=("custom", "cat,dog
             "--boxes", str(boxes_file), "--vocabulary", vocab[0], "--custom-vocabulary", vocab[1],
             "--output", str(tmp_path / "out"),
             "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
-            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")]
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD]
     return demo.main(argv)
+
+
+def _error_line(capsys) -> str:
+    """The demo's one error line on stderr (and no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("demo.py: error: "), err
+    return err[0]
 
 
 def test_writes_drawing_and_predictions(tmp_path, images, sam_path, clip_path, monkeypatch):
@@ -49,22 +61,61 @@ def test_writes_drawing_and_predictions(tmp_path, images, sam_path, clip_path, m
     assert (out / "b.jpg").exists() and (out / "b.json").exists()
 
 
-def test_failures_are_named_and_the_rest_goes_on(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+def test_bad_inputs_are_refused_before_any_model_is_loaded(tmp_path, images, sam_path, clip_path, monkeypatch,
+                                                          capsys):
+    """A missing image, an image without boxes and boxes outside their image: all listed in one
+    line, before a model is loaded or the output folder created."""
     monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
     boxes = {"a.png": [[10, 10, 100, 120]], "b.jpg": [[0, 0, 500, 300]], "missing.png": [[0, 0, 5, 5]]}
     inputs = [str(images[0]), str(images[1]), str(tmp_path / "missing.png")]
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        code = _run(tmp_path, sam_path, clip_path, inputs, boxes)
-    assert code == 1
-    assert "b.jpg" in caplog.text and "outside" in caplog.text
-    assert "missing.png" in caplog.text and "not found" in caplog.text
-    assert (tmp_path / "out" / "a.json").exists() and not (tmp_path / "out" / "b.json").exists()
+    assert _run(tmp_path, sam_path, clip_path, inputs, boxes) == 2
+    line = _error_line(capsys)
+    assert "2 of 3 input image(s)" in line and "b.jpg" in line and "outside" in line
+    assert "missing.png" in line and "not found" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # no model, no folder
+    # a name the --boxes file lacks
+    assert _run(tmp_path, sam_path, clip_path, [str(images[0])], {"other.png": [[1, 1, 9, 9]]}) == 2
+    assert "no boxes for image" in _error_line(capsys) and not (tmp_path / "out").exists()
 
 
-def test_empty_custom_vocabulary_is_refused(tmp_path, images, sam_path, clip_path, caplog):
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        code = _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": [[1, 1, 9, 9]]}, ("custom", " , "))
-    assert code == 2 and "custom vocabulary" in caplog.text
+def test_an_image_failing_late_is_named_and_the_rest_goes_on(tmp_path, images, sam_path, clip_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    truncated = tmp_path / "in" / "c.jpg"
+    data = images[1].read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])  # a valid header, half the pixels
+    boxes = {"a.png": [[10, 10, 100, 120]], "c.jpg": [[1, 1, 9, 9]]}
+    assert _run(tmp_path, sam_path, clip_path, [str(images[0]), str(truncated)], boxes) == 1
+    out = capsys.readouterr().out
+    assert "c.jpg" in out and "truncated" in out and "1 image(s) failed" in out
+    assert (tmp_path / "out" / "a.json").exists() and not (tmp_path / "out" / "c.json").exists()
+
+
+def test_empty_custom_vocabulary_is_refused(tmp_path, images, sam_path, clip_path, capsys):
+    code = _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": [[1, 1, 9, 9]]}, ("custom", " , "))
+    assert code == 2 and "custom vocabulary" in _error_line(capsys)
+
+
+def test_an_empty_head_is_refused_unless_asked_for(tmp_path, images, sam_path, clip_path, monkeypatch, capsys):
+    """No silent random head: an empty MODEL.WEIGHTS is refused; --untrained-head allows it and
+    the JSON records it; a real head file is logged and recorded."""
+    monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[10, 10, 100, 120]]}))
+    argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]), "--boxes", str(boxes),
+            "--vocabulary", "custom", "--custom-vocabulary", "cat,dog", "--output", str(tmp_path / "out"),
+            "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")]
+    assert demo.main(argv) == 2
+    assert "MODEL.WEIGHTS is empty" in _error_line(capsys) and not (tmp_path / "out").exists()
+    assert demo.main(["--untrained-head"] + argv) == 0
+    assert "randomly initialised head" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["weights"] == "untrained"
+    assert demo.main(argv + ["MODEL.WEIGHTS", HEAD]) == 0
+    assert capsys.readouterr().out.count(f"head: {HEAD}") == 1
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["weights"] == HEAD
+    log = (tmp_path / "out" / "log.txt").read_text()  # the project's lines, also in the log file
+    assert log.count(f"head: {HEAD}") == 1 and f"Loaded the RegionSpot head from {HEAD}" in log
 
 
 def test_recognise_everything_without_boxes(tmp_path, images, sam_path, clip_path, monkeypatch):
@@ -76,7 +127,7 @@ def test_recognise_everything_without_boxes(tmp_path, images, sam_path, clip_pat
             "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
             "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"),
             "MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE", "4", "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH", "0.0",
-            "MODEL.REGIONSPOT.SAM_AUTO.STABILITY_SCORE_THRESH", "0.0"]
+            "MODEL.REGIONSPOT.SAM_AUTO.STABILITY_SCORE_THRESH", "0.0", "MODEL.WEIGHTS", HEAD]
     assert demo.main(argv) == 0
     pred = json.loads((tmp_path / "out" / "a.json").read_text())["predictions"]
     assert pred and all(p["label"] in ("cat", "dog") and 0 <= p["proposal_score"] <= 1 for p in pred)
@@ -86,7 +137,7 @@ def test_recognise_everything_without_boxes(tmp_path, images, sam_path, clip_pat
     assert demo.main(argv) == 2
 
 
-def test_never_writes_over_an_input(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+def test_never_writes_over_an_input(tmp_path, images, sam_path, clip_path, monkeypatch, capsys):
     """--output equal to the inputs' folder, or an output that would be an input: refused up front."""
     monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
     before = images[1].read_bytes()
@@ -94,19 +145,17 @@ def test_never_writes_over_an_input(tmp_path, images, sam_path, clip_path, monke
     boxes.write_text(json.dumps({"a.png": [[1, 1, 50, 50]], "b.jpg": [[1, 1, 50, 50]]}))
     base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--boxes", str(boxes), "--vocabulary", "custom",
             "--custom-vocabulary", "cat,dog", "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
-            "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")]
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        code = demo.main(["--input", str(images[1]), "--output", str(images[1].parent)] + base)
-    assert code == 2 and "is the folder of input images" in caplog.text
+            "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"),
+            "MODEL.WEIGHTS", HEAD]
+    code = demo.main(["--input", str(images[1]), "--output", str(images[1].parent)] + base)
+    assert code == 2 and "is the folder of input images" in _error_line(capsys)
     # the photos folder given with a trailing slash / through a relative path: the same folder
-    caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        code = demo.main(["--input", str(images[1]), "--output", os.path.relpath(images[1].parent) + os.sep] + base)
-    assert code == 2 and "is the folder of input images" in caplog.text
+    code = demo.main(["--input", str(images[1]), "--output", os.path.relpath(images[1].parent) + os.sep] + base)
+    assert code == 2 and "is the folder of input images" in _error_line(capsys)
     assert images[1].read_bytes() == before and not (tmp_path / "cache").exists()  # nothing computed or written
 
 
-def test_same_named_inputs_keep_their_outputs_apart(tmp_path, sam_path, clip_path, monkeypatch, caplog):
+def test_same_named_inputs_keep_their_outputs_apart(tmp_path, sam_path, clip_path, monkeypatch, capsys):
     monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
     rng = np.random.RandomState(0)
     (tmp_path / "in").mkdir()
@@ -114,44 +163,43 @@ def test_same_named_inputs_keep_their_outputs_apart(tmp_path, sam_path, clip_pat
         Image.fromarray((rng.rand(100, 120, 3) * 255).astype(np.uint8)).save(tmp_path / "in" / f"photo.{ext}")
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"photo.jpg": [[1, 1, 50, 50]], "photo.png": [[10, 10, 90, 60], [0, 0, 20, 20]]}))
-    with caplog.at_level(logging.INFO, logger="regionspot.demo"):
+    if True:
         code = demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(tmp_path / "in" / "*"),
                           "--boxes", str(boxes), "--vocabulary", "custom", "--custom-vocabulary", "cat,dog",
                           "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
                           "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
-                          "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache")])
-    assert code == 0 and "share the name 'photo'" in caplog.text
+                          "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD])
+    assert code == 0 and "share the name 'photo'" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "out" / "photo_jpg.json").read_text())["predictions"]) == 1
     assert len(json.loads((tmp_path / "out" / "photo_png.json").read_text())["predictions"]) == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_jpg.jpg", "photo_jpg.json",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt", "photo_jpg.jpg", "photo_jpg.json",
                                                                      "photo_png.jpg", "photo_png.json"]
 
 
-def test_boxes_file_errors_name_the_file_and_the_image(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+def test_boxes_file_errors_name_the_file_and_the_image(tmp_path, images, sam_path, clip_path, monkeypatch, capsys):
     monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
     broken = tmp_path / "broken.json"
     broken.write_text('{"a.png": [[1, 2, 3, 4]] "b.jpg": []}')
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        assert _run_file(tmp_path, sam_path, clip_path, [str(images[0])], broken) == 2
-    assert "broken.json" in caplog.text and "not valid JSON" in caplog.text and "line 1" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
-        assert _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": "10, 10, 50, 50"}) == 1
-    assert r"(N, 4)" in caplog.text and "'a.png'" in caplog.text and "boxes.json" in caplog.text
+    assert _run_file(tmp_path, sam_path, clip_path, [str(images[0])], broken) == 2
+    line = _error_line(capsys)
+    assert "broken.json" in line and "not valid JSON" in line and "line 1" in line
+    assert _run(tmp_path, sam_path, clip_path, [str(images[0])], {"a.png": "10, 10, 50, 50"}) == 2
+    line = _error_line(capsys)
+    assert r"(N, 4)" in line and "'a.png'" in line and "boxes.json" in line
 
 
-def test_unwritable_output_is_refused_before_any_image(tmp_path, images, sam_path, clip_path, monkeypatch, caplog):
+def test_unwritable_output_is_refused_before_any_image(tmp_path, images, sam_path, clip_path, monkeypatch, capsys):
     monkeypatch.chdir(demo.__file__.rsplit("/demo/", 1)[0])
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"a.png": [[1, 1, 50, 50]]}))
-    with caplog.at_level(logging.ERROR, logger="regionspot.demo"):
+    if True:
         code = demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
                           "--boxes", str(boxes), "--vocabulary", "custom", "--custom-vocabulary", "cat",
                           "--output", str(blocker / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
-                          "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path])
-    assert code == 2 and "cannot be written" in caplog.text
+                          "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.WEIGHTS", HEAD])
+    assert code == 2 and "cannot be written" in _error_line(capsys)
 
 
 def _run_file(tmp_path, sam_path, clip_path, inputs, boxes_file):
@@ -159,4 +207,4 @@ def _run_file(tmp_path, sam_path, clip_path, inputs, boxes_file):
                       "--boxes", str(boxes_file), "--vocabulary", "custom", "--custom-vocabulary", "cat",
                       "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
                       "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR",
-                      str(tmp_path / "cache")])
+                      str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD])

@@ -211,9 +211,10 @@ def _args(sam_path, data, out, *extra, dataset="tok_synth", sam=None):
 def test_bad_input_is_one_error_line_with_status_2(tool, sam_path, data, tmp_path, capsys):
     assert tool.main(_args(sam_path, data, tmp_path, dataset="no_such_dataset")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: dataset 'no_such_dataset' is not registered")
+    assert len(err) == 1 and err[0].startswith("extract_sam_tokens.py: error: dataset 'no_such_dataset' is not registered")
     assert tool.main(_args(sam_path, data, tmp_path, sam="")) == 2
-    assert capsys.readouterr().err.strip() == "error: the config has no SAM weights: set MODEL.REGIONSPOT.SAM_WEIGHTS"
+    assert capsys.readouterr().err.strip() == ("extract_sam_tokens.py: error: the config has no SAM weights: "
+                                              "set MODEL.REGIONSPOT.SAM_WEIGHTS")
     assert tool.main(_args(sam_path, data, tmp_path, sam=str(tmp_path / "sam_vit_b_01ec64.pth"))) == 2
     assert "error: SAM weights file not found" in capsys.readouterr().err
     assert tool.main(_args(sam_path, data, tmp_path, "--batch-size", "0")) == 2
@@ -267,7 +268,7 @@ def test_existing_cache_foreign_or_stale_is_refused_then_overwrite_rebuilds(tool
 
     assert tool.main(args + ["--dtype", "bfloat16"] + opts) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: SAM-token cache ") and "is foreign" in err
+    assert err.startswith("extract_sam_tokens.py: error: SAM-token cache ") and "is foreign" in err
     assert "dtype float32 != expected bfloat16" in err
     assert tool.main(args + opts + ["MODEL.REGIONSPOT.TOKEN_SOURCE", "mlp"]) == 2
     assert "token source 'transformer' != expected 'mlp'" in capsys.readouterr().err

@@ -155,7 +155,7 @@ def test_bad_input_is_one_error_line(tool, gt_file, tmp_path, capsys, argv, frag
     assert tool.main([a.format(**names) for a in argv]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("proposals.py: error: ") and fragment in lines[0]
     assert captured.out == ""
 
 
@@ -167,4 +167,4 @@ def test_runs_as_a_script(sample, gt_file, tmp_path):
     assert "class-agnostic recall of 62 ground-truth boxes" in done.stdout
     bad = subprocess.run([sys.executable, TOOL, "inspect", str(tmp_path / "none.pkl")],
                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: ")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("proposals.py: error: ")

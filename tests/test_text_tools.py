@@ -54,7 +54,7 @@ def test_dump_fills_the_cache_the_model_reads_and_writes_output(dump, clip_path,
     assert "4 classes x 81 templates = 324 prompts" in stdout and f"wrote {out}" in stdout
     files = os.listdir(cache)
     assert len(files) == 1 and files[0].startswith("text_") and files[0].endswith(".pt")
-    assert sorted(os.listdir(out.parent)) == ["names.pt"]  # no temporary file left
+    assert sorted(os.listdir(out.parent)) == ["names.pt", "names.pt.log"]  # no temporary file left
 
     entry = torch.load(out, map_location="cpu", weights_only=True)
     assert set(entry) == {"class_names", "templates", "weights_id", "embeddings"}
@@ -81,7 +81,8 @@ def test_dump_fills_the_cache_the_model_reads_and_writes_output(dump, clip_path,
     # running the tool again reuses the entry (CLIP loaded, not run: the file is unchanged)
     mtime = os.stat(cache / files[0]).st_mtime_ns
     assert dump.main(_dump_args(clip_path, cache)) == 0
-    assert os.listdir(cache) == files and os.stat(cache / files[0]).st_mtime_ns == mtime
+    assert sorted(os.listdir(cache)) == sorted(files + [dump.CACHE_LOG])  # the run's log file is new
+    assert os.stat(cache / files[0]).st_mtime_ns == mtime
     assert "(exists)" in capsys.readouterr().out
 
 
@@ -93,7 +94,7 @@ def test_dump_refuses_to_overwrite_an_input(dump, clip_path, tmp_path, capsys, w
     cache = tmp_path / "cache"
     assert dump.main(_dump_args(clip_path, cache, "--output", target)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: refusing to write") and "input file" in err[0]
+    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error: refusing to write") and "input file" in err[0]
     with open(target, "rb") as f:
         assert f.read() == before
     assert not cache.exists()  # refused before computing anything
@@ -105,21 +106,21 @@ def test_dump_errors(dump, clip_path, tmp_path, capsys):
             "--opts", "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(cache)]
     assert dump.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "duplicate" in err[0]
+    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error:") and "duplicate" in err[0]
 
     missing = str(tmp_path / "missing.pt")
     assert dump.main(_dump_args(missing, cache)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: CLIP weights file not found")
+    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error: CLIP weights file not found")
 
     assert dump.main(_dump_args(clip_path, cache, opts=("MODEL.REGIONSPOT.NO_SUCH_KEY", "1"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot load config") and "NO_SUCH_KEY" in err[0]
+    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error: unknown config key MODEL.REGIONSPOT.NO_SUCH_KEY")
 
     args = _dump_args(clip_path, "")  # cache disabled and no --output: nothing to write
     assert dump.main(args) == 2
     assert "nothing would be written" in capsys.readouterr().err
-    assert not cache.exists()
+    assert not list(cache.glob("*.pt"))  # (the log file of the runs above holds their tracebacks)
 
     assert dump.main(["--config-file", CONFIG, "--vocabulary", "imagenet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -132,7 +133,7 @@ def test_dump_runs_on_the_cpu_when_model_device_is_missing(dump, clip_path, tmp_
     assert dump.main(_dump_args(clip_path, cache, opts=("MODEL.DEVICE", "cuda"))) == 0
     out = capsys.readouterr().out
     assert "note:" in out and "CPU" in out and "on cpu" in out
-    assert len(os.listdir(cache)) == 1
+    assert len(list(cache.glob("*.pt"))) == 1
 
 
 # ----------------------------------------------------------------------------- benchmark_text
@@ -142,7 +143,7 @@ def test_benchmark_quick_writes_a_consistent_json(bench, tmp_path, capsys):
     out = tmp_path / "bench" / "text.json"
     assert bench.main(["--quick", "--output", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert sorted(os.listdir(out.parent)) == ["text.json"]
+    assert sorted(os.listdir(out.parent)) == ["text.json", "text.json.log"]
     with open(out) as f:
         res = json.load(f)
     assert res["vocabulary"] == "lvis" and res["classes"] == 1203 and res["templates"] == 81

@@ -46,7 +46,7 @@ def dataset(tmp_path_factory):
 
 def _args(out, sam_path, clip_path, *extra, eval_only=False, resume=False):
     argv = ["--config-file", "configs/regionspot_sample_cpu.yaml"]
-    argv += ["--eval-only"] if eval_only else []
+    argv += ["--eval-only", "--untrained-head"] if eval_only else []
     argv += ["--resume"] if resume else []
     argv += ["MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
              "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(out, "cache"), "OUTPUT_DIR", out,
@@ -111,5 +111,9 @@ def test_two_process_training_on_cpu(tmp_path, sam_path, clip_path):
            "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "DATASETS.TEST", "()"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the project's lines: once on the console (rank 0), in each rank's log file
+    assert proc.stdout.count("trainable head parameters") == 1
+    for log in ("log.txt", "log.txt.rank1"):
+        assert open(os.path.join(out, log)).read().count("trainable head parameters") == 1
     assert "world size: 2" in (proc.stdout + proc.stderr).lower() or os.path.exists(os.path.join(out, "model_final.pth"))
     assert torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["iteration"] == 2

@@ -48,7 +48,7 @@ def _user_json(sample, path, fmt):
 def _eval(tmp_path, sam_path, clip_path, name, json_path, image_root, *opts):
     out = str(tmp_path / f"eval_{name}")
     argv = ["--config-file", os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), "--eval-only",
-            "--register", name, json_path, image_root, "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+            "--untrained-head", "--register", name, json_path, image_root, "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
             "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"),
             "OUTPUT_DIR", out, "DATASETS.TEST", f"('{name}',)", *opts]
     results = train_net.main(train_net.get_parser().parse_args(argv))
@@ -143,7 +143,7 @@ def test_runs_never_write_over_their_inputs(tmp_path, sample, sam_path, clip_pat
     results_file.write_text("[]")  # a previous run's detections, now used as proposals
     base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "OUTPUT_DIR", str(out),
             "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path]
-    argv = ["--eval-only"] + base + ["MODEL.REGIONSPOT.PROPOSALS", "file", "MODEL.REGIONSPOT.PROPOSAL_FILE",
+    argv = ["--eval-only", "--untrained-head"] + base + ["MODEL.REGIONSPOT.PROPOSALS", "file", "MODEL.REGIONSPOT.PROPOSAL_FILE",
                                      str(results_file)]
     with pytest.raises(ValueError, match="PROPOSAL_FILE .*lvis_instances_results.json.*would be overwritten"):
         train_net.main(train_net.get_parser().parse_args(argv))

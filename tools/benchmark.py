@@ -96,7 +96,9 @@ decoder 7 ms with 1 thread, 850 ms with 2 threads on 2 cores while another job r
 ``sam_image_encoder + clip_semantic`` (fixed) plus the N-dependent ``sam_mask_decoder + head +
 postprocess``; compare configs on the same device only. A table is printed at the end; the
 JSON (written atomically) goes to ``--output`` (default
-``output/benchmark/benchmark_<device>.json``).
+``output/benchmark/benchmark_<device>.json``), the run's log (the project's lines, Detectron2's
+in the end-to-end mode) to ``<output>.log``. Bad options end with one line
+``benchmark.py: error: <message>`` and exit status 2 (``--debug``: with the traceback).
 """
 
 import argparse
@@ -120,6 +122,7 @@ from regionspot.environment import device_name, git_commit, load_average, peak_r
 from regionspot.modeling.random_backbones import VARIANTS, random_regionspot  # noqa: E402
 
 SCHEMA = "regionspot-benchmark/1"
+PROG = "benchmark.py"
 
 # config name -> (SAM preset, CLIP preset, CLIP input size)
 CONFIGS: Dict[str, Tuple[str, str, int]] = VARIANTS
@@ -159,7 +162,10 @@ def parse_models(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line parser (both modes; the evaluator mode's options are benchmark_eval.py's)."""
+    from regionspot.cli import add_debug_argument
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--models", type=parse_models, default=None, help=f"comma-separated, among "
@@ -188,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-chunk-size", type=int, default=64, help="boxes per mask-decoder call (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json)")
+    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json); "
+                                                  "the log goes to OUTPUT.log")
     p.add_argument("--quick", action="store_true",
                    help="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
     p.add_argument("--evaluator", action="store_true",
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest fast batch that fits")
     e.add_argument("--max-batch", type=int, default=512, help="upper bound of --find-max-batch")
     e.add_argument("--quiet", action="store_true", help="no per-batch progress lines from Detectron2")
+    add_debug_argument(p)
     return p
 
 
@@ -645,13 +653,19 @@ def format_table(report: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark of the mode asked for; returns the exit status (2 for bad options, in one
+    ``benchmark.py: error:`` line; the traceback too with ``--debug``)."""
+    from regionspot.cli import run_entry_point, setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--evaluator" in argv:  # the evaluator mode has its own options (tools/benchmark_eval.py)
         import benchmark_eval
 
         return benchmark_eval.main([a for a in argv if a != "--evaluator"])
     parser = build_parser()
+    setup_logging()  # the console; the log file next to the JSON once its path is resolved
     args = resolve_settings(parser.parse_args(argv), parser)
+    setup_logging(args.output + ".log")
     previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -663,13 +677,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.end_to_end:
                 import benchmark_e2e
 
-                return benchmark_e2e.run_end_to_end(args)
-            return run_benchmark(args)
+                return run_entry_point(lambda: benchmark_e2e.run_end_to_end(args), PROG, args.debug)
+            return run_entry_point(lambda: run_benchmark(args), PROG, args.debug)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    """The stage-by-stage benchmark of ``args.models`` (see the module docstring); writes the JSON."""
     device = torch.device(args.device)
     from regionspot.modeling.meta_arch import resolve_encoder_precision
 

@@ -33,6 +33,9 @@ JSON (written atomically): ``--output`` (default ``output/benchmark/eval_<host>.
 settings, set statistics, per task the seconds of each backend, their ratio (speed-up), both
 metric dicts and the max absolute difference. ``--quick`` (for the tests): 300 images, 300
 results each, box and mask AP (on 100 images) unless ``--images``/``--segm-images`` say otherwise.
+The run's log (the project's and Detectron2's lines) goes to the console and ``<output>.log``;
+an input error ends with one line ``benchmark_eval.py: error: <message>`` and exit status 2
+(``--debug``: with the traceback).
 """
 
 import argparse
@@ -54,6 +57,7 @@ sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 import numpy as np  # noqa: E402
 
 SCHEMA = "regionspot-eval-benchmark/1"
+PROG = "benchmark_eval.py"
 FREQUENCY_WEIGHT = {"f": 30.0, "c": 3.0, "r": 0.3}
 
 
@@ -305,7 +309,10 @@ def _host() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    """The command line, with the ``--quick`` defaults filled in."""
+    from regionspot.cli import add_debug_argument
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=None,
                    help="images of the box-AP set (default 19809, LVIS v1 val; --quick 300)")
@@ -316,8 +323,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="images of the mask-AP set (default 1000; --quick 100)")
     p.add_argument("--skip-reference", action="store_true", help="time the fast backend only")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of any metric, percent points")
-    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/eval_<host>.json)")
+    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/eval_<host>.json); "
+                                                  "the log goes to OUTPUT.log")
     p.add_argument("--quick", action="store_true", help="a small run for the tests (300 images; masks on 100)")
+    add_debug_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.segm = True
@@ -331,16 +340,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Build the set(s), time both backends, write the JSON; 0 if the backends agree, else 1."""
+    """Build the set(s), time both backends, write the JSON; 0 if the backends agree, else 1 (2
+    for an input error, in one ``benchmark_eval.py: error:`` line)."""
+    from regionspot.cli import run_entry_point, setup_logging
+
+    args = parse_args(argv)
+    setup_logging()  # the console; the log file next to the JSON (run)
+    return run_entry_point(lambda: run(args), PROG, args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`main` once the command line is parsed."""
     import faster_coco_eval
     import lvis
 
+    from regionspot.cli import setup_logging
     from regionspot.environment import git_commit, peak_rss_bytes
     from regionspot.io import write_json_atomic
 
-    args = parse_args(argv)
     logging.getLogger("lvis").setLevel(logging.WARNING)
     output = args.output or os.path.join(REPO, "output", "benchmark", f"eval_{_host()}.json")
+    setup_logging(output + ".log")
     report = {
         "schema": SCHEMA,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

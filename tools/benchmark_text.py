@@ -28,6 +28,10 @@ environment (torch version, threads, CPU, load average before and after) is reco
 Defaults: K = all 1203 classes for "tiny" (``--tiny-classes``), K = 100 for the full-size
 towers (``--classes``; the plain path runs ~20 prompts/s for ViT-B/16 on 2 cores, ~1.4 h for
 all of LVIS). ``--quick`` (for tests): tiny tower, 8 classes.
+
+The project's log lines are shown on the console and written to ``<output>.log`` next to the
+JSON. Bad options print one line ``benchmark_text.py: error: <message>`` and exit with status
+2 (``--debug``: with the traceback).
 """
 
 import argparse
@@ -46,10 +50,15 @@ from regionspot.environment import device_name, load_average  # noqa: E402
 TOWERS = ("tiny", "ViT-B/16", "ViT-L/14")
 DEFAULT_OUTPUT = os.path.join("output", "benchmark", "text_embeddings_cpu.json")
 QUICK_CLASSES = 8
+PROG = "benchmark_text.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line parser."""
+    from regionspot.cli import add_debug_argument
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", nargs="+", default=None, choices=TOWERS,
                         help=f"text towers to measure (default: {' '.join(TOWERS)})")
     parser.add_argument("--classes", type=int, default=100,
@@ -59,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random towers")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f"JSON file (default {DEFAULT_OUTPUT}); the log goes to OUTPUT.log")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny tower only, first {QUICK_CLASSES} classes (for tests)")
+    add_debug_argument(parser)
     return parser
 
 
@@ -151,7 +162,14 @@ def measure_tower(tower: str, names: List[str], k: int, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure the towers and write the JSON; returns the exit status.
+
+    Raises:
+        ValueError: a bad option value.
+    """
     import torch
+
+    from regionspot.cli import setup_logging
 
     from regionspot.data.vocabularies import get_vocabulary
     from regionspot.io import write_json_atomic
@@ -159,12 +177,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         if args.threads < 1:
-            print("error: --threads must be positive", file=sys.stderr)
-            return 2
+            raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.classes < 0 or args.tiny_classes < 0:
-        print("error: --batch-size must be positive and --classes / --tiny-classes not negative", file=sys.stderr)
-        return 2
+        raise ValueError(f"--batch-size must be positive and --classes / --tiny-classes not negative, got "
+                         f"{args.batch_size} / {args.classes} / {args.tiny_classes}")
+    setup_logging(args.output + ".log")
     towers = ["tiny"] if args.quick else list(args.towers or TOWERS)
     names = get_vocabulary("lvis")
     templates = list(te.PROMPT_TEMPLATES)
@@ -213,12 +231,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns the exit status."""
+    """Run the benchmark; returns the exit status (2 for a bad option, in one line)."""
+    from regionspot.cli import run_entry_point, setup_logging
+
     args = build_parser().parse_args(argv)
+    setup_logging()  # the console; the log file next to the JSON (run)
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
-        return run(args)
+        return run_entry_point(lambda: run(args), PROG, args.debug)
 
 
 if __name__ == "__main__":

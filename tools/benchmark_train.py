@@ -24,6 +24,10 @@ the device, torch, threads and load average. Models have RANDOM weights: the spe
 representative, nothing else is. The paper's budget is about 20 images/s per V100 for the
 whole recipe (0.2K V100 GPU-hours for ~3M images x 2 stages); the target on one H100 with the
 token cache is >= 300 images/s (bf16, batch 16, BL).
+
+The run's log (the project's lines) goes to the console and ``<output>.log``; an error in the
+input ends with one line ``benchmark_train.py: error: <message>`` and exit status 2
+(``--debug``: with the traceback).
 """
 
 import argparse
@@ -44,11 +48,15 @@ from regionspot.environment import device_name, load_average, peak_rss_bytes  # 
 from regionspot.modeling.random_backbones import VARIANTS, random_regionspot  # noqa: E402
 
 SCHEMA = "regionspot-train-benchmark/1"
+PROG = "benchmark_train.py"
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line parser."""
+    from regionspot.cli import add_debug_argument
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--models", default=None, help=f"comma-separated among {','.join(VARIANTS)} (default small,bb,bl)")
     p.add_argument("--modes", default="online,cached", help="online (SAM every step) and/or cached (token cache)")
@@ -61,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/train_<device>.json)")
+    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/train_<device>.json); "
+                                                  "the log goes to OUTPUT.log")
     p.add_argument("--quick", action="store_true", help="small model, batch 2, 2 timed steps, small images (tests)")
+    add_debug_argument(p)
     return p
 
 
@@ -183,8 +193,19 @@ def benchmark(variant: str, args, device: torch.device) -> Dict[str, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; returns the exit status (2 for an input error, in one
+    ``benchmark_train.py: error:`` line; the traceback too with ``--debug``)."""
+    from regionspot.cli import run_entry_point, setup_logging
+
     parser = build_parser()
+    setup_logging()  # the console; the log file next to the JSON once its path is resolved
     args = resolve(parser.parse_args(argv), parser)
+    setup_logging(args.output + ".log")
+    return run_entry_point(lambda: run(args), PROG, args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark every model of ``args.models`` and write the JSON (see the module docstring)."""
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,8 +48,10 @@ loss which classes are absent. Boxes of zero width or height are skipped and cou
 Errors (a missing file, a CSV without the expected columns, a box outside [0, 1] or with
 XMax < XMin or YMax < YMin, an unknown LabelName in the box file, an image of the box file that
 is not in ``--images`` (unless ``--skip-missing-images``), an unreadable image, an output that
-would overwrite an input, or an existing output without ``--overwrite``) print one line starting
-with ``error:`` and exit with status 2; no output file is left behind.
+would overwrite an input, or an existing output without ``--overwrite``) print one line
+``convert_openimages.py: error: <message>`` and exit with status 2 (``--debug``: with the
+traceback); no output file is left behind. The run's log (the project's lines, and the
+traceback of an error found once the output was checked) is written to ``<OUTPUT>.log``.
 """
 
 import argparse
@@ -72,6 +74,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _PROGRESS_BYTES = 1 << 22
 IMAGE_CHUNK = 4096  # json entries formatted before each write
 BOX_CHUNK = 16384
+PROG = "convert_openimages.py"
 
 
 class ConversionError(ValueError):
@@ -80,14 +83,16 @@ class ConversionError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from regionspot.cli import add_debug_argument
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--boxes", required=True, help="box CSV (oidv6-train-annotations-bbox.csv, "
                                                   "validation-annotations-bbox.csv)")
     p.add_argument("--classes", required=True, help="boxable class descriptions CSV (MID, DisplayName)")
     p.add_argument("--image-labels", help="human-verified image-level labels CSV (ImageID, Source, LabelName, "
                                           "Confidence)")
     p.add_argument("--images", required=True, help="folder of the split's images (searched recursively)")
-    p.add_argument("--output", required=True, help="COCO-format json to write")
+    p.add_argument("--output", required=True, help="COCO-format json to write (the log goes to OUTPUT.log)")
     p.add_argument("--image-sizes", help="optional CSV ImageID,Width,Height; images it lists are not opened")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="processes reading image headers (default: the CPU count, at most 16)")
@@ -95,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out images of the box file that are missing or unreadable (and their boxes) "
                         "instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_debug_argument(p)
     return p
 
 
@@ -525,21 +531,24 @@ def convert(args: argparse.Namespace) -> Counter:
     Raises:
         ConversionError: see the module docstring.
     """
+    from regionspot.cli import setup_logging
     from regionspot.io import atomic_write
 
     inputs = [p for p in (args.boxes, args.classes, args.image_labels, args.image_sizes) if p]
     for p in inputs:
         if not os.path.isfile(p):
             raise ConversionError(f"input file not found: {p}")
-    out = os.path.realpath(args.output)
-    if any(os.path.realpath(p) == out for p in inputs):
-        raise ConversionError(f"refusing to write {args.output}: it is an input file")
+    log_file = args.output + ".log"
+    for target in (args.output, log_file):
+        if any(os.path.realpath(p) == os.path.realpath(target) for p in inputs):
+            raise ConversionError(f"refusing to write {target}: it is an input file")
     if os.path.isdir(args.output):
         raise ConversionError(f"{args.output} is a folder; give the json file to write")
     if os.path.exists(args.output) and not args.overwrite:
         raise ConversionError(f"{args.output} exists; pass --overwrite to replace it")
     if not os.path.isdir(args.images):
         raise ConversionError(f"image folder not found: {args.images}")
+    setup_logging(log_file)  # the output is checked: from here on the log file records the run
 
     mids, names = read_classes(args.classes)
     mid_to_id = {mid: i + 1 for i, mid in enumerate(mids)}
@@ -624,21 +633,20 @@ def report(counts: Counter, output: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the tool; returns the exit status (2 for bad input, with one ``error:`` line)."""
-    args = build_parser().parse_args(argv)
+    """Run the tool; returns the exit status (2 for bad input, with one
+    ``convert_openimages.py: error:`` line on stderr; the traceback too with ``--debug``)."""
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         warnings.filterwarnings("ignore", message=".*(torch.jit|pkg_resources).*")
-        import regionspot.io  # noqa: F401
-    try:
-        counts = convert(args)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        return 2
-    report(counts, args.output)
-    return 0
+        from regionspot.cli import run_entry_point, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()  # the console; the log file once the output is checked (convert)
+
+    def run() -> int:
+        report(convert(args), args.output)
+        return 0
+
+    return run_entry_point(run, PROG, args.debug)
 
 
 if __name__ == "__main__":

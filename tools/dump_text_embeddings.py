@@ -23,13 +23,15 @@ stdout), in float32 like the model's own text encoding. ``--custom-vocabulary`` 
 the config's ``MODEL.REGIONSPOT.CUSTOM_VOCABULARY``; ``--batch-size`` to
 ``MODEL.REGIONSPOT.TEXT_BATCH_SIZE``.
 
-Errors (unknown vocabulary, missing config or weights, bad ``--opts``, an output that would
-overwrite an input, nothing to write) print one line starting with ``error:`` and exit with
-status 2.
+The project's log lines (CLIP loaded, cache hit or miss, encoding progress) are shown on the
+console and written to ``OUT.log`` with ``--output OUT``, else to
+``<TEXT_CACHE_DIR>/dump_text_embeddings.log``. Errors (unknown vocabulary, missing config or
+weights, bad ``--opts``, an output that would overwrite an input, nothing to write) print one
+line ``dump_text_embeddings.py: error: <message>`` and exit with status 2; ``--debug`` prints
+the traceback too (it is also in the log file when the error comes after the output checks).
 """
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -40,14 +42,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 
 VOCABULARIES = ("lvis", "coco", "objects365", "custom")
+PROG = "dump_text_embeddings.py"
+CACHE_LOG = "dump_text_embeddings.log"  # the log file in the cache folder when there is no --output
 
 
-class ToolError(Exception):
-    """A problem with the tool's input; printed as one ``error:`` line (exit status 2)."""
+class ToolError(ValueError):
+    """A problem with the tool's input; printed as one ``dump_text_embeddings.py: error:`` line
+    (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line parser."""
+    from regionspot.cli import add_debug_argument
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="RegionSpot config (yaml)")
     parser.add_argument("--vocabulary", required=True,
                         help=f"class names to encode: {', '.join(VOCABULARIES)}, or the name of a registered dataset "
@@ -55,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--custom-vocabulary", default=None,
                         help='class names "a,b,c" for --vocabulary custom (default: the config\'s '
                              "MODEL.REGIONSPOT.CUSTOM_VOCABULARY)")
-    parser.add_argument("--output", default=None, help="also write a standalone .pt file")
+    parser.add_argument("--output", default=None,
+                        help="also write a standalone .pt file (the log goes to OUTPUT.log then)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per text-tower batch (default: MODEL.REGIONSPOT.TEXT_BATCH_SIZE)")
     from regionspot.data.datasets.user import add_register_argument
 
     add_register_argument(parser)
+    add_debug_argument(parser)
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ... (must come last)")
     return parser
@@ -109,7 +120,7 @@ def load_cfg(config_file: str, opts: Sequence[str]):
             else:
                 print(f"note: {message}; encoding on the CPU")
                 return cfg
-        raise ToolError(message) from None
+        raise ToolError(message) from e
 
 
 def usable_device(value: str):
@@ -139,7 +150,14 @@ def check_output(output: str, protected: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Compute (or find in the cache) the embeddings and write them; returns the exit status.
+
+    Raises:
+        ToolError: see the module docstring.
+    """
     import torch
+
+    from regionspot.cli import setup_logging
 
     from regionspot.data.datasets.user import register_from_args
     from regionspot.data.vocabularies import names_for_text, vocabulary_by_name
@@ -150,9 +168,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_cfg(args.config_file, args.opts)
     rs = cfg.MODEL.REGIONSPOT
     clip_path = rs.CLIP_WEIGHTS
+    inputs = config_chain(args.config_file) + [os.path.expanduser(clip_path), os.path.expanduser(rs.SAM_WEIGHTS)]
     if args.output:
-        check_output(args.output, config_chain(args.config_file)
-                     + [os.path.expanduser(clip_path), os.path.expanduser(rs.SAM_WEIGHTS)])
+        check_output(args.output, inputs)
     cache_dir = rs.TEXT_CACHE_DIR or None
     if cache_dir is None and not args.output:
         raise ToolError("MODEL.REGIONSPOT.TEXT_CACHE_DIR is empty (cache disabled) and no --output given: "
@@ -160,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else int(rs.TEXT_BATCH_SIZE)
     if batch_size < 1:
         raise ToolError(f"--batch-size must be positive, got {batch_size}")
+    log_file = args.output + ".log" if args.output else os.path.join(os.path.expanduser(cache_dir), CACHE_LOG)
+    check_output(log_file, inputs)
+    setup_logging(log_file)  # from here on the project's lines (and an error's traceback) are in the log file
 
     custom = None
     if args.vocabulary == "custom":
@@ -170,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         register_from_args(args.register)
         names = vocabulary_by_name(args.vocabulary, custom)
     except (ValueError, TypeError) as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
 
     device, note = usable_device(cfg.MODEL.DEVICE)
     if note:
@@ -179,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         clip_model = load_clip(clip_path)
         weights_id = te.weights_fingerprint(clip_path)  # the key RegionSpot.from_config uses
     except (WeightsError, FileNotFoundError, IsADirectoryError) as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
     clip_model = clip_model.to(device)
 
     templates = list(te.PROMPT_TEMPLATES)
@@ -203,28 +224,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the tool; returns the exit status (2 for bad input, with one ``error:`` line)."""
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)  # the encoder's start / end lines
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("regionspot")
-    previous_level = logger.level
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings():  # import-time deprecation noise of dependencies
-            for message in (".*torch.jit.script.*deprecated.*", ".*torch.jit.load.*deprecated.*",
-                            ".*pkg_resources is deprecated.*"):
-                warnings.filterwarnings("ignore", message=message)
-            return run(args)
-    except (ToolError, OSError) as e:
-        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
+    """Run the tool; returns the exit status (2 for bad input, with one
+    ``dump_text_embeddings.py: error:`` line on stderr; the traceback too with ``--debug``)."""
+    with warnings.catch_warnings():  # import-time deprecation noise of dependencies
+        for message in (".*torch.jit.script.*deprecated.*", ".*torch.jit.load.*deprecated.*",
+                        ".*pkg_resources is deprecated.*"):
+            warnings.filterwarnings("ignore", message=message)
+        from regionspot.cli import run_entry_point, setup_logging
+
+        args = build_parser().parse_args(argv)
+        setup_logging()  # the console; the log file once the output is known (run)
+        return run_entry_point(lambda: run(args), PROG, args.debug)
 
 
 if __name__ == "__main__":

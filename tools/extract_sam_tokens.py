@@ -24,7 +24,7 @@ defaults to the config's ``MODEL.REGIONSPOT.TOKEN_CACHE_DIR`` (the key training 
   ``kill -9``) skips the images already in finished shards. ``--overwrite`` deletes the
   dataset's cache files first. An existing cache written with other SAM weights, token
   source or dtype, or whose boxes no longer match the dataset's annotations, is refused
-  (``error:``, exit 2) unless ``--overwrite``.
+  (one error line, exit 2) unless ``--overwrite``.
 - Several processes: ``--num-gpus N`` (RegionSpot's ``launch``, Detectron2's protocol; one process per GPU, or
   N CPU processes with gloo on a machine without CUDA); rank r takes the images i with
   i % world_size == r and writes its own shards; rank 0 writes ``manifest.json`` when all
@@ -32,8 +32,10 @@ defaults to the config's ``MODEL.REGIONSPOT.TOKEN_CACHE_DIR`` (the key training 
 - Progress: a tqdm bar on rank 0 (images, rate, ETA); at the end a summary (images, boxes,
   bytes, seconds, images/s) and the images that could not be read, which are skipped
   (exit status 1 then). Bad input (unknown dataset, config without SAM weights, ...): one
-  ``error:`` line, exit 2. The last run's summary is also written to
-  ``<output dir>/<dataset>/last_run.json``.
+  ``extract_sam_tokens.py: error:`` line, exit 2 (``--debug``: with the traceback). The last
+  run's summary is also written to ``<output dir>/<dataset>/last_run.json``.
+- Log: the project's lines (SAM loaded, ...) on the console (rank 0) and in
+  ``<output dir>/<dataset>/log.txt`` (``log.txt.rank<N>`` for the other ranks).
 
 Sizes (256-d tokens; measured on shards of 1,000 images with ~14.6 boxes per image): float32
 2,104 bytes per box, bfloat16 1,080 bytes per box, both with the flip entry (tokens
@@ -66,7 +68,6 @@ run down after each image, so a test can kill it between shards.
 import argparse
 import glob
 import json
-import logging
 import os
 import sys
 import time
@@ -80,16 +81,21 @@ sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 SLEEP_ENV = "REGIONSPOT_TEST_SLEEP_PER_IMAGE"
 REPORT = "last_run.json"
 MAX_LISTED_FAILURES = 50  # failed images printed in the summary (the report lists all)
+PROG = "extract_sam_tokens.py"
 
 
-class ToolError(Exception):
-    """A problem with the tool's input; printed as one ``error:`` line (exit status 2)."""
+class ToolError(ValueError):
+    """A problem with the tool's input; printed as one ``extract_sam_tokens.py: error:`` line
+    (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    from regionspot.cli import add_debug_argument
     from regionspot.data.datasets.user import add_register_argument
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="RegionSpot config (yaml)")
     parser.add_argument("--dataset", required=True, help="name of a registered Detectron2 dataset")
     parser.add_argument("--output-dir", default=None,
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finalize", action="store_true",
                         help="only write manifest.json from the shards already written (no SAM run)")
     add_register_argument(parser)
+    add_debug_argument(parser)
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ... (must come last)")
     return parser
@@ -125,7 +132,7 @@ def load_cfg(config_file: str, opts: Sequence[str]):
     try:
         return load_config_for_tool(config_file, opts)
     except ConfigError as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
 
 
 def output_root(cfg, output_dir: Optional[str]) -> str:
@@ -147,7 +154,7 @@ def sam_identity(cfg, dtype: Optional[str]):
     try:
         return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype)
     except (WeightsError, OSError, ValueError) as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
 
 
 def dataset_records(name: str, registrations=()) -> List[dict]:
@@ -164,14 +171,14 @@ def dataset_records(name: str, registrations=()) -> List[dict]:
     try:
         register_from_args(registrations)
     except ValueError as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
     if name not in DatasetCatalog.list():
         raise ToolError(f"dataset {name!r} is not registered in Detectron2's DatasetCatalog; register your own "
                         f"with --register NAME JSON IMAGE_ROOT")
     try:
         records = DatasetCatalog.get(name)
     except Exception as e:
-        raise ToolError(f"cannot load dataset {name!r}: {type(e).__name__}: {e}") from None
+        raise ToolError(f"cannot load dataset {name!r}: {type(e).__name__}: {e}") from e
     seen = {}
     for i, r in enumerate(records):
         if "image_id" not in r:
@@ -210,7 +217,7 @@ def check_existing(cache_dir: str, dataset_name: str, identity, records: Sequenc
     try:
         shards = tc.scan_shards(cache_dir, dataset_name, identity)
     except tc.TokenCacheError as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e)) from e
     by_id = {str(r["image_id"]): r for r in records}
     directory = os.path.join(cache_dir, dataset_name)
     for shard in shards:
@@ -395,6 +402,7 @@ def _launched_main(options: Dict[str, Any]) -> None:
     import torch
     from detectron2.utils import comm
 
+    from regionspot.cli import setup_logging
     from regionspot.data import token_cache as tc
     from regionspot.modeling.fast_attention import set_sam_attention
     from regionspot.modeling.position_tokens import SamPositionTokens
@@ -402,8 +410,12 @@ def _launched_main(options: Dict[str, Any]) -> None:
 
     rank, world = comm.get_rank(), comm.get_world_size()
     _quiet_warnings()
+    # a spawned process starts with bare loggers: console on rank 0, log.txt(.rank<N>) for each
+    setup_logging(os.path.join(options["cache_dir"], options["dataset"]), rank=rank)
     cfg = load_cfg(options["config_file"], options["opts"])
-    records = dataset_records(options["dataset"], options["register"])
+    records = options.get("records")  # one process: the dataset run() loaded; else each loads it
+    if records is None:
+        records = dataset_records(options["dataset"], options["register"])
     rs = cfg.MODEL.REGIONSPOT
     device = torch.device(cfg.MODEL.DEVICE)
     if device.type == "cuda" and world > 1:
@@ -442,6 +454,12 @@ def _quiet_warnings():
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the inputs, then extract (or ``--finalize``); returns the exit status.
+
+    Raises:
+        ToolError: see the module docstring.
+    """
+    from regionspot.cli import setup_logging
     from regionspot.engine.launch import launch
 
     from regionspot.data import token_cache as tc
@@ -457,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = output_root(cfg, args.output_dir)
     records = dataset_records(args.dataset, args.register)
     directory = os.path.join(cache_dir, args.dataset)
+    setup_logging(directory)  # <directory>/log.txt, once the dataset is known to exist
     if args.overwrite:
         removed = remove_cache_files(directory) if os.path.isdir(directory) else 0
         print(f"--overwrite: removed {removed} cache files from {directory}")
@@ -465,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             manifest = tc.finalize_cache(cache_dir, args.dataset, identity, ids)
         except tc.TokenCacheError as e:
-            raise ToolError(str(e)) from None
+            raise ToolError(str(e)) from e
         state = "complete" if manifest["complete"] else f"INCOMPLETE ({len(manifest['missing_image_ids'])} missing)"
         print(f"wrote {os.path.join(directory, tc.MANIFEST)}: {manifest['num_images']} of {len(ids)} images, "
               f"{manifest['num_boxes']} boxes, {len(manifest['shards'])} shards; {state}")
@@ -482,14 +501,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             manifest = tc.finalize_cache(cache_dir, args.dataset, identity, ids)
         except tc.TokenCacheError as e:
-            raise ToolError(str(e)) from None
+            raise ToolError(str(e)) from e
         print(format_summary([], manifest, time.perf_counter() - started), flush=True)
         return 0 if manifest["complete"] else 1
     run_id = uuid.uuid4().hex
     options = {"config_file": args.config_file, "opts": list(args.opts), "dataset": args.dataset,
                "register": [list(r) for r in args.register], "cache_dir": cache_dir,
                "identity": identity.to_dict(), "shard_size": args.shard_size, "batch_size": args.batch_size,
-               "num_workers": args.num_workers, "run_id": run_id}
+               "num_workers": args.num_workers, "run_id": run_id,
+               "records": records if world == 1 else None}  # launch() calls one process in this one
     dist_url = args.dist_url
     if dist_url == "auto" and args.num_machines > 1:
         raise ToolError("--dist-url is required with --num-machines > 1 (e.g. tcp://HOST:PORT)")
@@ -503,30 +523,22 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         report = None
     if report is None or report.get("run_id") != run_id:
-        print("error: the extraction processes did not report back", file=sys.stderr)
+        print(f"{PROG}: error: the extraction processes did not report back", file=sys.stderr)
         return 1
     failed = sum(len(s["failures"]) for s in report["summaries"])
     return 1 if failed or not report["complete"] else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the tool; returns the exit status (0 done, 1 some images failed, 2 bad input)."""
+    """Run the tool; returns the exit status (0 done, 1 some images failed, 2 bad input, with one
+    ``extract_sam_tokens.py: error:`` line on stderr; the traceback too with ``--debug``)."""
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         _quiet_warnings()
+        from regionspot.cli import run_entry_point, setup_logging
+
         args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("regionspot")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            _quiet_warnings()
-            return run(args)
-    except ToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        logger.removeHandler(handler)
+        setup_logging()  # the console; the log file once the cache folder is known (run)
+        return run_entry_point(lambda: run(args), PROG, args.debug)
 
 
 if __name__ == "__main__":

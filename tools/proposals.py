@@ -26,9 +26,11 @@ file lacks count as missed). ``--output`` writes the same figures as JSON.
 ``convert`` reads INPUT and writes it as ``--to``. Class labels are lost in the detectron2
 format; COCO needs a category_id, so boxes without a label get category 1.
 
-Errors in the input (unreadable or invalid file, unknown dataset, output that would
-overwrite the input or an existing file without ``--overwrite``) print one line starting
-with ``error:`` and exit with status 2.
+The project's log lines (e.g. a ``--register``ed dataset) are shown on the console and, with
+``--output OUT``, also written to ``OUT.log``. Errors in the input (unreadable or invalid
+file, unknown dataset, output that would overwrite the input or an existing file without
+``--overwrite``) print one line ``proposals.py: error: <message>`` and exit with status 2;
+``--debug`` prints the traceback too (it is also in ``OUT.log``).
 """
 
 import argparse
@@ -44,13 +46,16 @@ sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 import numpy as np  # noqa: E402
 
 IOU_THRESHOLDS = (0.5, 0.75)
+PROG = "proposals.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser with the ``inspect`` and ``convert`` sub-commands."""
+    from regionspot.cli import add_debug_argument
     from regionspot.modeling.proposals.file import PROPOSAL_FILE_FORMATS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="statistics, coverage of a dataset and recall of its boxes")
@@ -62,18 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--topk", type=int, default=None, help="keep at most K boxes per image")
     inspect.add_argument("--score-thresh", type=float, default=0.0, help="drop boxes scoring below S")
     inspect.add_argument("--nms-thresh", type=float, default=0.0, help="class-agnostic NMS IoU (0: none)")
-    inspect.add_argument("--output", help="write the figures to this JSON file")
+    inspect.add_argument("--output", help="write the figures to this JSON file (and the log to OUTPUT.log)")
     from regionspot.data.datasets.user import add_register_argument
 
     add_register_argument(inspect)
+    add_debug_argument(inspect)
 
     convert = sub.add_parser("convert", help="write a proposal file in another format")
     convert.add_argument("input", help="proposal file to read")
     convert.add_argument("--to", required=True, choices=PROPOSAL_FILE_FORMATS, help="format to write")
-    convert.add_argument("--output", required=True, help="file to write")
+    convert.add_argument("--output", required=True, help="file to write (and the log to OUTPUT.log)")
     convert.add_argument("--format", default="auto", choices=("auto",) + PROPOSAL_FILE_FORMATS,
                          help="format of the input (default: detect)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_debug_argument(convert)
     return parser
 
 
@@ -206,16 +213,32 @@ def _print_coverage(coverage: dict, recall: dict):
     print(f"class-agnostic recall of {recall['gt_boxes']} ground-truth boxes: {values}")
 
 
+def log_to(output: str, inputs: Sequence[str]) -> str:
+    """Also log to ``<output>.log`` (the run's log file, next to ``output``); returns its path.
+
+    Raises:
+        InputError: ``output`` or its log file would overwrite one of ``inputs``.
+    """
+    from regionspot.cli import setup_logging
+    from regionspot.data.validation import InputError
+
+    log = output + ".log"
+    for target in (output, log):
+        for path in inputs:
+            if os.path.exists(path) and os.path.exists(target) and os.path.samefile(path, target):
+                raise InputError(f"refusing to write {target}: it is the input file {path}")
+    setup_logging(log)
+    return log
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """``inspect``: print (and optionally write) statistics, coverage and recall."""
-    from regionspot.data.validation import InputError
     from regionspot.io import write_json_atomic
     from regionspot.modeling.proposals.file import attach_proposals, read_proposal_file
 
     if args.output:
-        inputs = [p for p in (args.file, args.gt) if p]
-        if any(os.path.exists(p) and os.path.realpath(p) == os.path.realpath(args.output) for p in inputs):
-            raise InputError(f"refusing to write {args.output}: it is an input file")
+        inputs = [p for p in (args.file, args.gt) if p] + [json_file for _, json_file, _ in args.register]
+        log_to(args.output, inputs)
     from regionspot.data.datasets.user import register_from_args
 
     register_from_args(args.register)
@@ -251,6 +274,7 @@ def run_convert(args: argparse.Namespace) -> int:
             raise InputError(f"refusing to write {args.output}: it is the input file")
         if not args.overwrite:
             raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    log_to(args.output, [args.input])
     proposals = read_proposal_file(args.input, args.format)
     if args.to == "detectron2" and proposals.has_labels():
         print("note: Detectron2's proposal format has no class labels; they are not written")
@@ -261,19 +285,17 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the tool; returns the exit status (2 for bad input, with one ``error:`` line)."""
+    """Run the tool; returns the exit status (2 for bad input, with one ``proposals.py: error:``
+    line on stderr; the traceback too with ``--debug``)."""
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
-        from regionspot.data.validation import InputError
+        from regionspot.cli import run_entry_point, setup_logging
 
         args = build_parser().parse_args(argv)
-        try:
-            return run_inspect(args) if args.command == "inspect" else run_convert(args)
-        except (InputError, OSError) as e:
-            message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-            print(f"error: {message}", file=sys.stderr)
-            return 2
+        setup_logging()  # the console; the log file once the output is known
+        run = run_inspect if args.command == "inspect" else run_convert
+        return run_entry_point(lambda: run(args), PROG, args.debug)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,12 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(f)
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {f!r}: {type(e).__name__}: {e}") from e
+            if _is_torchscript(f):
+                raise CheckpointError(
+                    f"{self._source or f!r} (MODEL.WEIGHTS) is a TorchScript archive, as OpenAI CLIP publishes its "
+                    f"models (ViT-B-16.pt, ...), not a RegionSpot head: pass it as MODEL.REGIONSPOT.CLIP_WEIGHTS, and "
+                    f"MODEL.WEIGHTS a RegionSpot checkpoint") from None
+            raise CheckpointError(f"cannot read checkpoint {f!r}: {type(e).__name__}: {_one_line(e)}") from None
 
     def _load_model(self, checkpoint) -> _IncompatibleKeys:
         state = checkpoint.pop("model")
@@ -114,21 +119,22 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in given.items()
                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         if wrong:
-            lines = "\n".join(f"  {k}: {s} in the checkpoint, {m} in the model" for k, s, m in wrong)
+            shown = "; ".join(f"{k}: {s} in the checkpoint, {m} in the model" for k, s, m in wrong[:3])
             raise CheckpointError(
-                f"checkpoint does not fit the RegionSpot head ({len(wrong)} shape mismatches; "
-                f"check that CLIP_WEIGHTS and the head settings match the checkpoint's variant):\n"
-                f"{lines}"
-            )
+                f"{self._source!r} (MODEL.WEIGHTS) does not fit this RegionSpot head: {len(wrong)} shape "
+                f"mismatches ({shown}{'; ...' if len(wrong) > 3 else ''}); check that CLIP_WEIGHTS and the head "
+                f"settings match the checkpoint's variant")
         missing = sorted(k for k in expected if k not in given)
         unexpected = sorted(k for k in given if k not in expected)
         if self.strict and (missing or any(k.startswith(HEAD_PREFIX) for k in unexpected)):
+            foreign = identify_foreign_weights(state)
+            if foreign and len(missing) == len(expected):
+                raise CheckpointError(f"{self._source!r} (MODEL.WEIGHTS) is not a RegionSpot head: {foreign}")
             raise CheckpointError(
-                f"{self._source!r} is not a checkpoint of this RegionSpot head: {len(missing)} of its "
-                f"{len(expected)} parameter tensors are missing ({_some(missing)}) and {len(unexpected)} keys are "
-                f"unexpected ({_some(unexpected)}). Expected a released RegionSpot checkpoint (head under "
-                f"'model.') or one written by train_net.py, of the same variant (CLIP_WEIGHTS, "
-                f"NUM_DECODER_LAYERS, TOKEN_SOURCE)")
+                f"{self._source!r} (MODEL.WEIGHTS) is not a checkpoint of this RegionSpot head: {len(missing)} of "
+                f"its {len(expected)} parameter tensors are missing ({_some(missing, 3)}), {len(unexpected)} keys are "
+                f"unexpected ({_some(unexpected, 3)}); expected a released RegionSpot checkpoint or one written by "
+                f"train_net.py, of the same variant (CLIP_WEIGHTS, NUM_DECODER_LAYERS, TOKEN_SOURCE)")
         merged = dict(expected)
         merged.update({k: v for k, v in given.items() if k in expected})
         self.model.head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in merged.items()})
@@ -137,6 +143,54 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
                          self._source, layout, len(expected) - len(missing), len(expected),
                          sum(v.numel() for k, v in given.items() if k in expected))
         return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected, incorrect_shapes=[])
+
+
+def identify_foreign_weights(state: Dict[str, object]):
+    """Name a well-known weights file that is not a RegionSpot head, and where it belongs.
+
+    Args:
+        state: the file's model state dict (keys as stored; a DDP ``module.`` prefix allowed).
+
+    Returns:
+        A sentence naming what the file holds and the config key it belongs to, or None when
+        the keys match no known layout. Recognised by their key layouts: SAM's (and SAM-HQ's)
+        ``image_encoder.* / prompt_encoder.* / mask_decoder.*``; OpenAI CLIP's state dict
+        (``visual.*``, ``token_embedding.*``, ``logit_scale``); a Detectron2 model (``backbone.*``
+        with ``proposal_generator.*`` and/or ``roi_heads.*``).
+    """
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state]
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("image_encoder.") and has("mask_decoder.") and has("prompt_encoder."):
+        return ("this is SAM's image encoder + prompt encoder + mask decoder (a segment-anything checkpoint such "
+                "as sam_vit_b_01ec64.pth): pass it as MODEL.REGIONSPOT.SAM_WEIGHTS, and MODEL.WEIGHTS a RegionSpot "
+                "checkpoint")
+    if has("visual.") and (has("token_embedding.") or "logit_scale" in keys):
+        return ("this is a CLIP model's state dict (image and text towers): pass the official CLIP file as "
+                "MODEL.REGIONSPOT.CLIP_WEIGHTS, and MODEL.WEIGHTS a RegionSpot checkpoint")
+    if has("backbone.") and (has("proposal_generator.") or has("roi_heads.")):
+        where = ("if you meant its RPN as the proposal source, pass it as MODEL.REGIONSPOT.RPN_WEIGHTS with "
+                 "MODEL.REGIONSPOT.PROPOSALS rpn; " if has("proposal_generator.") else "")
+        return (f"this is a Detectron2 detection model (backbone{', RPN' if has('proposal_generator.') else ''}"
+                f"{', ROI heads' if has('roi_heads.') else ''}): {where}MODEL.WEIGHTS must be a RegionSpot "
+                f"checkpoint")
+    return None
+
+
+def _is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``*/constants.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(os.path.expanduser(path)) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _some(keys, n: int = 6) -> str:

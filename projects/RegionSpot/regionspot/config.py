@@ -271,7 +271,9 @@ def load_config(config_file: str, opts=()) -> CN:
     resolved (:func:`resolve_device`); not frozen.
 
     Raises:
-        ConfigError: a value that cannot work (the message names the key).
+        ConfigError: a key that does not exist (one line naming the key, the yaml file or the
+            command line it came from, and the closest real keys), overrides of odd length,
+            a value of the wrong type, or a value that cannot work (the message names the key).
         FileNotFoundError: ``config_file`` does not exist.
     """
     import os
@@ -280,14 +282,96 @@ def load_config(config_file: str, opts=()) -> CN:
 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file!r}")
+    opts = list(opts)
     cfg = get_cfg()
     add_regionspot_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    _merge(cfg, lambda: cfg.merge_from_file(config_file), config_file, "file", config_file)
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd number of items on the command "
+                          f"line: {opts}")
+    _merge(cfg, lambda: cfg.merge_from_list(opts), config_file, "command line")
     check_config(cfg)
     register_config_datasets(cfg)
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     return cfg
+
+
+def config_keys(cfg: CN, prefix: str = "") -> list:
+    """Every full key of ``cfg`` (``"MODEL.REGIONSPOT.PROPOSAL_TOPK"``, ...), sorted."""
+    keys = []
+    for name, value in cfg.items():
+        key = f"{prefix}{name}"
+        keys.extend(config_keys(value, key + ".") if isinstance(value, CN) else [key])
+    return sorted(keys)
+
+
+def closest_keys(cfg: CN, key: str, n: int = 3) -> list:
+    """Up to ``n`` real keys of ``cfg`` closest to a misspelled ``key`` (difflib's ratio on the
+    full key, then on its last part within the same section)."""
+    import difflib
+
+    keys = config_keys(cfg)
+    found = difflib.get_close_matches(key, keys, n=n, cutoff=0.75)
+    if not found:
+        section, _, last = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+        found = [siblings[m] for m in difflib.get_close_matches(last, list(siblings), n=n, cutoff=0.6)]
+    return found
+
+
+def _yaml_defining(config_file: str, key: str):
+    """The yaml file of ``config_file``'s ``_BASE_`` chain that sets ``key``, or None."""
+    import os
+
+    import yaml
+
+    try:
+        with open(config_file) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if _has_key(data, key):
+        return config_file
+    base = data.get("_BASE_") if isinstance(data, dict) else None
+    if isinstance(base, str):
+        if not base.startswith(("/", "~")) and "://" not in base:
+            base = os.path.join(os.path.dirname(config_file), base)
+        return _yaml_defining(os.path.expanduser(base), key)
+    return None
+
+
+def _has_key(data, key: str) -> bool:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _merge(cfg: CN, merge, config_file: str, source: str, path: str = "") -> None:
+    """Run a yacs merge; its errors become one-line :class:`ConfigError` naming the key, where
+    it came from (which yaml file, or the command line) and, for a key that does not exist,
+    the closest real keys."""
+    import re
+
+    try:
+        merge()
+    except (KeyError, AssertionError, ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        message = str(e.args[0] if e.args else e).strip("'\"")
+        unknown = re.search(r"Non-existent (?:config )?key: ([\w.]+)", message)
+        if unknown:
+            key = unknown.group(1)
+            where = "on the command line"
+            if source == "file":
+                where = f"in {_yaml_defining(path, key) or path}"
+            close = closest_keys(cfg, key)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; no similar key exists"
+            raise ConfigError(f"unknown config key {key} {where}{hint}") from None
+        where = "on the command line" if source == "command line" else f"in {path}"
+        raise ConfigError(f"bad config value {where}: {' '.join(message.split())}") from None
 
 
 def load_config_for_tool(config_file: str, opts=()) -> CN:
@@ -296,19 +380,18 @@ def load_config_for_tool(config_file: str, opts=()) -> CN:
     of odd length, an unknown key, a bad value), ready to print without a stack trace.
 
     Raises:
-        ConfigError: as described; the original exception's type is in the message.
+        ConfigError: as described.
     """
     import os
 
     if not os.path.isfile(config_file):
         raise ConfigError(f"config file not found: {config_file}")
-    if len(opts) % 2:
-        raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
     try:
         return load_config(config_file, list(opts))
-    except Exception as e:  # yacs: KeyError / ValueError / AssertionError; ours: ConfigError
-        message = str(e).strip("'\"")
-        raise ConfigError(f"cannot load config {config_file}: {type(e).__name__}: {message}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a dataset registration (InputError), an unreadable yaml
+        raise ConfigError(f"cannot load config {config_file}: {' '.join(str(e).split())}") from None
 
 
 def register_config_datasets(cfg: CN) -> None:

@@ -59,6 +59,28 @@ def check_boxes(boxes, image_size: Tuple[int, int], what: str = "boxes") -> torc
     return t
 
 
+def image_size(file_name: str) -> Tuple[int, int]:
+    """(H, W) in pixels of an image file as :func:`read_image` returns it (EXIF orientation
+    applied), read from the file's header without decoding the pixels.
+
+    Raises:
+        InputError: the file is missing, unreadable or not an image; the message names it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file_name) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {file_name!r}") from None
+    except IsADirectoryError:
+        raise InputError(f"{file_name!r} is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read image {file_name!r}: {type(e).__name__}: {e}") from None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def read_image(file_name: str, image_format: str = "RGB") -> np.ndarray:
     """Read an image file as an 8-bit photo, EXIF orientation applied (as Detectron2 does).
 

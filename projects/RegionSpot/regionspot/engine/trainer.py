@@ -26,7 +26,7 @@ import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import inference_on_dataset
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import create_small_table, setup_logger
@@ -37,6 +37,7 @@ from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
 from ..io import write_json_atomic
 from ..modeling.meta_arch import vocabulary_from_config
+from ..modeling.proposals.filters import FilterReport, FilterReportEvaluator
 from .launch import wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
 
@@ -113,6 +114,10 @@ class RegionSpotTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        # Evaluations during training (EvalHook, the last iteration) are of this run's head.
+        self.test = lambda cfg, model, evaluators=None: type(self).test(
+            cfg, model, evaluators, weights=f"this run's head after {min(self.iter + 1, self.max_iter)} iterations "
+                                            f"({os.path.abspath(cfg.OUTPUT_DIR)})")
         self.register_hooks(self.build_hooks())
 
     @property
@@ -192,11 +197,14 @@ class RegionSpotTrainer(DefaultTrainer):
         return writers
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg, model, evaluators=None, weights=None):
         """Evaluate on each of ``DATASETS.TEST`` with that dataset's vocabulary and the configured
         proposals; print each AP table with its protocol and write
         ``<OUTPUT_DIR>/inference/<dataset>/metrics.json`` atomically. The model's training
-        vocabulary is restored afterwards (periodic evaluation during training)."""
+        vocabulary is restored afterwards (periodic evaluation during training).
+
+        ``weights``: what ``metrics.json`` records as the head evaluated (default:
+        :func:`head_weights_record` of ``MODEL.WEIGHTS``; during training, this run's head)."""
         regionspot = unwrap(model)
         previous = (regionspot.class_names, regionspot.text_embeddings)
         results = OrderedDict()
@@ -209,18 +217,35 @@ class RegionSpotTrainer(DefaultTrainer):
                 loader, coverage = build_regionspot_test_loader(cfg, name)
                 evaluator = evaluators[idx] if evaluators else cls.build_evaluator(
                     cfg, name, protocol=protocol["description"])
-                res = inference_on_dataset(model, loader, evaluator)
+                filters = FilterReportEvaluator()  # what each selection step removed, summed
+                res = inference_on_dataset(model, loader, DatasetEvaluators([evaluator, filters]))
                 results[name] = res
                 if comm.is_main_process():
-                    report_results(cfg, name, res, protocol, coverage)
+                    report_results(cfg, name, res, protocol, coverage, weights=weights,
+                                   skipped_tasks=getattr(evaluator, "skipped_tasks", None), filters=filters.summary)
         finally:
             if previous[0] is not None:
                 regionspot.set_vocabulary(previous[0], previous[1], allow_duplicates=True)
         return results
 
 
-def report_results(cfg, dataset_name: str, results: dict, protocol: dict, coverage) -> None:
-    """Log an AP table per task with the protocol under it, and write the metrics file."""
+def head_weights_record(weights: str):
+    """What an output file records of the head it was made with: the ``MODEL.WEIGHTS`` path as
+    an absolute path, or ``"untrained"`` for a randomly initialised head."""
+    return os.path.abspath(os.path.expanduser(weights)) if weights else "untrained"
+
+
+def report_results(cfg, dataset_name: str, results: dict, protocol: dict, coverage, skipped_tasks=None,
+                   filters=None, weights=None) -> None:
+    """Log an AP table per task with the protocol under it, and write the metrics file (strict
+    JSON: a NaN metric is ``null``; ``skipped_tasks``: {task: reason} of requested tasks the
+    evaluator skipped, e.g. mask AP on a dataset without masks; ``filters``: the dataset's
+    :class:`~regionspot.modeling.proposals.filters.FilterReportEvaluator` summary, written
+    under ``filters``, with one warning line when a selection step left images with nothing)."""
+    if filters:
+        message = FilterReport.from_dict(filters).summary_warning(f"evaluation on {dataset_name}")
+        if message:
+            logger.warning(message)
     for task, metrics in results.items():
         row = {k: metrics[k] for k in TABLE_KEYS if k in metrics}
         logger.info("%s AP on %s:\n%s\nprotocol: %s", task, dataset_name, create_small_table(row),
@@ -229,6 +254,7 @@ def report_results(cfg, dataset_name: str, results: dict, protocol: dict, covera
         logger.info("proposal file coverage on %s: %s", dataset_name, json.dumps(coverage))
     folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     write_json_atomic(os.path.join(folder, "metrics.json"),
-                      {"dataset": dataset_name, "weights": cfg.MODEL.WEIGHTS,
+                      {"dataset": dataset_name, "weights": weights or head_weights_record(cfg.MODEL.WEIGHTS),
                        "proposals": cfg.MODEL.REGIONSPOT.PROPOSALS, "protocol": protocol,
-                       "proposal_coverage": coverage, "results": results})
+                       "proposal_coverage": coverage, "results": results,
+                       "skipped_tasks": dict(skipped_tasks or {}), "filters": filters})
