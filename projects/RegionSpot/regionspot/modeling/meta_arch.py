@@ -94,6 +94,71 @@ def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]
     return vocabulary_by_name(name)
 
 
+def resolve_config_device(cfg) -> None:
+    """Resolve ``MODEL.DEVICE "auto"`` in ``cfg`` in place (CUDA when available, else the CPU;
+    :func:`regionspot.config.resolve_device`), so that a config from Detectron2's own
+    ``get_cfg()`` + ``add_regionspot_config`` builds with ``build_model`` and
+    ``DefaultPredictor``, which move the model to ``cfg.MODEL.DEVICE``. A frozen config stays
+    frozen."""
+    if cfg.MODEL.DEVICE != "auto":
+        return
+    from ..config import resolve_device
+
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = resolve_device("auto")
+    if frozen:
+        cfg.freeze()
+
+
+def build_time_vocabulary(cfg) -> Optional[List[str]]:
+    """The vocabulary a model built from ``cfg`` starts with: "dataset" -> the first test
+    dataset's ``thing_classes`` (else the first training dataset's); "lvis", "coco",
+    "objects365", "custom" as configured (:func:`vocabulary_from_config`). None, with a log
+    line, when the config names no usable dataset (set one with ``set_vocabulary``)."""
+    name = next(iter(cfg.DATASETS.TEST), None) or next(iter(cfg.DATASETS.TRAIN), None)
+    try:
+        return vocabulary_from_config(cfg, name)
+    except ValueError as e:
+        logger.info("No vocabulary from the config (%s); set one with model.set_vocabulary(class_names)", e)
+        return None
+
+
+def _map_released_layout(state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: a released RegionSpot checkpoint's keys (head under
+    ``model.``, frozen ``model.sam.*`` / ``model.clip_model.*``) as this model's ``head.*``
+    keys (docs/method.md §4), in place."""
+    from ..checkpoint import FROZEN_PREFIXES, HEAD_PREFIX, RELEASED_PREFIX
+
+    released = prefix + RELEASED_PREFIX
+    for key in [k for k in state_dict if k.startswith(released)]:
+        value = state_dict.pop(key)
+        if not key[len(prefix):].startswith(FROZEN_PREFIXES):
+            state_dict[prefix + HEAD_PREFIX + key[len(released):]] = value
+
+
+def _drop_frozen_state(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` hook: the model's state is its head (the frozen SAM, CLIP and RPN are
+    read from their official files), so any checkpointer, Detectron2's included, saves only
+    the head (~100 MB for BL instead of ~1 GB)."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _FROZEN_MODULES))]:
+        del state_dict[key]
+
+
+# The frozen submodules of RegionSpot (their weights come from SAM_WEIGHTS, CLIP_WEIGHTS, RPN_WEIGHTS).
+_FROZEN_MODULES = ("position.", "semantic.", "rpn.")
+
+
+def _ignore_frozen_missing_keys(module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the frozen SAM, CLIP and RPN come from their own weight
+    files (``SAM_WEIGHTS``, ``CLIP_WEIGHTS``, ``RPN_WEIGHTS``), so a head checkpoint without
+    them misses nothing; only head keys are reported missing."""
+    from ..checkpoint import FROZEN_PREFIXES
+
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+
+
 @dataclass
 class ImageFeatures:
     """What the frozen encoders computed for one image, once (:meth:`RegionSpot.encode_images`).
@@ -241,6 +306,7 @@ class RegionSpot(nn.Module):
         ignore_unverified_negatives: bool = False,
         ignore_ancestor_negatives: bool = False,
         class_name_style: str = "released",
+        vocabulary: Optional[Sequence[str]] = None,
     ):
         super().__init__()
         self.position = SamPositionTokens(sam, token_source, box_chunk_size)
@@ -283,14 +349,20 @@ class RegionSpot(nn.Module):
         self.ignore_unverified_negatives = ignore_unverified_negatives
         self.ignore_ancestor_negatives = ignore_ancestor_negatives
         self.class_name_style = class_name_style
+        # The config's vocabulary: its text embeddings are computed (or read from the disk cache)
+        # on the first inference that needs them, so that build_model stays quick.
+        self.pending_vocabulary: Optional[List[str]] = list(vocabulary) if vocabulary else None
+        # Checkpoints hold only the head: loading any state dict (Detectron2's checkpointer too)
+        # maps the released layout and never reports the frozen SAM/CLIP/RPN as missing.
+        self._register_state_dict_hook(_drop_frozen_state)
+        self._register_load_state_dict_pre_hook(_map_released_layout)
+        self.register_load_state_dict_post_hook(_ignore_frozen_missing_keys)
         if compile_encoders:
             self.compile_encoders()
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.MODEL.DEVICE == "auto":
-            raise ValueError('MODEL.DEVICE is "auto": resolve it first with regionspot.config.load_config '
-                             '(or regionspot.config.resolve_device)')
+        resolve_config_device(cfg)  # Detectron2's build_model moves the model to cfg.MODEL.DEVICE next
         rs = cfg.MODEL.REGIONSPOT
         rpn = None
         if rs.PROPOSALS == "rpn" or rs.RPN_WEIGHTS:
@@ -335,6 +407,7 @@ class RegionSpot(nn.Module):
             ignore_unverified_negatives=rs.IGNORE_UNVERIFIED_NEGATIVES,
             ignore_ancestor_negatives=rs.IGNORE_ANCESTOR_NEGATIVES,
             class_name_style=rs.CLASS_NAME_STYLE,
+            vocabulary=build_time_vocabulary(cfg),
         )
 
     @property
@@ -420,6 +493,7 @@ class RegionSpot(nn.Module):
             return
         self.text_embeddings = text_embeddings
         self.class_names = names
+        self.pending_vocabulary = None
 
     # ----------------------------------------------------------------- speed switches
     def set_sam_attention(self, kind: str) -> None:
@@ -558,7 +632,9 @@ class RegionSpot(nn.Module):
         out = []
         for x in batched_inputs:
             if key not in x:
-                what = ("'instances' with gt_boxes (the ground-truth boxes are the proposals)"
+                what = ("'instances' with gt_boxes (MODEL.REGIONSPOT.PROPOSALS is 'gt': the given boxes are the "
+                        "proposals; to recognise your own boxes use RegionSpotPredictor.predict(boxes), or set "
+                        "PROPOSALS to 'sam_auto' or 'rpn' to find regions without boxes)"
                         if key == "instances" else
                         "'proposals' (with PROPOSALS 'file' the test loader attaches them from the proposal file)")
                 raise ValueError(f"image {x.get('file_name', '?')!r} has no boxes to recognise: "
@@ -690,12 +766,34 @@ class RegionSpot(nn.Module):
     # ----------------------------------------------------------------- forward
     @staticmethod
     def _check_images(batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        """Each input's ``"image"`` as a (3, H, W) uint8 RGB tensor.
+
+        Accepts uint8, and floating-point images with values in [0, 255] (what Detectron2's
+        ``DefaultPredictor``, its test-time augmentation and many mappers hand a model); those
+        are cast to uint8 as the released implementation does, so a uint8 image given as float
+        gives exactly the same result.
+
+        Raises:
+            ValueError: not a (3, H, W) tensor, another dtype, NaN / infinite values or values
+                outside [0, 255] (the message names the image).
+        """
         images = []
         for x in batched_inputs:
             image = x.get("image")
-            if not torch.is_tensor(image) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-                got = f"{tuple(image.shape)} {image.dtype}" if torch.is_tensor(image) else type(image).__name__
-                raise ValueError(f"image {x.get('file_name', '?')!r} must be a (3, H, W) uint8 RGB tensor, got {got}")
+            name = x.get("file_name", "?")
+            if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
+                got = f"shape {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
+                raise ValueError(f"image {name!r} must be a (3, H, W) RGB tensor (uint8, or float in 0-255), got {got}")
+            if image.is_floating_point():
+                if not bool(torch.isfinite(image).all()):
+                    raise ValueError(f"image {name!r} holds NaN or infinite values")
+                low, high = float(image.min()), float(image.max())
+                if low < 0 or high > 255:
+                    raise ValueError(f"image {name!r} must hold values in 0-255 (float or uint8), got "
+                                     f"{low:g} to {high:g}")
+                image = image.to(torch.uint8)
+            elif image.dtype != torch.uint8:
+                raise ValueError(f"image {name!r} must be uint8 or float in 0-255, got {image.dtype}")
             images.append(image)
         return images
 
@@ -711,6 +809,9 @@ class RegionSpot(nn.Module):
         images = self._check_images(batched_inputs)
         if self.training:
             return self.losses(batched_inputs, images)
+        if self.text_embeddings is None and self.pending_vocabulary:
+            logger.info("Text embeddings of the config's vocabulary (%d classes), once", len(self.pending_vocabulary))
+            self.set_vocabulary(self.pending_vocabulary, allow_duplicates=True)
         if self.text_embeddings is None:
             raise RuntimeError("RegionSpot has no vocabulary to score against: call "
                                "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")

@@ -279,6 +279,11 @@ class SharedMasks:
         """The (K, H, W) bool tensor, materialised (K bitmaps: use sparingly)."""
         return self.bitmaps[self.index]
 
+    def __array__(self, dtype=None, copy=None):
+        """(K, H, W) bool numpy array (``np.asarray``, as Detectron2's ``Visualizer`` reads masks)."""
+        array = self.tensor().cpu().numpy()
+        return array if dtype is None else array.astype(dtype)
+
     def compact(self) -> "SharedMasks":
         """The same masks keeping only the bitmaps some detection uses, in first-use order."""
         used, inverse = torch.unique(self.index, return_inverse=True)
