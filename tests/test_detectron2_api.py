@@ -103,3 +103,36 @@ def test_default_predictor_with_gt_proposals_says_how_to_pass_boxes(cfg):
     predictor = DefaultPredictor(cfg)
     with pytest.raises(ValueError, match="RegionSpotPredictor.predict\\(boxes\\)"):
         predictor(_photo())
+
+
+def test_a_paper_config_in_a_detectron2_users_first_lines(sam_path, tmp_path, caplog):
+    """regionspot_bb.yaml with its weight files (small random ones in the official formats):
+    get_cfg, add_regionspot_config, merge_from_file, build_model, DetectionCheckpointer.load,
+    DefaultPredictor, Visualizer; no project call, no backbone key in the checkpointer's log."""
+    from regionspot.modeling.random_backbones import write_random_clip
+
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "regionspot_bb.yaml"))
+    cfg.MODEL.REGIONSPOT.SAM_WEIGHTS = sam_path
+    cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS = write_random_clip(str(tmp_path / "ViT-B-16.pt"), "tiny")
+    cfg.MODEL.REGIONSPOT.TEXT_CACHE_DIR = str(tmp_path / "cache")
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("head")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "head.pth")
+
+    model = build_model(cfg)
+    with caplog.at_level(logging.INFO, logger="fvcore"):
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    assert "not found" not in caplog.text and "position." not in caplog.text and "semantic." not in caplog.text
+    lvis_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
+    assert len(lvis_classes) == 1203 and model.pending_vocabulary == list(lvis_classes)
+
+    cfg.MODEL.REGIONSPOT.PROPOSALS = "sam_auto"
+    cfg.MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE = 4
+    cfg.MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH = 0.0
+    cfg.MODEL.REGIONSPOT.SAM_AUTO.STABILITY_SCORE_THRESH = 0.0
+    image = _photo()
+    instances = DefaultPredictor(cfg)(image)["instances"].to("cpu")
+    assert len(instances) > 0 and int(instances.pred_classes.max()) < 1203
+    drawn = Visualizer(image[:, :, ::-1], MetadataCatalog.get(cfg.DATASETS.TEST[0])).draw_instance_predictions(instances)
+    assert drawn.get_image().shape == image.shape

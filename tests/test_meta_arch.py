@@ -7,6 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from conftest import build_tiny_model, make_cfg
+from regionspot.modeling.meta_arch import vocabulary_from_config
 
 
 def _input(h, w, boxes, classes=None, seed=0):
@@ -123,9 +124,20 @@ def test_sigmoid_scores_option(sam_path, clip_path, tmp_path):
 
 
 def test_wrong_image_tensor_is_named(model):
-    bad = dict(BATCH[0], image=BATCH[0]["image"].float())
-    with pytest.raises(ValueError, match="img0.png.*uint8"):
-        model.eval()([bad])
+    image = BATCH[0]["image"]
+    for bad, expected in [(image.float() * 2, "img0.png.*0-255"), (image[:1], r"img0.png.*\(3, H, W\)"),
+                          (image.double().fill_(float("nan")), "img0.png.*NaN"), (image.int(), "img0.png.*uint8")]:
+        with pytest.raises(ValueError, match=expected):
+            model.eval()([dict(BATCH[0], image=bad)])
+
+
+def test_float_image_in_0_255_equals_uint8(model):
+    """Detectron2's DefaultPredictor hands float32 images in 0-255: same result as uint8."""
+    model.eval()
+    with torch.no_grad():
+        ref = model([BATCH[0]])[0]["instances"]
+        got = model([dict(BATCH[0], image=BATCH[0]["image"].float())])[0]["instances"]
+    assert torch.equal(ref.scores, got.scores) and torch.equal(ref.pred_classes, got.pred_classes)
 
 
 def test_vocabulary_switch_and_empty_vocabulary(model):
@@ -137,14 +149,30 @@ def test_vocabulary_switch_and_empty_vocabulary(model):
         model.set_vocabulary(["Pear", "pear"])  # a dataset's twins need allow_duplicates=True
 
 
-def test_forward_needs_a_vocabulary_set_outside(tiny_cfg, monkeypatch):
-    """Text embeddings are never computed inside the forward."""
+def test_config_vocabulary_is_encoded_once_and_set_vocabulary_replaces_it(tiny_cfg, monkeypatch):
+    """build_model gives the config's vocabulary; its text embeddings are computed on the first
+    inference, once; after set_vocabulary the forward never encodes text."""
     model = build_model(tiny_cfg).eval()
-    with pytest.raises(RuntimeError, match="set_vocabulary"):
-        model([BATCH[0]])
+    assert model.text_embeddings is None and model.pending_vocabulary == vocabulary_from_config(tiny_cfg)
+    calls = []
+    original = model.set_vocabulary
+    monkeypatch.setattr(model, "set_vocabulary", lambda *a, **k: calls.append(a) or original(*a, **k))
+    model([BATCH[0]])
+    model([BATCH[0]])
+    assert len(calls) == 1 and model.class_names == vocabulary_from_config(tiny_cfg)
     model.set_vocabulary(["cat", "dog"])
     monkeypatch.setattr(model, "encode_vocabulary", lambda *a: pytest.fail("text encoded in the forward"))
     assert len(model([BATCH[0]])[0]["instances"]) == 4
+
+
+def test_forward_without_any_vocabulary_names_set_vocabulary(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST, cfg.DATASETS.TRAIN = (), ()
+    cfg.MODEL.REGIONSPOT.VOCABULARY = "dataset"
+    model = build_model(cfg).eval()
+    with pytest.raises(RuntimeError, match="set_vocabulary"):
+        model([BATCH[0]])
 
 
 def test_input_without_boxes_is_named(model):

@@ -99,3 +99,14 @@ def test_readme_python_blocks_run_verbatim(run_sample_layout, tmp_path):
     boxes = namespace["boxes_xyxy"]
     given = predictor.predict(boxes)
     assert len(given.labels) == len(boxes) and set(given.labels) <= {"cat", "dog", "sofa"}
+    # "Use it from your own Detectron2 code": the head loaded by DetectionCheckpointer, regions
+    # found by DefaultPredictor and drawn, and box AP from inference_on_dataset + LVISEvaluator
+    d2_head = namespace["model"].head.state_dict()
+    assert all(torch.equal(d2_head[k], v) for k, v in run_sample_layout.items())
+    instances = namespace["instances"]
+    from detectron2.data import MetadataCatalog
+
+    assert len(instances) > 0 and instances.pred_classes.max() < len(MetadataCatalog.get("regionspot_sample").thing_classes)
+    assert namespace["drawn"].get_image().shape == image.shape
+    bbox = namespace["results"]["bbox"]
+    assert {"AP", "APr", "APc", "APf"} <= set(bbox) and 0 <= bbox["AP"] <= 100
