@@ -20,12 +20,14 @@ the demo and the benchmark alike, in the order the code runs it:
    pasted per kept box -> ``Instances``.
 """
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -47,6 +49,28 @@ from .text_embeddings import load_or_compute_text_embeddings, weights_fingerprin
 from .weights import load_clip, load_sam
 
 logger = logging.getLogger(__name__)
+
+# torch.profiler labels of the recognition path's stages, in the order they run
+# (``record_function``: free when no profiler is active; tools/benchmark_e2e.py times them).
+STAGE_LABELS = {
+    "sam_image_encoder": "regionspot.sam_image_encoder",
+    "clip_semantic": "regionspot.clip_semantic",
+    "proposals": "regionspot.proposals",
+    "sam_prompt_decoder": "regionspot.sam_prompt_decoder",
+    "head": "regionspot.head",
+    "postprocess": "regionspot.postprocess",
+}
+
+
+def _stage(name: str):
+    """Decorator: run a method under the ``record_function`` label of stage ``name``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def labelled(*args, **kwargs):
+            with record_function(STAGE_LABELS[name]):
+                return fn(*args, **kwargs)
+        return labelled
+    return decorate
 
 ENCODER_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -568,7 +592,7 @@ class RegionSpot(nn.Module):
         """
         sam_inputs = sam_inputs if sam_inputs is not None else [None] * len(images)
         prepared = [self.position.preprocess(image, resized) for image, resized in zip(images, sam_inputs)]
-        with self.encoder_autocast():
+        with record_function(STAGE_LABELS["sam_image_encoder"]), self.encoder_autocast():
             embeddings = self.position.encode_images(torch.stack([x for x, _ in prepared]))
         return embeddings, [size for _, size in prepared]
 
@@ -580,9 +604,10 @@ class RegionSpot(nn.Module):
         ``clip_inputs[i]``: optional (3, S, S) float32 in [0, 1], the image already resized by
         :func:`~regionspot.modeling.semantic_features.resize_for_clip` (the mapper's).
         """
-        pixels = self.semantic.preprocess(images, clip_inputs)
-        with self.encoder_autocast():
-            return self.semantic(pixels).float()
+        with record_function(STAGE_LABELS["clip_semantic"]):
+            pixels = self.semantic.preprocess(images, clip_inputs)
+            with self.encoder_autocast():
+                return self.semantic(pixels).float()
 
     # ----------------------------------------------------------------- proposals
     def generate_proposals(self, source: str, features: Sequence[ImageFeatures],
@@ -614,6 +639,7 @@ class RegionSpot(nn.Module):
             selected.append(p[keep])
         return selected
 
+    @_stage("proposals")
     def propose(self, batched_inputs: List[Dict], features: Sequence[ImageFeatures],
                 reports: Optional[Sequence[FilterReport]] = None) -> List[Instances]:
         """The boxes to recognise in each image, from the configured source (step 3); with
@@ -652,7 +678,7 @@ class RegionSpot(nn.Module):
         if not features:
             return []
         embeddings = torch.stack([f.sam_embedding for f in features])
-        with self.encoder_autocast():
+        with record_function(STAGE_LABELS["sam_prompt_decoder"]), self.encoder_autocast():
             return self.position.prompt(embeddings, [p.proposal_boxes.tensor for p in proposals],
                                         [f.image_size for f in features], with_masks)
 
@@ -694,10 +720,12 @@ class RegionSpot(nn.Module):
         padded = nn.utils.rnn.pad_sequence(tokens, batch_first=True)
         padding_mask = torch.arange(padded.shape[1], device=padded.device)[None] >= torch.tensor(
             counts, device=padded.device)[:, None]
-        out = self.head(padded, semantic, padding_mask if min(counts) < padded.shape[1] else None)
+        with record_function(STAGE_LABELS["head"]):
+            out = self.head(padded, semantic, padding_mask if min(counts) < padded.shape[1] else None)
         return [out[i, :n] for i, n in enumerate(counts)]
 
     @torch.no_grad()
+    @_stage("postprocess")
     def postprocess(self, recognition: RegionRecognition, output_size: Tuple[int, int],
                     protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None,
                     report: Optional[FilterReport] = None) -> Instances:
