@@ -61,7 +61,7 @@ def test_detection_checkpointer_reports_only_head_keys(cfg, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fvcore"):
         DetectionCheckpointer(build_model(cfg)).load(str(tmp_path / "partial.pth"))
-    assert "head.projector.bias" in caplog.text and "position." not in caplog.text and "semantic." not in caplog.text
+    assert "head.projector.bias" in caplog.text and "localizer." not in caplog.text and "semantic_encoder." not in caplog.text
     # Detectron2's own save keeps the frozen SAM/CLIP out
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("d2")
     saved = torch.load(tmp_path / "d2.pth", weights_only=False)["model"]
@@ -123,7 +123,7 @@ def test_a_paper_config_in_a_detectron2_users_first_lines(sam_path, tmp_path, ca
     model = build_model(cfg)
     with caplog.at_level(logging.INFO, logger="fvcore"):
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    assert "not found" not in caplog.text and "position." not in caplog.text and "semantic." not in caplog.text
+    assert "not found" not in caplog.text and "localizer." not in caplog.text and "semantic_encoder." not in caplog.text
     lvis_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
     assert len(lvis_classes) == 1203 and model.pending_vocabulary == list(lvis_classes)
 

@@ -73,14 +73,14 @@ def test_sam_filters_are_counted_and_the_regions_are_sams_own(tiny_model, image,
     is exactly what SAM's own generator returns."""
     from segment_anything import SamAutomaticMaskGenerator
 
-    settings = dict(tiny_model.sam_auto.settings, points_per_side=POINTS, pred_iou_thresh=0.05,
+    settings = dict(tiny_model.proposal_generator.sam_auto.settings, points_per_side=POINTS, pred_iou_thresh=0.05,
                     stability_score_thresh=0.0, crop_n_layers=1, min_mask_region_area=20)
-    monkeypatch.setattr(tiny_model.sam_auto, "settings", settings)
+    monkeypatch.setattr(tiny_model.proposal_generator.sam_auto, "settings", settings)
     tensor = torch.from_numpy(image).permute(2, 0, 1)
     features = tiny_model.encode_images([tensor])
     report = FilterReport()
-    proposals = tiny_model.sam_auto(tensor, features[0].sam_embedding, features[0].sam_input_size, report=report)
-    sams_own = SamAutomaticMaskGenerator(tiny_model.position.sam, output_mode="binary_mask", **settings)
+    proposals = tiny_model.proposal_generator.sam_auto(tensor, features[0].sam_embedding, features[0].sam_input_size, report=report)
+    sams_own = SamAutomaticMaskGenerator(tiny_model.localizer.sam, output_mode="binary_mask", **settings)
     reference = sams_own.generate(image)  # SAM encodes the image (and its crops) itself
     assert {m.numpy().tobytes() for m in proposals.proposal_masks} == {r["segmentation"].tobytes() for r in reference}
     stages = [s.stage for s in report.steps]
@@ -96,8 +96,8 @@ def test_predictor_says_which_filter_left_nothing(tiny_model, image, caplog, mon
     """predict(proposals="sam_auto") with SAM's default thresholds: no region, and why."""
     from regionspot.predictor import RegionSpotPredictor
 
-    assert tiny_model.sam_auto.settings["pred_iou_thresh"] == 0.88  # the config's default
-    monkeypatch.setitem(tiny_model.sam_auto.settings, "points_per_side", POINTS)
+    assert tiny_model.proposal_generator.sam_auto.settings["pred_iou_thresh"] == 0.88  # the config's default
+    monkeypatch.setitem(tiny_model.proposal_generator.sam_auto.settings, "points_per_side", POINTS)
     predictor = RegionSpotPredictor(tiny_model, 448, 853, vocabulary=["cat", "dog"])
     predictor.set_image(image)
     with caplog.at_level("WARNING", logger="regionspot"):
@@ -120,8 +120,8 @@ def test_model_outputs_carry_the_report_and_the_evaluator_sums_it(tiny_model, im
     """forward (what evaluation runs) with sam_auto: each output's "filters"; the evaluator's sum."""
     from regionspot.modeling.proposals.filters import FilterReportEvaluator
 
-    monkeypatch.setattr(tiny_model, "proposal_source", "sam_auto")
-    monkeypatch.setitem(tiny_model.sam_auto.settings, "points_per_side", POINTS)
+    monkeypatch.setattr(tiny_model.proposal_generator, "source", "sam_auto")
+    monkeypatch.setitem(tiny_model.proposal_generator.sam_auto.settings, "points_per_side", POINTS)
     tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
     inputs = [{"image": tensor, "height": 400, "width": 600}, {"image": tensor.flip(-1).contiguous()}]
     outputs = tiny_model(inputs)

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from conftest import build_tiny_model, make_cfg
-from regionspot.modeling.meta_arch import vocabulary_from_config
+from regionspot.modeling.text_classifier import vocabulary_from_config
 
 
 def _input(h, w, boxes, classes=None, seed=0):
@@ -33,8 +33,8 @@ def test_only_the_head_trains(model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)
     model.train()
-    assert model.head.training and not model.position.training and not model.semantic.training
-    assert not model.position.sam.training and not model.semantic.clip.training
+    assert model.head.training and not model.localizer.training and not model.semantic_encoder.training
+    assert not model.localizer.sam.training and not model.semantic_encoder.clip.training
     losses = model(BATCH)
     assert set(losses) == {"loss_region_focal"} and torch.isfinite(losses["loss_region_focal"])
     losses["loss_region_focal"].backward()

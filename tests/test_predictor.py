@@ -75,8 +75,8 @@ def test_per_box_best_class_is_the_probability_argmax(predictor, image):
 
 
 def test_recognise_everything_with_sam_auto(tiny_model, image, monkeypatch):
-    settings = dict(tiny_model.sam_auto.settings, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    monkeypatch.setattr(tiny_model.sam_auto, "settings", settings)
+    settings = dict(tiny_model.proposal_generator.sam_auto.settings, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    monkeypatch.setattr(tiny_model.proposal_generator.sam_auto, "settings", settings)
     predictor = RegionSpotPredictor(tiny_model, 256, 512, vocabulary=["cat", "dog"])
     predictor.set_image(image)
     out = predictor.predict(proposals="sam_auto")
@@ -127,3 +127,18 @@ def test_usage_errors(tiny_model, predictor, image):
     no_vocabulary.set_image(image)
     with pytest.raises(InputError, match="no vocabulary"):
         no_vocabulary.predict(BOXES)
+
+
+def test_the_predictor_leaves_the_models_mode_as_it_was(tiny_model, image):
+    """A model being trained can be looked at: predictions run in eval mode (no dropout in the
+    head) and the model is given back in training mode."""
+    predictor = RegionSpotPredictor(tiny_model, vocabulary=["cat", "dog"])
+    predictor.set_image(image)
+    reference = predictor.predict([[10, 10, 100, 120], [50, 40, 200, 160]])
+    tiny_model.train()
+    try:
+        again = predictor.predict([[10, 10, 100, 120], [50, 40, 200, 160]])
+        assert tiny_model.training and tiny_model.head.training
+    finally:
+        tiny_model.eval()
+    assert torch.equal(reference.scores, again.scores) and reference.labels == again.labels

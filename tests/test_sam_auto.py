@@ -11,7 +11,7 @@ SETTINGS = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0
 
 @pytest.fixture
 def model(tiny_model, monkeypatch):
-    monkeypatch.setattr(tiny_model.sam_auto, "settings", dict(tiny_model.sam_auto.settings, **SETTINGS))
+    monkeypatch.setattr(tiny_model.proposal_generator.sam_auto, "settings", dict(tiny_model.proposal_generator.sam_auto.settings, **SETTINGS))
     return tiny_model
 
 
@@ -23,13 +23,13 @@ def image():
 def test_the_image_is_encoded_once_and_regions_equal_sams_own(model, image, monkeypatch):
     features = model.encode_images([image])
     calls = []
-    encoder = model.position.sam.image_encoder
+    encoder = model.localizer.sam.image_encoder
     with monkeypatch.context() as patch:
         patch.setattr(encoder, "forward", lambda x: calls.append(1) or pytest.fail("SAM re-encoded the image"))
         proposals = model.generate_proposals("sam_auto", features)[0]
     assert calls == []
-    settings = dict(model.sam_auto.settings)
-    reference = SamAutomaticMaskGenerator(model.position.sam, output_mode="binary_mask", **settings).generate(
+    settings = dict(model.proposal_generator.sam_auto.settings)
+    reference = SamAutomaticMaskGenerator(model.localizer.sam, output_mode="binary_mask", **settings).generate(
         np.ascontiguousarray(image.permute(1, 2, 0).numpy()))  # SAM encodes the image itself
     assert len(proposals) == len(reference) > 0
     ref_masks = {r["segmentation"].tobytes() for r in reference}

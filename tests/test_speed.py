@@ -11,7 +11,7 @@ from detectron2.structures import BoxMode
 from regionspot.data.build import build_batched_test_loader, inference_batch_size
 from regionspot.data.mapper import RegionSpotDatasetMapper
 from regionspot.modeling.fast_attention import sam_attention_kind, set_sam_attention
-from regionspot.modeling.meta_arch import resolve_encoder_precision
+from regionspot.modeling.precision import resolve_encoder_precision
 from regionspot.modeling.random_backbones import random_sam
 
 from conftest import build_tiny_model, make_cfg
@@ -162,7 +162,7 @@ def test_batched_loader_and_model_give_the_per_image_results(sam_path, clip_path
     assert first["clip_input"].shape == (3, 224, 224) and first["clip_input"].dtype == torch.float32
 
     calls = []
-    encoder = model.position.sam.image_encoder
+    encoder = model.localizer.sam.image_encoder
     hook = encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         plain = _outputs(model, plain_batches)
@@ -191,7 +191,7 @@ def test_masks_are_decoded_only_when_needed(tiny_cfg, records, monkeypatch):
     model = build_tiny_model(tiny_cfg).eval()
     inputs = [RegionSpotDatasetMapper(tiny_cfg, False)(records[3])]
     upscaled = []
-    hook = model.position.sam.mask_decoder.output_upscaling.register_forward_hook(lambda *a: upscaled.append(1))
+    hook = model.localizer.sam.mask_decoder.output_upscaling.register_forward_hook(lambda *a: upscaled.append(1))
     try:
         model.mask_on = False
         without = _outputs(model, [inputs])
@@ -199,18 +199,12 @@ def test_masks_are_decoded_only_when_needed(tiny_cfg, records, monkeypatch):
         model.mask_on = True
         with_masks = _outputs(model, [inputs])
         assert upscaled and with_masks[0].has("pred_masks")
-        upscaled.clear()
-        model.mask_on = False
-        model.always_decode_masks = True  # the released behaviour, for the benchmark's plain path
-        _outputs(model, [inputs])
-        assert upscaled
     finally:
         hook.remove()
     _assert_same_detections(without, with_masks, atol=0)  # the same tokens either way
     from regionspot.modeling.postprocess import RecognitionProtocol
 
     assert model.needs_sam_masks(RecognitionProtocol(selection="tap"), mask_on=False)
-    model.always_decode_masks = False
     assert not model.needs_sam_masks(RecognitionProtocol(), mask_on=False)
 
 
@@ -241,12 +235,12 @@ def test_reduced_precision_encoders_on_the_cpu(tiny_cfg, records, precision):
     model = build_tiny_model(tiny_cfg).eval()
     inputs = [RegionSpotDatasetMapper(tiny_cfg, False)(r) for r in records[1:3]]
     reference = _outputs(model, [inputs])
-    model.encoder_precision = precision
+    model.localizer.precision = model.semantic_encoder.precision = precision
     dtype = getattr(torch, precision)
-    assert model.encoder_dtype == dtype
+    assert model.localizer.dtype == model.semantic_encoder.dtype == dtype
     dtypes = []
-    hooks = [model.position.sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)),
-             model.semantic.clip.visual.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))]
+    hooks = [model.localizer.sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)),
+             model.semantic_encoder.clip.visual.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))]
     try:
         with torch.no_grad():
             model.encode_images([x["image"] for x in inputs])

@@ -73,9 +73,9 @@ def test_dump_fills_the_cache_the_model_reads_and_writes_output(dump, clip_path,
                                              cache_dir=str(cache))
     assert torch.equal(hit, emb)
     # ... and so does the model built from a config with these weights (same cache key)
-    monkeypatch.setattr(tiny_model, "text_cache_dir", str(cache))
-    monkeypatch.setattr(tiny_model.semantic.clip, "encode_text", _raise)
-    monkeypatch.setattr(tiny_model.semantic.clip.transformer, "forward", _raise)
+    monkeypatch.setattr(tiny_model.text_classifier, "cache_dir", str(cache))
+    monkeypatch.setattr(tiny_model.semantic_encoder.clip, "encode_text", _raise)
+    monkeypatch.setattr(tiny_model.semantic_encoder.clip.transformer, "forward", _raise)
     assert torch.equal(tiny_model.encode_vocabulary(NAMES).cpu(), emb)
 
     # running the tool again reuses the entry (CLIP loaded, not run: the file is unchanged)

@@ -318,11 +318,11 @@ def test_bfloat16_tokens_barely_change_regionspot_logits(tiny_model, dataset):
     boxes = [tc.annotation_boxes(r) for r in dataset if r["annotations"]]
     with torch.no_grad():
         features = model.encode_images(images)
-        tokens = [tc.tokens_from_embedding(model.position, f.sam_embedding, b, f.image_size)
+        tokens = [tc.tokens_from_embedding(model.localizer, f.sam_embedding, b, f.image_size)
                   for f, b in zip(features, boxes)]
         semantic = torch.stack([f.semantic for f in features])
-        out32 = model._run_head(tokens, semantic)
-        out16 = model._run_head([t.bfloat16().float() for t in tokens], semantic)
+        out32 = model.region_embeddings(tokens, semantic)
+        out16 = model.region_embeddings([t.bfloat16().float() for t in tokens], semantic)
     from regionspot.modeling.head import region_logits
 
     text = model.text_embeddings

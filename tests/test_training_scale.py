@@ -18,7 +18,7 @@ import train_net
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.data.samplers import ResumableBatchSampler
 from regionspot.modeling.losses import region_focal_losses
-from regionspot.modeling.meta_arch import region_logits
+from regionspot.modeling.head import region_logits
 
 from conftest import REPO, build_tiny_model
 
@@ -98,12 +98,12 @@ def test_each_image_is_scored_against_its_own_datasets_vocabulary(tiny_cfg):
     # the same by hand: image 0 against A's 3 classes, image 1 against B's 5
     images = [x["image"] for x in batch]
     tokens = model.training_tokens(batch, images)
-    semantic = model.encode_semantic(images)
+    semantic = model.semantic_encoder.encode(images)
     torch.manual_seed(0)
-    emb = model._run_head(tokens, semantic)
+    emb = model.region_embeddings(tokens, semantic)
     per_region = torch.cat([
-        region_focal_losses(region_logits(emb[0], vocab_a), torch.tensor([2, 0]), 0.25, 2.0, model.focal_negative_classes),
-        region_focal_losses(region_logits(emb[1], vocab_b), torch.tensor([4]), 0.25, 2.0, model.focal_negative_classes)])
+        region_focal_losses(region_logits(emb[0], vocab_a), torch.tensor([2, 0]), 0.25, 2.0, model.criterion.negative_classes),
+        region_focal_losses(region_logits(emb[1], vocab_b), torch.tensor([4]), 0.25, 2.0, model.criterion.negative_classes)])
     torch.testing.assert_close(loss, per_region.mean())
     with pytest.raises(ValueError, match="labels must lie in"):
         model([item("A", [4], 3)])  # a label of B's vocabulary is out of A's
@@ -111,15 +111,15 @@ def test_each_image_is_scored_against_its_own_datasets_vocabulary(tiny_cfg):
 
 def test_noisy_negatives_can_be_left_out(tiny_cfg):
     model = build_tiny_model(tiny_cfg)
-    model.ignore_unverified_negatives = model.ignore_ancestor_negatives = True
-    from regionspot.modeling.meta_arch import Vocabulary
+    model.criterion.ignore_unverified_negatives = model.criterion.ignore_ancestor_negatives = True
+    from regionspot.modeling.text_classifier import Vocabulary
 
     vocabulary = Vocabulary(["animal", "dog", "cat", "car"], torch.zeros(4, 32), ancestors={1: [0], 2: [0]})
     labels = torch.tensor([1, 3])
-    ignore = model.ignored_negatives({"image_level_labels": [2]}, labels, vocabulary)
+    ignore = model.criterion.ignored_negatives({"image_level_labels": [2]}, labels, vocabulary)
     # verified: the labels (1, 3) and 2; unverified: 0 ("animal"); ancestors of dog: animal
     assert ignore.tolist() == [[True, False, False, False], [True, False, False, False]]
-    assert model.ignored_negatives({}, labels, Vocabulary(["a", "b", "c", "d"], torch.zeros(4, 32))) is None
+    assert model.criterion.ignored_negatives({}, labels, Vocabulary(["a", "b", "c", "d"], torch.zeros(4, 32))) is None
     losses_all = region_focal_losses(torch.zeros(2, 4), labels)
     losses_ignored = region_focal_losses(torch.zeros(2, 4), labels, ignore=ignore)
     torch.testing.assert_close(losses_all, losses_ignored)  # equal logits: the per-class weight adapts
@@ -159,9 +159,9 @@ def test_bfloat16_mixed_precision_training_on_the_cpu(tmp_path, sam_path, clip_p
     out = str(tmp_path / "amp")
     argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "3", "SOLVER.AMP.ENABLED", "True",
                  "SOLVER.AMP.PRECISION", "bfloat16")
-    with caplog.at_level(logging.INFO, logger="regionspot.train"):
-        train_net.main(train_net.get_parser().parse_args(argv))
-    progress = [r.getMessage() for r in caplog.records if r.name == "regionspot.train"]
+    train_net.main(train_net.get_parser().parse_args(argv))
+    # the progress lines a person reads, in the run's log file
+    progress = [line for line in open(os.path.join(out, "log.txt")) if "regionspot.train" in line]
     assert progress and all(k in progress[-1] for k in ("iter 3/3", "it/s", "images/s", "ETA", "total_loss"))
     losses = [json.loads(line)["total_loss"] for line in open(os.path.join(out, "metrics.json")) if "total_loss" in line]
     assert losses and all(l == l and l > 0 for l in losses)  # finite, not NaN
@@ -285,7 +285,7 @@ def test_classes_with_the_same_text_are_never_each_others_negatives(tiny_cfg):
     vocabulary = model.training_vocabularies["v3det_like"]
     assert vocabulary.aliases == {0: [2], 2: [0]}
     assert torch.equal(vocabulary.text_embeddings[0], vocabulary.text_embeddings[2])
-    ignore = model.ignored_negatives({}, torch.tensor([2, 1]), vocabulary)
+    ignore = model.criterion.ignored_negatives({}, torch.tensor([2, 1]), vocabulary)
     assert ignore.tolist() == [[True, False, False], [False, False, False]]
 
 

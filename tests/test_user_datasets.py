@@ -126,7 +126,7 @@ def test_detectron2_registrations_with_empty_metadata_get_their_vocabulary(tmp_p
     from detectron2.data.datasets import register_coco_instances
 
     from regionspot.config import load_config
-    from regionspot.modeling.meta_arch import vocabulary_from_config
+    from regionspot.modeling.text_classifier import vocabulary_from_config
 
     json_path, names = _user_json(sample, tmp_path / "d2.json", "coco")
     register_coco_instances("d2_registered", {}, json_path, sample[1])

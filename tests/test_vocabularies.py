@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from regionspot.data import vocabularies as vocab_mod
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
@@ -163,12 +164,27 @@ def test_the_model_and_the_dump_tool_encode_the_styled_names(tiny_cfg, monkeypat
     from conftest import build_tiny_model
 
     model = build_tiny_model(tiny_cfg)
-    model.class_name_style = "natural"
+    model.text_classifier.class_name_style = "natural"
     seen = []
-    import regionspot.modeling.meta_arch as meta_arch
+    import regionspot.modeling.text_classifier as text_classifier
 
-    original = meta_arch.load_or_compute_text_embeddings
-    monkeypatch.setattr(meta_arch, "load_or_compute_text_embeddings",
+    original = text_classifier.load_or_compute_text_embeddings
+    monkeypatch.setattr(text_classifier, "load_or_compute_text_embeddings",
                         lambda clip_model, names, **kw: seen.append(list(names)) or original(clip_model, names, **kw))
     model.set_vocabulary(["aerosol_can", "bow_(weapon)"])
     assert seen == [["aerosol can", "bow (weapon)"]] and model.class_names == ["aerosol_can", "bow_(weapon)"]
+
+
+def test_aliases_follow_the_class_name_style(tiny_model):
+    """Names that read the same to CLIP under CLASS_NAME_STYLE are never each other's negatives:
+    with "natural", LVIS's "aerosol_can" and a dataset's "aerosol can" are one text."""
+    from regionspot.modeling.text_classifier import TextClassifier
+
+    names = ["aerosol_can", "aerosol can", "Dog", "dog ", "cat"]
+    clip_model = tiny_model.semantic_encoder.clip
+    natural = TextClassifier(clip_model, "id", class_name_style="natural")
+    released = TextClassifier(clip_model, "id", class_name_style="released")
+    assert natural.aliases(names) == {0: [1], 1: [0], 2: [3], 3: [2]}
+    assert released.aliases(names) == {2: [3], 3: [2]}  # CLIP reads the underscore
+    vocabulary = natural.vocabulary(names, torch.zeros(5, natural.embed_dim), allow_duplicates=True)
+    assert vocabulary.aliases == natural.aliases(names)

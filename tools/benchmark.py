@@ -334,7 +334,7 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def parameter_counts(model) -> Dict[str, int]:
-    sam, clip_model = model.position.sam, model.semantic.clip
+    sam, clip_model = model.localizer.sam, model.semantic_encoder.clip
     counts = {
         "head": count_params(model.head),
         "head_trainable": sum(p.numel() for p in model.head.parameters() if p.requires_grad),
@@ -386,16 +386,16 @@ def prepare_text_embeddings(model, class_names: List[str], args: argparse.Namesp
         g = torch.Generator().manual_seed(args.seed)
         # Same shape, dtype and device as the real embeddings.
         emb = torch.nn.functional.normalize(
-            torch.randn(num_classes, model.semantic.embed_dim, generator=g), dim=-1).to(device)
+            torch.randn(num_classes, model.semantic_encoder.embed_dim, generator=g), dim=-1).to(device)
     model.set_vocabulary(names, text_embeddings=emb)
-    assert model.text_embeddings.shape == (num_classes, model.semantic.embed_dim)
+    assert model.text_embeddings.shape == (num_classes, model.semantic_encoder.embed_dim)
     return {
         "num_classes": num_classes, "num_templates": num_templates, "classes_encoded": k,
         "ms": ms, "estimated": estimated, "ms_all_classes": total_ms,
         "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "note": ("all classes encoded through the model (no disk cache)" if not estimated else
                  f"first {k} classes encoded, time scaled x{num_classes / k:g} to all classes; "
-                 f"random unit vectors ({num_classes}, {model.semantic.embed_dim}) used as the classifier"),
+                 f"random unit vectors ({num_classes}, {model.semantic_encoder.embed_dim}) used as the classifier"),
     }
 
 
@@ -686,7 +686,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run_benchmark(args: argparse.Namespace) -> int:
     """The stage-by-stage benchmark of ``args.models`` (see the module docstring); writes the JSON."""
     device = torch.device(args.device)
-    from regionspot.modeling.meta_arch import resolve_encoder_precision
+    from regionspot.modeling.precision import resolve_encoder_precision
 
     encoder_dtype = str(resolve_encoder_precision(args.precision, device)).replace("torch.", "")
     from regionspot.data.vocabularies import get_vocabulary

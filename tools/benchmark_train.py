@@ -127,7 +127,7 @@ def synthetic_batch(args, model, mode: str, generator: torch.Generator) -> List[
         x = {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator),
              "instances": instances, "dataset": "benchmark"}
         if mode == "cached":
-            instances.sam_tokens = torch.randn(args.boxes, model.position.token_dim, generator=generator)
+            instances.sam_tokens = torch.randn(args.boxes, model.localizer.token_dim, generator=generator)
         else:
             instances.sam_boxes = Boxes(original)
             x["sam_image"] = torch.randint(0, 256, (3, oh, ow), dtype=torch.uint8, generator=generator)
@@ -145,7 +145,7 @@ def benchmark(variant: str, args, device: torch.device) -> Dict[str, object]:
     from regionspot.engine.trainer import with_full_model_clipping
 
     model = random_regionspot(variant, seed=0).to(device).train()
-    emb = torch.nn.functional.normalize(torch.randn(args.classes, model.semantic.embed_dim), dim=-1)
+    emb = torch.nn.functional.normalize(torch.randn(args.classes, model.semantic_encoder.embed_dim), dim=-1)
     model.set_vocabulary([f"class {i}" for i in range(args.classes)], emb, dataset="benchmark")
     optimizer = with_full_model_clipping(torch.optim.AdamW, 1.0)(
         [p for p in model.parameters() if p.requires_grad], lr=2.5e-5, weight_decay=1e-4)

@@ -27,7 +27,42 @@ from .io import atomic_write
 HEAD_PREFIX = "head."
 # Released layout: the core module is `self.model`, holding the head and the frozen encoders.
 RELEASED_PREFIX = "model."
-FROZEN_PREFIXES = ("model.sam.", "model.clip_model.", "position.", "semantic.", "rpn.")
+# The frozen parts of RegionSpot (their weights come from SAM_WEIGHTS, CLIP_WEIGHTS,
+# RPN_WEIGHTS): the localizer, the semantic encoder and the proposal generator's RPN.
+FROZEN_MODULES = ("localizer.", "semantic_encoder.", "proposal_generator.")
+# Keys never taken from a checkpoint: the released file's frozen encoders, the frozen parts,
+# and the frozen parts under their names before the components split (position., semantic., rpn.).
+FROZEN_PREFIXES = ("model.sam.", "model.clip_model.") + FROZEN_MODULES + ("position.", "semantic.", "rpn.")
+
+
+def register_head_only_state(model: torch.nn.Module) -> None:
+    """Make ``model.state_dict()`` / ``load_state_dict`` speak RegionSpot's checkpoint layout, for
+    any checkpointer (Detectron2's ``DetectionCheckpointer`` too):
+
+    - saving keeps only the head (the frozen parts are read from their official files: ~100 MB
+      for BL instead of ~1 GB);
+    - loading maps the released layout (head keys under ``model.``, docs/method.md §4) to
+      ``head.*`` and drops its frozen tensors;
+    - the frozen parts are never reported missing: only head keys are.
+    """
+    def drop_frozen(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in FROZEN_MODULES))]:
+            del state_dict[key]
+
+    def map_released(state_dict, prefix, *args):
+        released = prefix + RELEASED_PREFIX
+        for key in [k for k in state_dict if k.startswith(released)]:
+            value = state_dict.pop(key)
+            if not key[len(prefix):].startswith(FROZEN_PREFIXES):
+                state_dict[prefix + HEAD_PREFIX + key[len(released):]] = value
+
+    def ignore_frozen_missing(module, incompatible_keys):
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+
+    model._register_state_dict_hook(drop_frozen)
+    model._register_load_state_dict_pre_hook(map_released)
+    model.register_load_state_dict_post_hook(ignore_frozen_missing)
 
 
 class CheckpointError(RuntimeError):

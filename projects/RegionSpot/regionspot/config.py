@@ -197,7 +197,7 @@ def check_config(cfg: CN) -> None:
     from .data.vocabularies import BUILTIN_VOCABULARIES, CLASS_NAME_STYLES
     from .evaluation.fast_lvis import EVALUATOR_BACKENDS
     from .modeling.fast_attention import SAM_ATTENTION_KINDS
-    from .modeling.meta_arch import ENCODER_PRECISIONS
+    from .modeling.precision import ENCODER_PRECISIONS
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.proposals import PROPOSAL_SOURCES

@@ -13,6 +13,7 @@ or the model's evaluation vocabulary.
 """
 
 import logging
+from contextlib import contextmanager
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -108,11 +109,24 @@ class RegionPredictions:
         ]
 
 
+@contextmanager
+def _eval_mode(model):
+    """Run the model in eval mode (the head's dropout off) and give it back in the mode it had."""
+    training = model.training
+    model.train(False)
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 class RegionSpotPredictor:
     """Recognise regions of one image at a time.
 
     Args:
-        model: a :class:`regionspot.modeling.meta_arch.RegionSpot` (put in eval mode).
+        model: a :class:`regionspot.modeling.meta_arch.RegionSpot`. The predictor never changes
+            it: predictions run in eval mode (no dropout) and the model's own mode is restored
+            afterwards, so a model being trained can be looked at between steps.
         min_size, max_size: test-time resize of the image before both encoders, as the test
             mapper does (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``: short side 800, long
             side at most 1333 for the paper's configs).
@@ -130,7 +144,7 @@ class RegionSpotPredictor:
 
     def __init__(self, model, min_size: int = 800, max_size: int = 1333,
                  vocabulary: Optional[Sequence[str]] = None):
-        self.model = model.eval()
+        self.model = model
         # The head's weights file ("" for an untrained head), recorded in outputs; set by from_config.
         self.weights: Optional[str] = None
         self.resize = T.ResizeShortestEdge(min_size, max_size)
@@ -160,7 +174,7 @@ class RegionSpotPredictor:
             raise ValueError("MODEL.WEIGHTS is empty: set it to a RegionSpot checkpoint (a released one or one "
                              "written by train_net.py); to recognise with a randomly initialised head on purpose, "
                              "pass allow_untrained_head=True (the demo's --untrained-head)")
-        model = build_model(cfg)
+        model = build_model(cfg).eval()  # its own model: in eval mode, as Detectron2's DefaultPredictor does
         if cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         predictor = cls(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, vocabulary=vocabulary)
@@ -236,7 +250,7 @@ class RegionSpotPredictor:
         transform = self.resize.get_transform(image)  # the test mapper's resize
         resized = transform.apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        self._features = self.model.encode_images([tensor])
+        self._features = self.model.encode_images([tensor])  # the frozen encoders: always in eval mode
         self._image_size = image.shape[:2]
         self._transform = transform
 
@@ -292,8 +306,9 @@ class RegionSpotPredictor:
             regions = self.model.generate_proposals(proposals, features, reports=[report])
         else:
             raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
-        result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True,
-                                      reports=[report])[0]
+        with _eval_mode(self.model):
+            result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True,
+                                          reports=[report])[0]
         result = result.to("cpu")
         message = report.warning(f"predict(proposals={proposals!r}) on a {w}x{h} (WxH) image")
         if message:

@@ -36,7 +36,7 @@ from ..data.build import build_regionspot_test_loader, build_regionspot_train_lo
 from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
 from ..io import write_json_atomic
-from ..modeling.meta_arch import vocabulary_from_config
+from ..modeling.text_classifier import vocabulary_from_config
 from ..modeling.proposals.filters import FilterReport, FilterReportEvaluator
 from .launch import wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
@@ -50,11 +50,11 @@ def encode_vocabulary_once(model, class_names):
     """Text embeddings of a vocabulary, computed by one process per machine: the first process
     of each machine encodes (and writes the disk cache), the others wait, then read the cache.
     Without a cache (``TEXT_CACHE_DIR`` "") every process encodes."""
-    if comm.get_world_size() > 1 and model.text_cache_dir and comm.get_local_rank() != 0:
+    if comm.get_world_size() > 1 and model.text_classifier.cache_dir and comm.get_local_rank() != 0:
         comm.synchronize()
         return model.encode_vocabulary(class_names)
     embeddings = model.encode_vocabulary(class_names)
-    if comm.get_world_size() > 1 and model.text_cache_dir:
+    if comm.get_world_size() > 1 and model.text_classifier.cache_dir:
         comm.synchronize()
     return embeddings
 

@@ -25,6 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
+from .precision import check_encoder_precision, encoder_autocast, resolve_encoder_precision
+from .profiling import stage
+
 TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
 
 # Masks pasted per call of Sam.postprocess_masks: each costs two float32 frames (S x S and the
@@ -71,19 +75,31 @@ def resize_for_sam(image: torch.Tensor, long_side: int) -> torch.Tensor:
 
 
 class SamPositionTokens(nn.Module):
-    """Frozen SAM turned into a box -> (position-aware token, mask) encoder.
+    """RegionSpot's localizer: frozen SAM turned into a box -> (position-aware token, mask)
+    encoder (paper Sec. 3, "localization model").
+
+    The image side (:meth:`encode`) runs SAM's image encoder once per image; the prompt side
+    (:meth:`prompt`) turns boxes into tokens, and masks with SAM's predicted IoU when asked.
+    Both run at the part's precision (``ENCODER_PRECISION``, :mod:`.precision`) and attention
+    (``SAM_ATTENTION``, :mod:`.fast_attention`); :meth:`extract_tokens` is the one token
+    extraction of training, online and for the SAM-token cache alike, always in float32.
 
     Args:
         sam: a ``segment_anything.modeling.Sam`` (any image-encoder size).
         token_source: one of :data:`TOKEN_SOURCES`.
         box_chunk_size: boxes sent through the mask decoder at once; each box holds a copy of
             its image's embedding, so this bounds memory (64 boxes ~ 0.3 GB in float32).
+        precision: ``ENCODER_PRECISION`` of SAM at inference ("auto": float16 on CUDA, float32
+            on the CPU).
+        attention: ``SAM_ATTENTION``, "sdpa" or "official" (same result up to rounding).
 
     Raises:
-        ValueError: unknown ``token_source`` or non-positive ``box_chunk_size``.
+        ValueError: unknown ``token_source``, ``precision`` or ``attention``, or non-positive
+            ``box_chunk_size``.
     """
 
-    def __init__(self, sam: nn.Module, token_source: str = "transformer", box_chunk_size: int = 64):
+    def __init__(self, sam: nn.Module, token_source: str = "transformer", box_chunk_size: int = 64,
+                 precision: str = "auto", attention: str = "sdpa"):
         super().__init__()
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -95,6 +111,81 @@ class SamPositionTokens(nn.Module):
         self.token_source = token_source
         self.box_chunk_size = box_chunk_size
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.precision = check_encoder_precision(precision)
+        self.set_attention(attention)
+
+    # ----------------------------------------------------------------- speed switches
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype SAM computes in at inference (:attr:`precision` on this device)."""
+        return resolve_encoder_precision(self.precision, self.device)
+
+    def set_attention(self, kind: str) -> None:
+        """SAM's image-encoder attention: "sdpa" (:mod:`.fast_attention`) or "official".
+
+        Raises:
+            ValueError: another kind.
+        """
+        if kind not in SAM_ATTENTION_KINDS:
+            raise ValueError(f"MODEL.REGIONSPOT.SAM_ATTENTION must be one of {SAM_ATTENTION_KINDS}, got {kind!r}")
+        set_sam_attention(self.sam.image_encoder, kind)
+        self.attention = kind
+
+    def compile_encoder(self, **options) -> None:
+        """``torch.compile`` SAM's image encoder in place (``COMPILE``); parameter names unchanged."""
+        self.sam.image_encoder.compile(**options)
+
+    # ----------------------------------------------------------------- image side
+    @torch.no_grad()
+    @stage("sam_image_encoder")
+    def encode(self, images: Sequence[torch.Tensor], sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+               dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """SAM's image encoder on B images in one call.
+
+        Same resize and normalisation as ``SamPredictor.set_image`` (:meth:`preprocess`); the
+        resize is taken from ``sam_inputs[i]`` when the mapper made it.
+
+        Args:
+            images: B tensors (3, H_i, W_i) uint8 RGB (sizes may differ), any device.
+            sam_inputs: optional per image, :func:`resize_for_sam` of it.
+            dtype: compute dtype (default :attr:`dtype`).
+
+        Returns:
+            ((B, 256, g, g) embeddings at that dtype, B (h, w) sizes inside SAM's padded input).
+        """
+        sam_inputs = sam_inputs if sam_inputs is not None else [None] * len(images)
+        prepared = [self.preprocess(image, resized) for image, resized in zip(images, sam_inputs)]
+        with encoder_autocast(self.device, dtype or self.dtype):
+            embeddings = self.encode_images(torch.stack([x for x, _ in prepared]))
+        return embeddings, [size for _, size in prepared]
+
+    @torch.no_grad()
+    def extract_tokens(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
+                       sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+        """Position-aware tokens of training boxes: the one extraction used by online training
+        and by the SAM-token cache (``data/token_cache.py``, ``tools/extract_sam_tokens.py``).
+
+        Always float32, whatever ``ENCODER_PRECISION`` says, so that a cached token and one
+        computed online agree to float rounding on every device (the released training ran SAM
+        in float32 too).
+
+        Args:
+            images: B tensors (3, H_i, W_i) uint8 RGB (for a flipped training image, the flipped
+                original image).
+            boxes: B tensors (N_i, 4) float32, XYXY_ABS pixels of image i.
+            sam_inputs: optional per image, :func:`resize_for_sam` of it.
+
+        Returns:
+            B tensors (N_i, :attr:`token_dim`) float32 on SAM's device.
+        """
+        embeddings, _ = self.encode(images, sam_inputs, dtype=torch.float32)
+        prompts = self.prompt(embeddings, boxes, [tuple(im.shape[-2:]) for im in images], with_masks=False,
+                              dtype=torch.float32)
+        return [p.tokens for p in prompts]
 
     @property
     def input_size(self) -> int:
@@ -157,8 +248,11 @@ class SamPositionTokens(nn.Module):
         """
         return self.prompt(image_embedding[None], [boxes], [image_size], with_masks)[0]
 
+    @torch.no_grad()
+    @stage("sam_prompt_decoder")
     def prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
-               image_sizes: Sequence[Tuple[int, int]], with_masks: bool = True) -> List[BoxPrompts]:
+               image_sizes: Sequence[Tuple[int, int]], with_masks: bool = True,
+               dtype: Optional[torch.dtype] = None) -> List[BoxPrompts]:
         """Position-aware tokens of the boxes of B images, in as few decoder calls as memory allows.
 
         All boxes of the batch go through the prompt encoder and the mask decoder together,
@@ -170,6 +264,7 @@ class SamPositionTokens(nn.Module):
             image_sizes: B (H_i, W_i).
             with_masks: also compute low-resolution masks and predicted IoUs (needed for
                 ``MASK_ON`` and the TAP protocol only).
+            dtype: compute dtype of the prompt encoder and mask decoder (default :attr:`dtype`).
 
         Returns:
             B :class:`BoxPrompts` (tokens (N_i, :attr:`token_dim`) float32).
@@ -180,6 +275,11 @@ class SamPositionTokens(nn.Module):
         if not (image_embeddings.shape[0] == len(boxes) == len(image_sizes)):
             raise ValueError(f"{image_embeddings.shape[0]} image embeddings, {len(boxes)} box tensors and "
                              f"{len(image_sizes)} image sizes: expected one of each per image")
+        with encoder_autocast(self.device, dtype or self.dtype):
+            return self._prompt(image_embeddings, boxes, image_sizes, with_masks)
+
+    def _prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
+                image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
         device = image_embeddings.device
         counts = [int(b.shape[0]) for b in boxes]
         in_sam = [self.transform.apply_boxes_torch(b.to(device).float(), tuple(size))

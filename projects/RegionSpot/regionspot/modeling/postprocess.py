@@ -39,10 +39,12 @@ bitmap once.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .profiling import stage
 
 CLASS_SCORES = ("softmax", "sigmoid")
 SELECTIONS = ("topk", "tap", "per_box")
@@ -311,3 +313,51 @@ def resize_masks(masks: torch.Tensor, output_size: Sequence[int], chunk: int = 1
         out[start:start + part.shape[0]] = F.interpolate(part, size=tuple(output_size), mode="nearest")[:, 0] > 0.5
     return out
 
+
+
+@stage("postprocess")
+def detections_to_instances(proposals, logits: torch.Tensor, proposal_scores: torch.Tensor,
+                            iou_predictions: Optional[torch.Tensor], output_size: Tuple[int, int],
+                            protocol: RecognitionProtocol, *,
+                            masks_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                            report=None):
+    """Scored detections of one image in the output frame (the model's last step).
+
+    Args:
+        proposals: ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded image).
+        logits: (N, C) float32 region-vocabulary logits.
+        proposal_scores: (N,) float32 in [0, 1].
+        iou_predictions: (N,) float32 SAM's predicted IoUs, or None (needed for "tap" only).
+        output_size: (H_out, W_out) to report boxes and masks in (the original image).
+        protocol: scoring and selection (:class:`RecognitionProtocol`).
+        masks_of: None for no masks; else a function from the (K,) int64 indices of the kept
+            proposals to their (K, H_out, W_out) bool masks (one mask per kept box, shared by
+            all its detections: :class:`SharedMasks`).
+        report: the image's filter report, to which the selection steps add what they removed.
+
+    Returns:
+        ``Instances`` of size ``output_size`` with ``pred_boxes``, ``scores``,
+        ``pred_classes``, ``proposal_scores`` (+ ``pred_masks``; + ``class_probs``, the (K, C)
+        class probabilities, for the "per_box" selection).
+    """
+    from detectron2.structures import Boxes, Instances
+
+    boxes = proposals.proposal_boxes.tensor
+    probs = class_probabilities(logits, protocol.class_score)
+    det = select_detections(probs, proposal_scores, boxes, protocol, iou_predictions, report=report)
+    out_h, out_w = output_size
+    in_h, in_w = proposals.image_size
+    result = Instances((out_h, out_w))
+    out_boxes = Boxes(boxes[det.box_index].clone())
+    out_boxes.scale(out_w / in_w, out_h / in_h)
+    out_boxes.clip((out_h, out_w))
+    result.pred_boxes = out_boxes
+    result.scores = det.scores
+    result.pred_classes = det.classes
+    result.proposal_scores = proposal_scores[det.box_index]
+    if protocol.selection == "per_box":
+        result.class_probs = probs[det.box_index]
+    if masks_of is not None:
+        kept, inverse = torch.unique(det.box_index, return_inverse=True)
+        result.pred_masks = SharedMasks(masks_of(kept), inverse)
+    return result

@@ -58,18 +58,31 @@ VARIANTS: Dict[str, tuple] = {
 }
 
 
-def random_regionspot(variant: str = "small", seed: int = 0, **kwargs):
+def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = False, protocol=None,
+                      encoder_precision: str = "auto", sam_attention: str = "sdpa", box_chunk_size: int = 64,
+                      token_source: str = "transformer"):
     """A RegionSpot model of a variant (:data:`VARIANTS`) with RANDOM SAM, CLIP and head, for
-    benchmarks: the real shapes and operations, meaningless outputs. ``kwargs`` go to
-    :class:`~regionspot.modeling.meta_arch.RegionSpot` (e.g. ``mask_on``, ``protocol``)."""
+    benchmarks and tests: the real shapes and operations, meaningless outputs. Its parts are
+    built as :meth:`~regionspot.modeling.meta_arch.RegionSpot.from_config` builds them (ground-
+    truth proposals, no text cache)."""
+    from .head import RegionSpotHead
+    from .losses import RegionSpotCriterion
     from .meta_arch import RegionSpot
+    from .position_tokens import SamPositionTokens
+    from .proposals.generator import RegionProposalGenerator
+    from .semantic_features import ClipSemanticFeatures
+    from .text_classifier import TextClassifier
 
     sam_preset, clip_preset, clip_size = VARIANTS[variant]
     sam, clip_model = random_sam(sam_preset, seed=seed), random_clip(clip_preset, seed=seed)
     torch.manual_seed(seed)
-    kwargs.setdefault("text_cache_dir", None)
-    return RegionSpot(sam=sam, clip_model=clip_model, clip_weights_id=f"random-{clip_preset}-seed{seed}",
-                      clip_input_size=clip_size, **kwargs)
+    localizer = SamPositionTokens(sam, token_source, box_chunk_size, encoder_precision, sam_attention)
+    semantic_encoder = ClipSemanticFeatures(clip_model, clip_size, precision=encoder_precision)
+    head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim)
+    return RegionSpot(localizer=localizer, semantic_encoder=semantic_encoder, head=head,
+                      proposal_generator=RegionProposalGenerator("gt", sam=sam),
+                      text_classifier=TextClassifier(clip_model, f"random-{clip_preset}-seed{seed}"),
+                      criterion=RegionSpotCriterion(), protocol=protocol, mask_on=mask_on)
 
 
 def random_sam(preset: str = "tiny", seed: int = 0) -> nn.Module:

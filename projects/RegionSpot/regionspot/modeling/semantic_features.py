@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import check_encoder_precision, encoder_autocast, resolve_encoder_precision
+from .profiling import stage
+
 CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -58,7 +61,8 @@ def resize_for_clip(image: torch.Tensor, size: int, antialias: bool = False) -> 
 
 
 class ClipSemanticFeatures(nn.Module):
-    """Frozen CLIP ViT -> semantic feature map V (all tokens of the last block).
+    """RegionSpot's semantic encoder: frozen CLIP ViT -> semantic feature map V (all tokens of
+    the last block), at the part's precision (``ENCODER_PRECISION``).
 
     Args:
         clip_model: an OpenAI ``clip.model.CLIP`` with a ViT image tower.
@@ -66,14 +70,17 @@ class ClipSemanticFeatures(nn.Module):
             multiple of the patch size.
         use_class_token: keep the class token as the first row of the feature map.
         antialias: antialias the resize to S x S (False reproduces the released weights).
+        precision: ``ENCODER_PRECISION`` ("auto": float16 on CUDA, float32 on the CPU).
 
     Raises:
-        ValueError: ``input_size`` is not a positive multiple of the patch size.
+        ValueError: ``input_size`` is not a positive multiple of the patch size; an unknown
+            ``precision``.
     """
 
     def __init__(self, clip_model: nn.Module, input_size: int = 224, use_class_token: bool = True,
-                 antialias: bool = False):
+                 antialias: bool = False, precision: str = "auto"):
         super().__init__()
+        self.precision = check_encoder_precision(precision)
         self.clip = clip_model.eval().requires_grad_(False)
         visual = clip_model.visual
         patch = visual.conv1.kernel_size[0]
@@ -97,6 +104,37 @@ class ClipSemanticFeatures(nn.Module):
     def embed_dim(self) -> int:
         """E, CLIP's joint image-text embedding size (512 for ViT-B/16, 768 for ViT-L/14)."""
         return self.clip.text_projection.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype CLIP's image tower computes in (:attr:`precision` on this device)."""
+        return resolve_encoder_precision(self.precision, self.device)
+
+    def compile_encoder(self, **options) -> None:
+        """``torch.compile`` the feature-map forward in place (``COMPILE``); parameter names unchanged."""
+        self.compile(**options)
+
+    @torch.no_grad()
+    @stage("clip_semantic")
+    def encode(self, images: Sequence[torch.Tensor],
+               clip_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """Semantic feature maps of B images in one call, at :attr:`dtype`.
+
+        Args:
+            images: B tensors (3, H_i, W_i) uint8 RGB.
+            clip_inputs: optional per image, (3, S, S) float32 in [0, 1] made by
+                :func:`resize_for_clip` in the mapper.
+
+        Returns:
+            (B, L, D) float32.
+        """
+        pixels = self.preprocess(images, clip_inputs)
+        with encoder_autocast(self.device, self.dtype):
+            return self(pixels).float()
 
     @property
     def num_tokens(self) -> int:

@@ -563,7 +563,8 @@ def _cache_key(weights_id: str, class_names: List[str], templates: List[str]) ->
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _cache_path(cache_dir: str, weights_id: str, class_names: List[str], templates: List[str]) -> str:
+def cache_path(cache_dir: str, weights_id: str, class_names: List[str], templates: List[str]) -> str:
+    """The cache file of one vocabulary's embeddings: ``<cache_dir>/text_<sha256 key>.pt``."""
     return os.path.join(cache_dir, f"text_{_cache_key(weights_id, class_names, templates)}.pt")
 
 
@@ -677,7 +678,7 @@ def load_or_compute_text_embeddings(
         return encode_class_names(clip_model, names, templates=templates, batch_size=batch_size,
                                   fast=fast, progress=progress)
 
-    path = _cache_path(os.path.expanduser(os.fspath(cache_dir)), weights_id, names, templates)
+    path = cache_path(os.path.expanduser(os.fspath(cache_dir)), weights_id, names, templates)
     cached = _read_cache(path, weights_id, names, templates)
     if cached is not None:
         logger.info("Text-embedding cache hit for %d classes: %s", len(names), path)

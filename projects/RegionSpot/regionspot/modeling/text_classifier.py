@@ -1,0 +1,201 @@
+"""The vocabulary side of RegionSpot: class names -> text embeddings (paper Sec. 3).
+
+One :class:`TextClassifier` owns everything that turns a vocabulary into the classifier the
+region embeddings are scored against: CLIP's text tower, the prompt ensemble, the class-name
+style (``CLASS_NAME_STYLE``), the disk cache (``TEXT_CACHE_DIR``) and its identity (the CLIP
+weights). The model, the trainer, the predictor and ``tools/dump_text_embeddings.py`` all call
+its :meth:`TextClassifier.embed`, so they share one cache entry per vocabulary.
+
+The vocabulary a config names (``VOCABULARY``, ``CUSTOM_VOCABULARY``, a dataset's
+``thing_classes``) is read by :func:`vocabulary_from_config`; a training dataset's vocabulary,
+with its embeddings, class hierarchy and aliases, is a :class:`Vocabulary`.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..data.vocabularies import check_vocabulary, clean_class_name, get_vocabulary, names_for_text, vocabulary_by_name
+from .text_embeddings import PROMPT_TEMPLATES, cache_path, load_or_compute_text_embeddings, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Vocabulary:
+    """A vocabulary with its text embeddings (one per training dataset, and the one evaluation
+    scores against).
+
+    Attributes:
+        names: C class names.
+        text_embeddings: (C, E) float32 L2-normalised, on the model's device.
+        ancestors: optional, per class index the indices of its ancestors in a class
+            hierarchy (V3Det); kept out of a region's negatives with ``IGNORE_ANCESTOR_NEGATIVES``.
+        aliases: per class index, the other classes whose texts read the same to CLIP under the
+            classifier's class-name style (:meth:`TextClassifier.aliases`): identical text
+            embeddings, so never counted as each other's negatives.
+    """
+
+    names: List[str]
+    text_embeddings: torch.Tensor
+    ancestors: Optional[Dict[int, List[int]]] = None
+    aliases: Dict[int, List[int]] = field(default_factory=dict)
+
+
+class TextClassifier:
+    """Text embeddings of vocabularies: CLIP's text tower with the prompt ensemble, on class
+    names cleaned by one class-name style, through an on-disk cache.
+
+    Not an ``nn.Module``: it holds the model's CLIP (registered once, in the semantic encoder)
+    and computes on that model's device.
+
+    Args:
+        clip_model: OpenAI ``clip.model.CLIP`` (the same model as the semantic encoder's).
+        weights_id: identity of the CLIP weights, part of every cache key
+            (:func:`~regionspot.modeling.text_embeddings.weights_fingerprint` of the file).
+        class_name_style: ``CLASS_NAME_STYLE``, "released" or "natural"
+            (:func:`~regionspot.data.vocabularies.clean_class_name`).
+        cache_dir: ``TEXT_CACHE_DIR``, or None for no cache.
+        batch_size: ``TEXT_BATCH_SIZE``, prompts per text-tower call on a cache miss.
+        templates: the prompt templates (the released 80 ImageNet templates + "{}.").
+
+    Source: the released implementation encodes each class with the template ensemble, averages
+    the unnormalised features and L2-normalises (docs/method.md); the cache is ours.
+    """
+
+    def __init__(self, clip_model, weights_id: str, *, class_name_style: str = "released",
+                 cache_dir: Optional[str] = None, batch_size: int = 256,
+                 templates: Sequence[str] = PROMPT_TEMPLATES):
+        clean_class_name("x", class_name_style)  # checks the style
+        self.clip = clip_model
+        self.weights_id = weights_id
+        self.class_name_style = class_name_style
+        self.cache_dir = cache_dir or None
+        self.batch_size = batch_size
+        self.templates = list(templates)
+
+    @classmethod
+    def from_config(cls, cfg, clip_model) -> "TextClassifier":
+        """The classifier of a config: ``CLIP_WEIGHTS`` (identity), ``CLASS_NAME_STYLE``,
+        ``TEXT_CACHE_DIR``, ``TEXT_BATCH_SIZE``."""
+        rs = cfg.MODEL.REGIONSPOT
+        return cls(clip_model, weights_fingerprint(rs.CLIP_WEIGHTS), class_name_style=rs.CLASS_NAME_STYLE,
+                   cache_dir=rs.TEXT_CACHE_DIR or None, batch_size=rs.TEXT_BATCH_SIZE)
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the width of CLIP's joint embedding space."""
+        return self.clip.text_projection.shape[1]
+
+    def texts(self, class_names: Sequence[str]) -> List[str]:
+        """The names handed to the text encoder under the classifier's style
+        (:func:`~regionspot.data.vocabularies.names_for_text`: as given for "released", whose
+        suffix rule the encoder applies itself, so cache keys stay the names; cleaned by
+        :func:`~regionspot.data.vocabularies.clean_class_name` for "natural")."""
+        return names_for_text(class_names, self.class_name_style)
+
+    def cache_path(self, class_names: Sequence[str]) -> Optional[str]:
+        """The cache file of a vocabulary's embeddings (None without a cache); it need not exist."""
+        if self.cache_dir is None:
+            return None
+        return cache_path(os.path.expanduser(self.cache_dir), self.weights_id, self.texts(class_names),
+                          self.templates)
+
+    def aliases(self, class_names: Sequence[str]) -> Dict[int, List[int]]:
+        """Per class index, the other classes whose texts CLIP reads the same (lower case,
+        collapsed whitespace) under this style: with "natural", LVIS-style "aerosol_can" and
+        "aerosol can" are aliases; with "released" they are not (CLIP sees the underscore)."""
+        groups: Dict[str, List[int]] = {}
+        for i, name in enumerate(class_names):
+            text = clean_class_name(name, self.class_name_style)
+            groups.setdefault(" ".join(text.lower().split()), []).append(i)
+        return {i: [j for j in g if j != i] for g in groups.values() if len(g) > 1 for i in g}
+
+    @torch.no_grad()
+    def embed(self, class_names: Sequence[str], device=None) -> torch.Tensor:
+        """Text embeddings of a vocabulary (read from the cache, or computed and written there).
+
+        Args:
+            class_names: C names (:func:`~regionspot.data.vocabularies.check_vocabulary`;
+                names that read the same are allowed, they get the same embedding).
+            device: where to return them (default: CLIP's device).
+
+        Returns:
+            (C, E) float32, rows L2-normalised.
+
+        Raises:
+            ValueError / TypeError: not a valid vocabulary (empty, blank or non-str names).
+        """
+        names = check_vocabulary(class_names, allow_duplicates=True)
+        embeddings = load_or_compute_text_embeddings(
+            self.clip, self.texts(names), weights_id=self.weights_id, cache_dir=self.cache_dir,
+            templates=self.templates, batch_size=self.batch_size)
+        return embeddings.to(device if device is not None else self.clip.text_projection.device)
+
+    def check_embeddings(self, text_embeddings: torch.Tensor, num_classes: int, device=None) -> torch.Tensor:
+        """``text_embeddings`` as float32 on ``device`` if they are (C, E) for this CLIP.
+
+        Raises:
+            ValueError: the shape is not (``num_classes``, :attr:`embed_dim`).
+        """
+        expected = (num_classes, self.embed_dim)
+        if not torch.is_tensor(text_embeddings) or tuple(text_embeddings.shape) != expected:
+            got = tuple(text_embeddings.shape) if torch.is_tensor(text_embeddings) else type(text_embeddings).__name__
+            raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, got {got}")
+        return text_embeddings.float().to(device if device is not None else self.clip.text_projection.device)
+
+    def vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None, *,
+                   ancestors: Optional[Dict[int, List[int]]] = None, allow_duplicates: bool = False,
+                   device=None) -> Vocabulary:
+        """A checked :class:`Vocabulary`: names, their embeddings (computed by :meth:`embed`
+        unless given), aliases and an optional class hierarchy.
+
+        Raises:
+            ValueError: not a valid vocabulary (duplicates only with ``allow_duplicates``), or
+                ``text_embeddings`` not (C, E).
+        """
+        names = check_vocabulary(class_names, allow_duplicates=allow_duplicates)
+        if text_embeddings is None:
+            text_embeddings = self.embed(names, device)
+        text_embeddings = self.check_embeddings(text_embeddings, len(names), device)
+        return Vocabulary(names, text_embeddings, ancestors, self.aliases(names))
+
+
+def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]:
+    """Class names to score a dataset's boxes against.
+
+    ``MODEL.REGIONSPOT.VOCABULARY``: "dataset" -> the ``thing_classes`` of ``dataset_name`` (or of
+    the first training dataset) in Detectron2's ``MetadataCatalog``, loading the dataset first
+    if its loader is what sets them (as Detectron2's ``register_coco_instances`` and
+    ``register_lvis_instances`` do); "lvis", "coco", "objects365" -> the built-in lists;
+    "custom" -> ``CUSTOM_VOCABULARY`` ("a,b,c"). Evaluation passes each test dataset's name, so
+    every dataset is scored against its own vocabulary.
+
+    Raises:
+        ValueError: unknown vocabulary, empty custom vocabulary, a dataset that is not
+            registered, or one without ``thing_classes``.
+    """
+    rs = cfg.MODEL.REGIONSPOT
+    if rs.VOCABULARY != "dataset":
+        return get_vocabulary(rs.VOCABULARY, rs.CUSTOM_VOCABULARY or None)
+    name = dataset_name or next(iter(cfg.DATASETS.TRAIN), None)
+    if name is None:
+        raise ValueError('MODEL.REGIONSPOT.VOCABULARY is "dataset" but no dataset is given; name one or set '
+                         'a vocabulary ("lvis", "coco", "objects365", "custom")')
+    return vocabulary_by_name(name)
+
+
+def build_time_vocabulary(cfg) -> Optional[List[str]]:
+    """The vocabulary a model built from ``cfg`` starts with: "dataset" -> the first test
+    dataset's ``thing_classes`` (else the first training dataset's); "lvis", "coco",
+    "objects365", "custom" as configured (:func:`vocabulary_from_config`). None, with a log
+    line, when the config names no usable dataset (set one with ``set_vocabulary``)."""
+    name = next(iter(cfg.DATASETS.TEST), None) or next(iter(cfg.DATASETS.TRAIN), None)
+    try:
+        return vocabulary_from_config(cfg, name)
+    except ValueError as e:
+        logger.info("No vocabulary from the config (%s); set one with model.set_vocabulary(class_names)", e)
+        return None
