@@ -24,9 +24,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from ..modeling.position_tokens import resize_for_sam
 from ..modeling.proposals import check_proposal_source
-from ..modeling.semantic_features import resize_for_clip
+from ..transforms import annotation_boxes_xyxy, flip_boxes, resize_for_clip, resize_for_sam
 from .validation import InputError, check_boxes, read_image
 
 logger = logging.getLogger(__name__)
@@ -38,9 +37,9 @@ class RegionSpotDatasetMapper(DatasetMapper):
     Output dict: the input's keys plus "image" ((3, H, W) uint8 RGB tensor, augmented),
     the encoders' resizes of the image that SAM and CLIP will see, made here so that they run
     in the data-loader workers and not on the model's critical path: "sam_input" ((3, h, w)
-    uint8, long side ``SAM_INPUT_SIZE``, :func:`~regionspot.modeling.position_tokens.resize_for_sam`;
+    uint8, long side ``SAM_INPUT_SIZE``, :func:`~regionspot.transforms.resize_for_sam`;
     not when SAM's tokens come from the cache) and "clip_input" ((3, S, S) float32 in [0, 1],
-    :func:`~regionspot.modeling.semantic_features.resize_for_clip`), both only with
+    :func:`~regionspot.transforms.resize_for_clip`), both only with
     ``LOADER_RESIZE``; "instances" (``gt_boxes``: XYXY_ABS pixels of the augmented image, ``gt_classes``:
     int64 contiguous ids) and, at test time with ``PROPOSALS`` "file", "proposals"
     (``proposal_boxes`` in the same frame, ``objectness_logits``). Annotations are boxes only
@@ -111,9 +110,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
             raise InputError(f"image {file_name!r}: {e}") from e
         annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
         if annos:
-            xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-                            dtype=np.float32)
-            clipped = check_boxes(xyxy, image.shape[:2], f"boxes of {file_name!r}")
+            clipped = check_boxes(annotation_boxes_xyxy(annos), image.shape[:2], f"boxes of {file_name!r}")
             for a, box in zip(annos, clipped.tolist()):
                 a["bbox"], a["bbox_mode"] = box, BoxMode.XYXY_ABS
                 a.pop("segmentation", None)  # boxes are the prompts; masks come from SAM
@@ -165,14 +162,14 @@ class RegionSpotDatasetMapper(DatasetMapper):
             tokens, _ = cache.lookup(dataset_dict["image_id"], flipped, expected_boxes=torch.as_tensor(boxes))
             instances.sam_tokens = tokens
             return
-        w = original.shape[1]
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
         if flipped:
-            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+            boxes = flip_boxes(boxes, original.shape[1])
             original = original[:, ::-1]
         dataset_dict["sam_image"] = torch.as_tensor(np.ascontiguousarray(original.transpose(2, 0, 1)))
         if self.sam_input_size:
             dataset_dict["sam_input"] = resize_for_sam(dataset_dict["sam_image"], self.sam_input_size)
-        instances.sam_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+        instances.sam_boxes = Boxes(boxes)
 
     def _token_cache(self, dataset_dict: Dict):
         """The SAM-token cache of the dict's dataset (opened once per data-loader worker)."""

@@ -106,6 +106,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, write_json_atomic
+from ..transforms import annotation_boxes_xyxy, flip_boxes  # noqa: F401  (flip_boxes: part of this module's API)
 from .validation import check_boxes
 
 __all__ = [
@@ -284,27 +285,12 @@ def annotation_boxes(record: Mapping[str, Any]) -> torch.Tensor:
         InputError: a NaN, empty or out-of-image box (named by index and file name).
         KeyError: the dict lacks ``height``/``width``.
     """
-    from detectron2.structures import BoxMode
-
     annos = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
     if not annos:
         return torch.zeros(0, 4, dtype=torch.float32)
-    xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float32)
+    xyxy = annotation_boxes_xyxy(annos)
     size = (int(record["height"]), int(record["width"]))
     return check_boxes(xyxy, size, f"boxes of {record.get('file_name', '<no file_name>')!r}").contiguous()
-
-
-def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Boxes of an image mirrored left-right: ``x0' = W - x1, x1' = W - x0`` (y unchanged).
-
-    Args:
-        boxes: (N, 4) XYXY_ABS pixels of an image ``width`` pixels wide.
-
-    Returns:
-        (N, 4) float32 tensor on the same device, in the flipped image's frame.
-    """
-    b = boxes.float()
-    return torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
 
 
 @torch.no_grad()

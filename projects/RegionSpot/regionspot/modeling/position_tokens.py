@@ -21,9 +21,10 @@ Token sources (paper Table 4b):
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
+
+from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
 
 TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
 
@@ -48,26 +49,6 @@ class BoxPrompts(NamedTuple):
     tokens: torch.Tensor
     low_res_masks: Optional[torch.Tensor]
     iou_predictions: Optional[torch.Tensor]
-
-
-def resize_for_sam(image: torch.Tensor, long_side: int) -> torch.Tensor:
-    """SAM's resize of one image, as ``SamPredictor.set_image`` does it (CPU, uint8).
-
-    ``ResizeLongestSide.apply_image`` (long side -> ``long_side``, PIL bilinear on uint8).
-    Cheap enough for a data-loader worker, where the test mapper calls it.
-
-    Args:
-        image: (3, H, W) uint8 RGB tensor (any device; copied to the CPU).
-        long_side: SAM's input side S (1024 for the official models).
-
-    Returns:
-        (3, h, w) uint8 CPU tensor with max(h, w) == ``long_side``.
-    """
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-    resized = ResizeLongestSide(long_side).apply_image(array)
-    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 class SamPositionTokens(nn.Module):
