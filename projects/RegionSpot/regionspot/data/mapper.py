@@ -24,7 +24,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from ..modeling.proposals import check_proposal_source
+from ..proposal_sources import check_proposal_source
 from ..transforms import annotation_boxes_xyxy, flip_boxes, resize_for_clip, resize_for_sam
 from .validation import InputError, check_boxes, read_image
 

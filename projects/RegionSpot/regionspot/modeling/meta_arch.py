@@ -35,13 +35,13 @@ from detectron2.structures import Boxes, Instances
 
 from ..data.vocabularies import (check_vocabulary, duplicate_groups, get_vocabulary, names_for_text,
                                  vocabulary_by_name)
+from ..filter_report import FilterReport, report_of_input
 from .head import RegionSpotHead, region_logits
 from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
 from .losses import region_focal_losses
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, SharedMasks, class_probabilities, resize_masks, select_detections
 from .proposals import check_proposal_source, logit_to_score, select_proposals
-from .proposals.filters import FilterReport, report_of_input
 from .proposals.gt import proposals_from_ground_truth
 from .proposals.sam_auto import SamAutoProposalGenerator
 from .semantic_features import ClipSemanticFeatures

@@ -1,4 +1,4 @@
-"""Proposal source ``file``: a detector's boxes stored on disk.
+"""Proposal source ``file``: a detector's boxes stored on disk, read by the data loader.
 
 Reads, validates, converts and attaches boxes that some detector wrote to a file, so that
 RegionSpot recognises them (paper Sec. 4: boxes from GLIP, or from any other detector).
@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...data.validation import BOX_TOLERANCE_PX, InputError
-from ...io import atomic_write
-from . import logit_to_score, score_to_logit, select_proposals
-from .filters import PROPOSAL_FILTERS_KEY, FilterReport
+from ..filter_report import PROPOSAL_FILTERS_KEY, FilterReport
+from ..io import atomic_write
+from ..proposal_sources import logit_to_score, score_to_logit, select_proposals
+from .validation import BOX_TOLERANCE_PX, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -661,7 +661,7 @@ def attach_proposals(dataset_dicts: Iterable[dict], proposals: ProposalSet, *, s
     - ``proposal_bbox_mode``: ``BoxMode.XYXY_ABS``;
 
     and, for an image the file has, ``proposal_filters``
-    (:data:`~regionspot.modeling.proposals.filters.PROPOSAL_FILTERS_KEY`): the
+    (:data:`~regionspot.filter_report.PROPOSAL_FILTERS_KEY`): the
     :meth:`FilterReport.as_dict` of the steps below for that image, which the model's
     output report starts from.
 
