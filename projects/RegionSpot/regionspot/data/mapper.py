@@ -6,9 +6,10 @@ Here the augmentation (Detectron2's ``ResizeShortestEdge`` + ``RandomFlip`` from
 is applied once, to the single image that goes to both SAM and CLIP and to its boxes.
 At test time the ground-truth boxes are kept (the proposals with ``PROPOSALS`` "gt"; the
 released test mapper drops them and crashes). With ``PROPOSALS`` "file", the boxes a detector
-wrote, attached to the dataset dicts as Detectron2's precomputed-proposal keys
-(``modeling/proposals/file.py``), go through Detectron2's own ``transform_proposals`` with the
-same transform as the image, and the top ``PROPOSAL_TOPK`` become ``dataset_dict["proposals"]``.
+wrote, selected (score threshold, NMS, top ``PROPOSAL_TOPK``) and attached to the dataset dicts
+as Detectron2's precomputed-proposal keys (``data/proposal_files.py``), go through Detectron2's
+own ``transform_proposals`` with the same transform as the image and become
+``dataset_dict["proposals"]`` (the selection is not applied a second time here).
 """
 
 import copy
@@ -53,9 +54,13 @@ class RegionSpotDatasetMapper(DatasetMapper):
 
     @configurable
     def __init__(self, is_train: bool, *, token_cache_dir: str = "", token_identity=None, sam_input_size: int = 0,
-                 clip_input_size: int = 0, clip_antialias: bool = False, **kwargs):
+                 clip_input_size: int = 0, clip_antialias: bool = False, file_proposals: bool = False, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
+        # The proposal file's selection (score threshold, NMS, top-k) ran once, when the test
+        # loader attached the boxes (data/proposal_files.py, recorded in "proposal_filters"):
+        # the mapper only transforms them, it does not cut them again.
+        self.file_proposals = file_proposals
         self.sam_input_size = sam_input_size
         self.clip_input_size = clip_input_size
         self.clip_antialias = clip_antialias
@@ -70,8 +75,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
         rs = cfg.MODEL.REGIONSPOT
         # Detectron2's precomputed-proposal path, driven by our source key instead of
         # MODEL.LOAD_PROPOSALS; proposals are used at test time only.
-        file_source = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
-        ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
+        ret["file_proposals"] = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
         if rs.LOADER_RESIZE:
             ret.update(sam_input_size=rs.SAM_INPUT_SIZE, clip_input_size=rs.CLIP_INPUT_SIZE,
                        clip_antialias=rs.CLIP_RESIZE_ANTIALIAS)
@@ -127,11 +131,12 @@ class RegionSpotDatasetMapper(DatasetMapper):
         if self.sam_input_size and not self.is_train:
             dataset_dict["sam_input"] = resize_for_sam(dataset_dict["image"], self.sam_input_size)
 
-        if self.proposal_topk is not None:
+        if self.file_proposals:
             if "proposal_boxes" not in dataset_dict:
                 raise InputError(f"image {file_name!r} (id {dataset_dict.get('image_id')!r}) has no proposals attached; "
                                  f"with PROPOSALS 'file' the test loader attaches them from the proposal file")
-            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+            # proposal_topk None: keep every attached box (the top-k was applied when attaching)
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=None)
 
         original_boxes = np.array([a["bbox"] for a in annos], dtype=np.float32).reshape(-1, 4)
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
