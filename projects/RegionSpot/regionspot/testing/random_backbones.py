@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write
-from .weights import build_sam
+from ..modeling.weights import build_sam
 
 # Image-encoder hyper-parameters: the official variants (segment_anything.build_sam) and a
 # small one for CPU tests (~0.4M-parameter encoder, 256 px input, same prompt encoder/decoder).
@@ -62,7 +62,7 @@ def random_regionspot(variant: str = "small", seed: int = 0, **kwargs):
     """A RegionSpot model of a variant (:data:`VARIANTS`) with RANDOM SAM, CLIP and head, for
     benchmarks: the real shapes and operations, meaningless outputs. ``kwargs`` go to
     :class:`~regionspot.modeling.meta_arch.RegionSpot` (e.g. ``mask_on``, ``protocol``)."""
-    from .meta_arch import RegionSpot
+    from ..modeling.meta_arch import RegionSpot
 
     sam_preset, clip_preset, clip_size = VARIANTS[variant]
     sam, clip_model = random_sam(sam_preset, seed=seed), random_clip(clip_preset, seed=seed)
@@ -166,7 +166,7 @@ def write_random_rpn(path: str, cfg, seed: int = 0, fmt: str = "pth") -> str:
     """
     import pickle
 
-    from .proposals.rpn import RPNProposalGenerator
+    from ..modeling.proposals.rpn import RPNProposalGenerator
 
     if fmt not in ("pth", "pkl"):
         raise ValueError(f"fmt must be 'pth' or 'pkl', got {fmt!r}")
