@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
-
-TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
+from ..weights_files import TOKEN_SOURCES  # noqa: F401  (shared with the SAM-token cache's identity)
 
 # Masks pasted per call of Sam.postprocess_masks: each costs two float32 frames (S x S and the
 # output size) before thresholding, so pasting in chunks bounds that memory.
