@@ -1,4 +1,4 @@
-"""Proposal selection and score conventions shared by the data loader and the model.
+"""Proposal sources: their names, the file of the ``file`` source, and the one proposal selection.
 
 Every proposal source hands the model Detectron2 proposals whose ``objectness_logits`` are
 the proposal score as a logit (:func:`score_to_logit`, :func:`logit_to_score`); the same
