@@ -57,14 +57,14 @@ def weights_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sam_path(weights_dir):
-    from regionspot.modeling.random_backbones import write_random_sam
+    from regionspot.testing.random_backbones import write_random_sam
 
     return write_random_sam(str(weights_dir / "sam_random_tiny.pth"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def clip_path(weights_dir):
-    from regionspot.modeling.random_backbones import write_random_clip
+    from regionspot.testing.random_backbones import write_random_clip
 
     return write_random_clip(str(weights_dir / "clip_random_tiny.pt"), "tiny", seed=0)
 

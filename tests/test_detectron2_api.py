@@ -109,7 +109,7 @@ def test_a_paper_config_in_a_detectron2_users_first_lines(sam_path, tmp_path, ca
     """regionspot_bb.yaml with its weight files (small random ones in the official formats):
     get_cfg, add_regionspot_config, merge_from_file, build_model, DetectionCheckpointer.load,
     DefaultPredictor, Visualizer; no project call, no backbone key in the checkpointer's log."""
-    from regionspot.modeling.random_backbones import write_random_clip
+    from regionspot.testing.random_backbones import write_random_clip
 
     cfg = get_cfg()
     add_regionspot_config(cfg)

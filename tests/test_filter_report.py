@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from regionspot.modeling.postprocess import RecognitionProtocol, select_detections
-from regionspot.modeling.proposals.filters import FilterReport
+from regionspot.filter_report import FilterReport
 
 from conftest import REPO
 
@@ -118,7 +118,7 @@ def test_predictor_says_which_filter_left_nothing(tiny_model, image, caplog, mon
 
 def test_model_outputs_carry_the_report_and_the_evaluator_sums_it(tiny_model, image, monkeypatch):
     """forward (what evaluation runs) with sam_auto: each output's "filters"; the evaluator's sum."""
-    from regionspot.modeling.proposals.filters import FilterReportEvaluator
+    from regionspot.filter_report import FilterReportEvaluator
 
     monkeypatch.setattr(tiny_model.proposal_generator, "source", "sam_auto")
     monkeypatch.setitem(tiny_model.proposal_generator.sam_auto.settings, "points_per_side", POINTS)
@@ -194,7 +194,7 @@ def test_evaluation_writes_the_filters_to_metrics(tmp_path, sam_path, clip_path,
     """train_net.py --eval-only with a detector's file whose scores are all below
     PROPOSAL_SCORE_THRESH: metrics.json says so, and the log says it once."""
     from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
-    from regionspot.modeling.proposals.file import ProposalSet, write_proposal_file
+    from regionspot.data.proposal_files import ProposalSet, write_proposal_file
 
     json_path, _ = prepare_regionspot_sample(str(tmp_path / "datasets" / "regionspot_sample"))
     sample = json.load(open(json_path))

@@ -148,7 +148,8 @@ def test_unknown_proposal_source_is_refused(tiny_cfg):
 
 
 def test_file_proposals_go_through_detectron2s_transform(tiny_cfg, image_file):
-    """Precomputed proposals (Detectron2's dataset-dict keys) get the image's resize and the top-k."""
+    """Precomputed proposals (Detectron2's dataset-dict keys) get the image's resize; the mapper
+    keeps every attached box: the file's top-k ran once, when the loader attached them."""
     cfg = tiny_cfg.clone()
     cfg.defrost()
     cfg.MODEL.REGIONSPOT.PROPOSALS = "file"
@@ -161,9 +162,32 @@ def test_file_proposals_go_through_detectron2s_transform(tiny_cfg, image_file):
     d["proposal_bbox_mode"] = BoxMode.XYXY_ABS
     out = mapper(d)
     proposals = out["proposals"]
-    assert len(proposals) == 2 and proposals.image_size == tuple(out["image"].shape[1:])
+    assert len(proposals) == 3 and proposals.image_size == tuple(out["image"].shape[1:])
     np.testing.assert_allclose(proposals.proposal_boxes.tensor[0].numpy(), np.array(BOX) * 2, atol=1e-4)
-    np.testing.assert_allclose(proposals.objectness_logits.numpy(), [3.0, 1.0])
+    np.testing.assert_allclose(proposals.objectness_logits.numpy(), [3.0, 1.0, -1.0])
     with pytest.raises(InputError, match="photo.png.*no proposals attached"):
         mapper(_dict(image_file))
     assert "proposals" not in RegionSpotDatasetMapper(cfg, True)(_dict(image_file))  # training: ground truth only
+
+
+def test_the_file_sources_top_k_runs_once(tiny_cfg, image_file):
+    """attach_proposals applies PROPOSAL_TOPK and records it once in the image's filter report;
+    the mapper passes the attached boxes on without cutting them again."""
+    from regionspot.data.proposal_files import ProposalSet, attach_proposals
+    from regionspot.filter_report import report_of_input
+
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.PROPOSALS = "file"
+    cfg.MODEL.REGIONSPOT.PROPOSAL_TOPK = 2
+    d = _dict(image_file)
+    boxes = np.array([BOX, [0, 0, 10, 10], [5, 5, 50, 60], [20, 20, 40, 40]], dtype=np.float32)
+    proposals = ProposalSet("memory", "glip", boxes={"1": boxes},
+                            scores={"1": np.array([0.9, 0.8, 0.7, 0.6], np.float32)})
+    coverage = attach_proposals([d], proposals, topk=cfg.MODEL.REGIONSPOT.PROPOSAL_TOPK)
+    assert (coverage["boxes_removed_by_topk"], coverage["boxes_kept"]) == (2, 2)
+    cfg.MODEL.REGIONSPOT.PROPOSAL_TOPK = 1  # a second cut would now show
+    out = RegionSpotDatasetMapper(cfg, False)(d)
+    assert len(out["proposals"]) == 2
+    steps = [s for s in report_of_input(out).steps if s.key == "MODEL.REGIONSPOT.PROPOSAL_TOPK"]
+    assert [(s.candidates, s.removed) for s in steps] == [(4, 2)]

@@ -137,7 +137,7 @@ def test_boxes_of_several_images_share_decoder_calls(sam, image, monkeypatch):
 
 
 def test_mapper_resize_is_used_and_equals_the_models(sam, image):
-    from regionspot.modeling.position_tokens import resize_for_sam
+    from regionspot.transforms import resize_for_sam
 
     tokens = SamPositionTokens(sam)
     tensor = torch.from_numpy(image).permute(2, 0, 1)

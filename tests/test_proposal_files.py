@@ -1,4 +1,4 @@
-"""regionspot.modeling.proposals.file: reading, validating, writing and attaching proposal files."""
+"""regionspot.data.proposal_files: reading, validating, writing and attaching proposal files."""
 
 import json
 import logging
@@ -15,7 +15,7 @@ from detectron2.structures import BoxMode
 
 from regionspot.data.validation import InputError
 from regionspot.modeling.proposals import logit_to_score
-from regionspot.modeling.proposals.file import (
+from regionspot.data.proposal_files import (
     PROPOSAL_FILE_FORMATS, ProposalFileError, ProposalSet, attach_proposals, detect_format,
     read_proposal_file, write_proposal_file)
 

@@ -16,8 +16,8 @@ import train_net
 from regionspot.config import load_config
 from regionspot.data.datasets.regionspot_sample import (
     _load_sample_dicts, prepare_regionspot_sample, sample_vocabulary_metadata)
-from regionspot.modeling.proposals.file import ProposalFileError, ProposalSet, write_proposal_file
-from regionspot.modeling.random_backbones import write_random_rpn
+from regionspot.data.proposal_files import ProposalFileError, ProposalSet, write_proposal_file
+from regionspot.testing.random_backbones import write_random_rpn
 from regionspot.modeling.weights import WeightsError
 
 from conftest import REPO

@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog
 
 from conftest import REPO
 from regionspot.data.datasets.regionspot_sample import _load_sample_dicts, prepare_regionspot_sample
-from regionspot.modeling.proposals.file import read_proposal_file
+from regionspot.data.proposal_files import read_proposal_file
 
 TOOL = os.path.join(REPO, "tools", "proposals.py")
 DATASET = "regionspot_sample_proposals_tool_test"

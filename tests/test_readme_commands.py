@@ -14,7 +14,7 @@ import pytest
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import load_config
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
-from regionspot.modeling.random_backbones import write_random_clip, write_random_sam
+from regionspot.testing.random_backbones import write_random_clip, write_random_sam
 
 from conftest import REPO
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from regionspot.modeling.random_backbones import random_clip
+from regionspot.testing.random_backbones import random_clip
 from regionspot.modeling.semantic_features import ClipSemanticFeatures, resize_positional_embedding
 from regionspot.modeling.weights import load_clip
 

@@ -12,7 +12,7 @@ from regionspot.data.build import build_batched_test_loader, inference_batch_siz
 from regionspot.data.mapper import RegionSpotDatasetMapper
 from regionspot.modeling.fast_attention import sam_attention_kind, set_sam_attention
 from regionspot.modeling.precision import resolve_encoder_precision
-from regionspot.modeling.random_backbones import random_sam
+from regionspot.testing.random_backbones import random_sam
 
 from conftest import build_tiny_model, make_cfg
 

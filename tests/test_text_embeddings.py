@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from regionspot.modeling import text_embeddings as te
-from regionspot.modeling.random_backbones import random_clip
+from regionspot.testing.random_backbones import random_clip
 from regionspot.data.vocabularies import check_vocabulary
 from regionspot.modeling.text_embeddings import (
     CLIP_IMAGENET_TEMPLATES,

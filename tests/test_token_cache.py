@@ -225,6 +225,65 @@ def test_missing_manifest_and_unknown_image(tmp_path, reference, identity):
         cache.lookup(999)
 
 
+def test_identity_survives_a_copy_or_rename_and_not_a_changed_tensor(tmp_path, sam_path, reference, identity):
+    """The cache is keyed by the SAM weights' content: a copy (new path, new mtime, as rsync
+    without -t makes) or a rename keeps the cache valid; one changed tensor makes it foreign."""
+    import shutil
+
+    write_cache(tmp_path, "moved", identity, reference)
+    copy = tmp_path / "node2" / "sam_copy.pth"
+    copy.parent.mkdir()
+    shutil.copyfile(sam_path, copy)  # no metadata: another mtime
+    os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
+    assert os.stat(copy).st_mtime_ns != os.stat(sam_path).st_mtime_ns
+    copied = tc.make_identity(str(copy), "transformer", "float32")
+    assert copied == identity
+    tc.SamTokenCache(str(tmp_path), "moved", copied).lookup(100)
+    renamed = tmp_path / "node2" / "renamed.pth"
+    os.replace(copy, renamed)
+    assert tc.make_identity(str(renamed), "transformer", "float32") == identity
+
+    state = torch.load(sam_path, map_location="cpu", weights_only=True)
+    name = "mask_decoder.iou_token.weight"
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] += 1.0  # one value of one tensor
+    changed = tmp_path / "node2" / "changed.pth"
+    torch.save(state, changed)
+    other = tc.make_identity(str(changed), "transformer", "float32")
+    assert other.sam_weights != identity.sam_weights
+    assert other.sam_architecture == identity.sam_architecture
+    with pytest.raises(tc.TokenCacheError, match=r"the cache is foreign: .*SAM weights content hash"):
+        tc.SamTokenCache(str(tmp_path), "moved", other)
+
+
+def test_content_hash_is_remembered_beside_the_cache(tmp_path, sam_path, monkeypatch):
+    """The weights are hashed once per (path, size, mtime): a sidecar next to the cache keeps it
+    for the next process, and a changed file (new mtime) is hashed again."""
+    import shutil
+
+    from regionspot import weights_files
+
+    weights = tmp_path / "sam.pth"
+    shutil.copyfile(sam_path, weights)
+    cache_dir = tmp_path / "cache"
+    first = weights_files.weights_content_hash(str(weights), str(cache_dir))
+    sidecar = cache_dir / weights_files.CONTENT_HASH_SIDECAR
+    assert first in json.loads(sidecar.read_text())["files"].values()
+
+    calls = []
+    real_hash = weights_files._hash_tensors
+    monkeypatch.setattr(weights_files, "_hash_tensors", lambda path: calls.append(path) or real_hash(path))
+    weights_files._memo.clear()  # a new process: only the sidecar remembers
+    assert weights_files.weights_content_hash(str(weights), str(cache_dir)) == first
+    assert calls == []
+    state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    state["mask_decoder.iou_token.weight"] = state["mask_decoder.iou_token.weight"] + 1
+    torch.save(state, str(weights))
+    os.utime(weights, ns=(5_000_000_000, 5_000_000_000))
+    assert weights_files.weights_content_hash(str(weights), str(cache_dir)) != first
+    assert len(calls) == 1
+
+
 def test_missing_shard(tmp_path, reference, identity):
     records, directory = _cache_with(tmp_path, identity, reference, "miss")
     os.remove(directory / records[1].file)
@@ -238,13 +297,13 @@ def test_missing_shard(tmp_path, reference, identity):
 
 def test_foreign_manifest_and_foreign_shard(tmp_path, reference, identity, sam_path):
     records, directory = _cache_with(tmp_path, identity, reference, "foreign")
-    other = tc.CacheIdentity("file:" + "0" * 64, identity.sam_architecture, identity.token_source,
+    other = tc.CacheIdentity("tensors-sha256-v1:" + "0" * 64, identity.sam_architecture, identity.token_source,
                              identity.token_dim, identity.dtype)
-    with pytest.raises(tc.TokenCacheError, match=r"foreign: the cache is foreign: .*SAM weights fingerprint"):
+    with pytest.raises(tc.TokenCacheError, match=r"foreign: the cache is foreign: .*SAM weights content hash"):
         tc.SamTokenCache(str(tmp_path), "foreign", other)
     with pytest.raises(tc.TokenCacheError, match=r"token source 'transformer' != expected 'mlp'"):
         tc.SamTokenCache(str(tmp_path), "foreign", tc.make_identity(sam_path, "mlp"))
-    # One shard rewritten by another SAM (same size: only the fingerprint differs).
+    # One shard rewritten by another SAM (same size: only the content hash differs).
     shard = records[0]
     foreign_dir = tmp_path / "elsewhere"
     w = tc.ShardWriter(str(foreign_dir), "foreign", other, shard_size=100)
@@ -256,7 +315,7 @@ def test_foreign_manifest_and_foreign_shard(tmp_path, reference, identity, sam_p
     assert os.path.getsize(directory / shard.file) == shard.bytes
     cache = tc.SamTokenCache(str(tmp_path), "foreign", identity)
     with pytest.raises(tc.TokenCacheError, match=rf"shard {shard.file} is foreign: it was written with SAM "
-                                                 rf"weights fingerprint file:000000000000000\.\.\. "
+                                                 rf"weights content hash tensors-sha256-v1:0{{10}}\.\.\. "
                                                  rf".*\(image {shard.image_ids[0]}\)"):
         cache.lookup(shard.image_ids[0])
 

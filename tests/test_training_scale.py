@@ -254,7 +254,7 @@ def test_cached_tokens_equal_the_online_ones_through_the_mapper_and_model(tmp_pa
 
 def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, clip_path, two_datasets, monkeypatch):
     from regionspot.data.token_cache import TokenCacheError
-    from regionspot.modeling.random_backbones import write_random_sam
+    from regionspot.testing.random_backbones import write_random_sam
 
     monkeypatch.chdir(REPO)
     cache = _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_a")

@@ -8,7 +8,7 @@ import torch
 from regionspot.data import vocabularies as vocab_mod
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, get_vocabulary
 from regionspot.modeling.text_embeddings import encode_class_names
-from regionspot.modeling.random_backbones import random_clip
+from regionspot.testing.random_backbones import random_clip
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from regionspot.modeling.random_backbones import SAM_PRESETS, random_sam, write_random_clip
+from regionspot.testing.random_backbones import SAM_PRESETS, random_sam, write_random_clip
 from regionspot.modeling.weights import WeightsError, load_clip, load_sam, sam_architecture
 
 

@@ -201,7 +201,7 @@ def check_config(cfg: CN) -> None:
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.proposals import PROPOSAL_SOURCES
-    from .modeling.proposals.file import PROPOSAL_FILE_FORMATS
+    from .data.proposal_files import PROPOSAL_FILE_FORMATS
     from .modeling.proposals.rpn import RPN_INPUT_FORMATS
     from .modeling.proposals.sam_auto import SamAutoProposalGenerator
 

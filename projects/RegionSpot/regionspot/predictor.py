@@ -28,7 +28,7 @@ from detectron2.structures import Boxes, Instances
 from .checkpoint import RegionSpotCheckpointer
 from .data.validation import InputError, check_boxes
 from .data.vocabularies import check_vocabulary
-from .modeling.proposals.filters import FilterReport
+from .filter_report import FilterReport
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RegionPredictions:
         vocabulary: the C class names scored against.
         filters: what each selection step removed on the way (SAM's automatic-mask filters,
             the ``PROPOSAL_*`` selection, :meth:`above_score`), with the key that controls it
-            (:class:`~regionspot.modeling.proposals.filters.FilterReport`; ``filters.as_dict()``
+            (:class:`~regionspot.filter_report.FilterReport`; ``filters.as_dict()``
             is JSON). Empty for given boxes, which are never filtered.
     """
 

@@ -2,10 +2,10 @@
 detector's proposals attached when configured).
 
 With ``PROPOSALS`` "file" the dataset dicts get the proposal file's boxes as Detectron2's
-precomputed-proposal keys (``modeling/proposals/file.py``), and the mapper turns them into
+precomputed-proposal keys (``data/proposal_files.py``), and the mapper turns them into
 ``proposals``; the coverage of the file (images it lacks, ids the dataset lacks) is returned
 so the evaluation can report it, and each image's dict carries what the file's selection
-removed from its boxes (``proposal_filters``, :mod:`regionspot.modeling.proposals.filters`),
+removed from its boxes (``proposal_filters``, :mod:`regionspot.filter_report`),
 which the model's per-image filter report starts from. Every other source uses Detectron2's
 loader unchanged.
 """
@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 from detectron2.data import get_detection_dataset_dicts
 
-from ..evaluation.protocol import proposal_file_for
+from ..proposal_sources import proposal_file_for
 from .mapper import RegionSpotDatasetMapper
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
         (loader, coverage): the loader (:func:`build_batched_test_loader`: ``TEST.IMS_PER_BATCH``
         images per batch, Detectron2's inference sampler) with :class:`RegionSpotDatasetMapper`;
         ``coverage`` is the report of
-        :func:`~regionspot.modeling.proposals.file.attach_proposals` with ``PROPOSALS`` "file",
+        :func:`~regionspot.data.proposal_files.attach_proposals` with ``PROPOSALS`` "file",
         else None.
 
     Raises:
@@ -49,7 +49,7 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     if rs.PROPOSALS != "file":
         return build_batched_test_loader(cfg, dicts, mapper), None
-    from ..modeling.proposals.file import attach_proposals, read_proposal_file
+    from .proposal_files import attach_proposals, read_proposal_file
 
     path = proposal_file_for(cfg, dataset_name)
     proposals = read_proposal_file(path, rs.PROPOSAL_FILE_FORMAT)

@@ -6,9 +6,10 @@ Here the augmentation (Detectron2's ``ResizeShortestEdge`` + ``RandomFlip`` from
 is applied once, to the single image that goes to both SAM and CLIP and to its boxes.
 At test time the ground-truth boxes are kept (the proposals with ``PROPOSALS`` "gt"; the
 released test mapper drops them and crashes). With ``PROPOSALS`` "file", the boxes a detector
-wrote, attached to the dataset dicts as Detectron2's precomputed-proposal keys
-(``modeling/proposals/file.py``), go through Detectron2's own ``transform_proposals`` with the
-same transform as the image, and the top ``PROPOSAL_TOPK`` become ``dataset_dict["proposals"]``.
+wrote, selected (score threshold, NMS, top ``PROPOSAL_TOPK``) and attached to the dataset dicts
+as Detectron2's precomputed-proposal keys (``data/proposal_files.py``), go through Detectron2's
+own ``transform_proposals`` with the same transform as the image and become
+``dataset_dict["proposals"]`` (the selection is not applied a second time here).
 """
 
 import copy
@@ -24,9 +25,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from ..modeling.position_tokens import resize_for_sam
-from ..modeling.proposals import check_proposal_source
-from ..modeling.semantic_features import resize_for_clip
+from ..proposal_sources import check_proposal_source
+from ..transforms import annotation_boxes_xyxy, flip_boxes, resize_for_clip, resize_for_sam
 from .validation import InputError, check_boxes, read_image
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ class RegionSpotDatasetMapper(DatasetMapper):
     Output dict: the input's keys plus "image" ((3, H, W) uint8 RGB tensor, augmented),
     the encoders' resizes of the image that SAM and CLIP will see, made here so that they run
     in the data-loader workers and not on the model's critical path: "sam_input" ((3, h, w)
-    uint8, long side ``SAM_INPUT_SIZE``, :func:`~regionspot.modeling.position_tokens.resize_for_sam`;
+    uint8, long side ``SAM_INPUT_SIZE``, :func:`~regionspot.transforms.resize_for_sam`;
     not when SAM's tokens come from the cache) and "clip_input" ((3, S, S) float32 in [0, 1],
-    :func:`~regionspot.modeling.semantic_features.resize_for_clip`), both only with
+    :func:`~regionspot.transforms.resize_for_clip`), both only with
     ``LOADER_RESIZE``; "instances" (``gt_boxes``: XYXY_ABS pixels of the augmented image, ``gt_classes``:
     int64 contiguous ids) and, at test time with ``PROPOSALS`` "file", "proposals"
     (``proposal_boxes`` in the same frame, ``objectness_logits``). Annotations are boxes only
@@ -54,9 +54,13 @@ class RegionSpotDatasetMapper(DatasetMapper):
 
     @configurable
     def __init__(self, is_train: bool, *, token_cache_dir: str = "", token_identity=None, sam_input_size: int = 0,
-                 clip_input_size: int = 0, clip_antialias: bool = False, **kwargs):
+                 clip_input_size: int = 0, clip_antialias: bool = False, file_proposals: bool = False, **kwargs):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
+        # The proposal file's selection (score threshold, NMS, top-k) ran once, when the test
+        # loader attached the boxes (data/proposal_files.py, recorded in "proposal_filters"):
+        # the mapper only transforms them, it does not cut them again.
+        self.file_proposals = file_proposals
         self.sam_input_size = sam_input_size
         self.clip_input_size = clip_input_size
         self.clip_antialias = clip_antialias
@@ -71,8 +75,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
         rs = cfg.MODEL.REGIONSPOT
         # Detectron2's precomputed-proposal path, driven by our source key instead of
         # MODEL.LOAD_PROPOSALS; proposals are used at test time only.
-        file_source = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
-        ret["precomputed_proposal_topk"] = rs.PROPOSAL_TOPK if file_source else None
+        ret["file_proposals"] = check_proposal_source(rs.PROPOSALS) == "file" and not is_train
         if rs.LOADER_RESIZE:
             ret.update(sam_input_size=rs.SAM_INPUT_SIZE, clip_input_size=rs.CLIP_INPUT_SIZE,
                        clip_antialias=rs.CLIP_RESIZE_ANTIALIAS)
@@ -111,9 +114,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
             raise InputError(f"image {file_name!r}: {e}") from e
         annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
         if annos:
-            xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-                            dtype=np.float32)
-            clipped = check_boxes(xyxy, image.shape[:2], f"boxes of {file_name!r}")
+            clipped = check_boxes(annotation_boxes_xyxy(annos), image.shape[:2], f"boxes of {file_name!r}")
             for a, box in zip(annos, clipped.tolist()):
                 a["bbox"], a["bbox_mode"] = box, BoxMode.XYXY_ABS
                 a.pop("segmentation", None)  # boxes are the prompts; masks come from SAM
@@ -130,11 +131,12 @@ class RegionSpotDatasetMapper(DatasetMapper):
         if self.sam_input_size and not self.is_train:
             dataset_dict["sam_input"] = resize_for_sam(dataset_dict["image"], self.sam_input_size)
 
-        if self.proposal_topk is not None:
+        if self.file_proposals:
             if "proposal_boxes" not in dataset_dict:
                 raise InputError(f"image {file_name!r} (id {dataset_dict.get('image_id')!r}) has no proposals attached; "
                                  f"with PROPOSALS 'file' the test loader attaches them from the proposal file")
-            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+            # proposal_topk None: keep every attached box (the top-k was applied when attaching)
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=None)
 
         original_boxes = np.array([a["bbox"] for a in annos], dtype=np.float32).reshape(-1, 4)
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
@@ -165,14 +167,14 @@ class RegionSpotDatasetMapper(DatasetMapper):
             tokens, _ = cache.lookup(dataset_dict["image_id"], flipped, expected_boxes=torch.as_tensor(boxes))
             instances.sam_tokens = tokens
             return
-        w = original.shape[1]
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
         if flipped:
-            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+            boxes = flip_boxes(boxes, original.shape[1])
             original = original[:, ::-1]
         dataset_dict["sam_image"] = torch.as_tensor(np.ascontiguousarray(original.transpose(2, 0, 1)))
         if self.sam_input_size:
             dataset_dict["sam_input"] = resize_for_sam(dataset_dict["sam_image"], self.sam_input_size)
-        instances.sam_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+        instances.sam_boxes = Boxes(boxes)
 
     def _token_cache(self, dataset_dict: Dict):
         """The SAM-token cache of the dict's dataset (opened once per data-loader worker)."""

@@ -70,11 +70,17 @@ finish, or ``--finalize`` later) writes ``manifest.json`` from all shards.
 
 Identity
 --------
-:class:`CacheIdentity`: the SAM weights file's :func:`weights_fingerprint` (sha256 of its
-real path, size and mtime: moving or touching the file makes the cache "foreign", a loud
-error rather than silently wrong tokens), SAM's architecture read from the tensor shapes
-(:func:`regionspot.modeling.weights.sam_architecture`), the token source, the token width and
-the stored dtype. It is written into the manifest and every shard, and checked on reading.
+:class:`CacheIdentity`: the content hash of the SAM weights file's tensors
+(:func:`regionspot.weights_files.weights_content_hash`: a copy of the file on another node,
+with or without its mtime, or a renamed file keeps the cache valid; one changed tensor makes
+it "foreign", a loud error rather than silently wrong tokens), SAM's architecture read from
+the tensor shapes (:func:`regionspot.weights_files.sam_architecture`), the token source, the
+token width and the stored dtype. It is written into the manifest and every shard, and
+checked on reading. The hash reads the weights once per process; :func:`identity_from_config`
+remembers it next to the cache (``<TOKEN_CACHE_DIR>/weights-content-hashes.json``, keyed by
+the file's real path, size and mtime), so that later runs on the node only ``stat`` the file.
+This module does not import :mod:`regionspot.modeling`: what identifies SAM comes from
+:mod:`regionspot.weights_files`.
 
 Reading
 -------
@@ -86,11 +92,9 @@ token source or dtype), a stale entry (boxes differ from the dataset's current a
 boxes), an image that is not cached, and a corrupt file. Tokens are returned as float32
 whatever the stored dtype.
 
-Sizes (measured on shards of 1,000 images, 256-d tokens, image and flip): float32 2,104 bytes
-per box, bfloat16 1,080 bytes per box (boxes stay float32), plus ~343 bytes of header per
-image; Objects365 v2 (1.74 M images, ~25.4 M boxes) takes ~53 GB in float32, ~27 GB in
-bfloat16. See ``tools/extract_sam_tokens.py`` for the other datasets and what bfloat16
-changes in the logits.
+Sizes: about 2.1 KB per box in float32 and 1.1 KB in bfloat16 (image and flip); the
+measurements, per-dataset estimates and what bfloat16 changes are in ``docs/speed.md``
+("The SAM-token cache").
 """
 
 import collections
@@ -106,6 +110,9 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, write_json_atomic
+from ..transforms import annotation_boxes_xyxy, flip_boxes  # noqa: F401  (flip_boxes: part of this module's API)
+from ..weights_files import (TOKEN_SOURCES, WeightsError, require_file, sam_architecture, token_dim,
+                             weights_content_hash)
 from .validation import check_boxes
 
 __all__ = [
@@ -135,7 +142,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "regionspot-sam-token-cache"
 # Bump when what is stored or how it is computed changes, so old caches are refused.
-CACHE_FORMAT_VERSION = 1
+# Version 2: the identity holds the SAM weights' content hash (version 1: path, size, mtime).
+CACHE_FORMAT_VERSION = 2
 # Stored token dtypes (``--dtype``); boxes are always float32.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MANIFEST = "manifest.json"
@@ -158,7 +166,8 @@ class CacheIdentity:
     """What the cached tokens depend on; two caches with different identities are not interchangeable.
 
     Attributes:
-        sam_weights: :func:`regionspot.modeling.text_embeddings.weights_fingerprint` of the SAM file.
+        sam_weights: :func:`regionspot.weights_files.weights_content_hash` of the SAM file (its
+            tensors: a copied or renamed file keeps it, a changed tensor changes it).
         sam_architecture: canonical JSON of ``sam_architecture(state_dict)`` (embed dim, depth, ...).
         token_source: ``MODEL.REGIONSPOT.TOKEN_SOURCE`` ("transformer", "prompt_encoder", "mlp").
         token_dim: T, channels of one token (256, or 32 for "mlp").
@@ -196,8 +205,8 @@ class CacheIdentity:
         empty when they match (an expected ``dtype`` of ``None`` matches any dtype)."""
         out = []
         if self.sam_weights != stored.sam_weights:
-            out.append(f"SAM weights fingerprint {stored.sam_weights[:20]}... != expected {self.sam_weights[:20]}... "
-                       f"(other SAM weights, or the SAM file was moved, copied or touched)")
+            out.append(f"SAM weights content hash {stored.sam_weights[:28]}... != expected {self.sam_weights[:28]}... "
+                       f"(other SAM weights: a tensor of the SAM file differs)")
         if self.sam_architecture != stored.sam_architecture:
             out.append(f"SAM architecture {stored.sam_architecture} != expected {self.sam_architecture}")
         if self.token_source != stored.token_source:
@@ -214,9 +223,6 @@ def _canonical_arch(arch: Mapping[str, Any]) -> str:
 
 
 def _arch_from_file(path: str) -> Dict[str, Any]:
-    from ..modeling.weights import WeightsError, require_file, sam_architecture
-
-    path = require_file(path, "SAM")
     try:  # mmap: only the zip directory and the header are read, not the ~0.4-2.5 GB of weights
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -230,7 +236,7 @@ def _arch_from_file(path: str) -> Dict[str, Any]:
 
 
 def make_identity(sam_weights: str, token_source: str, dtype: Optional[str] = "float32",
-                  sam: Optional[torch.nn.Module] = None) -> CacheIdentity:
+                  sam: Optional[torch.nn.Module] = None, *, hash_dir: Optional[str] = None) -> CacheIdentity:
     """The :class:`CacheIdentity` of tokens computed with a SAM weights file.
 
     Args:
@@ -239,31 +245,30 @@ def make_identity(sam_weights: str, token_source: str, dtype: Optional[str] = "f
         dtype: "float32", "bfloat16", or ``None`` (any; only for an expected identity).
         sam: the loaded ``Sam`` module, if at hand (its architecture is read from it instead
             of the file's tensor shapes; the result is the same).
+        hash_dir: optional folder (the cache root) where the weights' content hash is
+            remembered across processes (:func:`regionspot.weights_files.weights_content_hash`).
 
     Raises:
         WeightsError: the file is missing or not a SAM state dict.
         ValueError: unknown ``token_source`` or ``dtype``.
     """
-    from ..modeling.position_tokens import TOKEN_SOURCES
-    from ..modeling.text_embeddings import weights_fingerprint
-    from ..modeling.weights import require_file, sam_architecture
-
     if token_source not in TOKEN_SOURCES:
         raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     path = require_file(sam_weights, "SAM")
     arch = sam_architecture(sam.state_dict()) if sam is not None else _arch_from_file(path)
-    dim = int(arch["out_chans"])  # the mask decoder's transformer_dim (weights.build_sam)
-    token_dim = dim // 8 if token_source == "mlp" else dim
-    return CacheIdentity(weights_fingerprint(path), _canonical_arch(arch), token_source, token_dim, dtype)
+    return CacheIdentity(weights_content_hash(path, hash_dir), _canonical_arch(arch), token_source,
+                         token_dim(arch, token_source), dtype)
 
 
 def identity_from_config(cfg, dtype: Optional[str] = None) -> CacheIdentity:
-    """The expected identity for a config: ``MODEL.REGIONSPOT.SAM_WEIGHTS`` and ``TOKEN_SOURCE``;
-    ``dtype`` None accepts the cache's dtype. Raises ``WeightsError`` (see :func:`make_identity`)."""
+    """The expected identity for a config: ``MODEL.REGIONSPOT.SAM_WEIGHTS`` and ``TOKEN_SOURCE``
+    (the weights' content hash remembered under ``TOKEN_CACHE_DIR`` when set); ``dtype`` None
+    accepts the cache's dtype. Raises ``WeightsError`` (see :func:`make_identity`)."""
     rs = cfg.MODEL.REGIONSPOT
-    return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype)
+    return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype,
+                         hash_dir=rs.TOKEN_CACHE_DIR or None)
 
 
 # ----------------------------------------------------------------------------- computing tokens
@@ -284,27 +289,12 @@ def annotation_boxes(record: Mapping[str, Any]) -> torch.Tensor:
         InputError: a NaN, empty or out-of-image box (named by index and file name).
         KeyError: the dict lacks ``height``/``width``.
     """
-    from detectron2.structures import BoxMode
-
     annos = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
     if not annos:
         return torch.zeros(0, 4, dtype=torch.float32)
-    xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float32)
+    xyxy = annotation_boxes_xyxy(annos)
     size = (int(record["height"]), int(record["width"]))
     return check_boxes(xyxy, size, f"boxes of {record.get('file_name', '<no file_name>')!r}").contiguous()
-
-
-def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Boxes of an image mirrored left-right: ``x0' = W - x1, x1' = W - x0`` (y unchanged).
-
-    Args:
-        boxes: (N, 4) XYXY_ABS pixels of an image ``width`` pixels wide.
-
-    Returns:
-        (N, 4) float32 tensor on the same device, in the flipped image's frame.
-    """
-    b = boxes.float()
-    return torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
 
 
 @torch.no_grad()

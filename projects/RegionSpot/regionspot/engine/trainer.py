@@ -36,8 +36,8 @@ from ..data.build import build_regionspot_test_loader, build_regionspot_train_lo
 from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
 from ..io import write_json_atomic
+from ..filter_report import FilterReport, FilterReportEvaluator
 from ..modeling.text_classifier import vocabulary_from_config
-from ..modeling.proposals.filters import FilterReport, FilterReportEvaluator
 from .launch import wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
 
@@ -240,7 +240,7 @@ def report_results(cfg, dataset_name: str, results: dict, protocol: dict, covera
     """Log an AP table per task with the protocol under it, and write the metrics file (strict
     JSON: a NaN metric is ``null``; ``skipped_tasks``: {task: reason} of requested tasks the
     evaluator skipped, e.g. mask AP on a dataset without masks; ``filters``: the dataset's
-    :class:`~regionspot.modeling.proposals.filters.FilterReportEvaluator` summary, written
+    :class:`~regionspot.filter_report.FilterReportEvaluator` summary, written
     under ``filters``, with one warning line when a selection step left images with nothing)."""
     if filters:
         message = FilterReport.from_dict(filters).summary_warning(f"evaluation on {dataset_name}")

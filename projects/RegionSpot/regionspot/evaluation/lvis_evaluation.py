@@ -2,7 +2,7 @@
 RegionSpot's outputs (box AP and SAM-mask AP).
 
 RegionSpot keeps up to ``TEST_TOPK`` (box, class) pairs per image and a box may carry many
-classes, each a detection with the same mask (:class:`~regionspot.modeling.postprocess.SharedMasks`).
+classes, each a detection with the same mask (:class:`~regionspot.structures.SharedMasks`).
 Detectron2's evaluator would RLE-encode the mask once per detection; here each distinct mask
 is encoded once and its RLE shared by the detections of that box, so neither time nor memory
 grows with the number of classes a box carries. Everything else (gathering across ranks, the
@@ -33,7 +33,7 @@ from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
 from ..io import atomic_write, dumps_strict_json
-from ..modeling.postprocess import SharedMasks
+from ..structures import SharedMasks
 from .fast_lvis import LVISFormatError, check_evaluator_backend, check_lvis_format, evaluate_predictions_on_lvis_fast
 from .mask_annotations import fill_missing_masks_with_boxes, mask_annotation_counts, no_masks_message
 

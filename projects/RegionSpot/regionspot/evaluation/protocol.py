@@ -9,36 +9,11 @@ evaluator's cap. :func:`evaluation_protocol` gathers all of it from the config.
 import os
 from typing import Dict, Optional
 
-from ..modeling.postprocess import RecognitionProtocol
+from ..proposal_sources import proposal_file_for
+from ..structures import RecognitionProtocol
 
 SOURCE_NAMES = {"gt": "ground-truth boxes (score 1)", "file": "file", "rpn": "RPN",
                 "sam_auto": "SAM automatic masks"}
-
-
-def proposal_file_for(cfg, dataset_name: str) -> str:
-    """The proposal file of one test dataset with ``PROPOSALS`` "file".
-
-    ``DATASETS.PROPOSAL_FILES_TEST`` (Detectron2's key, one file per test dataset) when set,
-    else ``MODEL.REGIONSPOT.PROPOSAL_FILE`` (one test dataset).
-
-    Raises:
-        ValueError: no file configured, or counts that do not match ``DATASETS.TEST``.
-    """
-    tests = list(cfg.DATASETS.TEST)
-    files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
-    if files:
-        if len(files) != len(tests):
-            raise ValueError(f"DATASETS.PROPOSAL_FILES_TEST has {len(files)} files for {len(tests)} datasets in "
-                             f"DATASETS.TEST {tests}: give one file per dataset")
-        return files[tests.index(dataset_name)]
-    path = cfg.MODEL.REGIONSPOT.PROPOSAL_FILE
-    if not path:
-        raise ValueError('MODEL.REGIONSPOT.PROPOSALS is "file" but no file is set: give '
-                         'MODEL.REGIONSPOT.PROPOSAL_FILE (or DATASETS.PROPOSAL_FILES_TEST, one per test dataset)')
-    if len(tests) > 1:
-        raise ValueError(f"MODEL.REGIONSPOT.PROPOSAL_FILE names one file but DATASETS.TEST has {len(tests)} "
-                         f"datasets {tests}: list one file per dataset in DATASETS.PROPOSAL_FILES_TEST")
-    return path
 
 
 def evaluation_protocol(cfg, dataset_name: Optional[str] = None, num_classes: Optional[int] = None) -> Dict[str, object]:
@@ -47,7 +22,7 @@ def evaluation_protocol(cfg, dataset_name: Optional[str] = None, num_classes: Op
     Returns:
         dict with ``proposals`` (source), ``proposal_file``, ``proposal_topk``,
         ``proposal_score_thresh``, ``proposal_nms_thresh``, the fields of
-        :class:`~regionspot.modeling.postprocess.RecognitionProtocol` (``class_score``,
+        :class:`~regionspot.structures.RecognitionProtocol` (``class_score``,
         ``proposal_score_power``, ``selection``, ``topk``, ``nms_thresh``,
         ``tap_class_thresh``, ``max_detections``) and ``description``, one line saying all of it.
     """

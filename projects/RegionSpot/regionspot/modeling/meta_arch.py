@@ -40,13 +40,13 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 
 from ..checkpoint import register_head_only_state
+from ..filter_report import FilterReport, report_of_input
 from .head import RegionSpotHead, region_logits
 from .losses import RegionSpotCriterion
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, detections_to_instances, resize_masks
 from .profiling import STAGE_LABELS, stage  # noqa: F401  (STAGE_LABELS: the labels profilers look for)
 from .proposals import logit_to_score
-from .proposals.filters import FilterReport, report_of_input
 from .proposals.generator import RegionProposalGenerator
 from .semantic_features import ClipSemanticFeatures
 from .text_classifier import TextClassifier, Vocabulary, build_time_vocabulary

@@ -21,15 +21,14 @@ Token sources (paper Table 4b):
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
+from ..weights_files import TOKEN_SOURCES  # noqa: F401  (shared with the SAM-token cache's identity)
 from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
 from .precision import check_encoder_precision, encoder_autocast, resolve_encoder_precision
 from .profiling import stage
-
-TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
 
 # Masks pasted per call of Sam.postprocess_masks: each costs two float32 frames (S x S and the
 # output size) before thresholding, so pasting in chunks bounds that memory.
@@ -52,26 +51,6 @@ class BoxPrompts(NamedTuple):
     tokens: torch.Tensor
     low_res_masks: Optional[torch.Tensor]
     iou_predictions: Optional[torch.Tensor]
-
-
-def resize_for_sam(image: torch.Tensor, long_side: int) -> torch.Tensor:
-    """SAM's resize of one image, as ``SamPredictor.set_image`` does it (CPU, uint8).
-
-    ``ResizeLongestSide.apply_image`` (long side -> ``long_side``, PIL bilinear on uint8).
-    Cheap enough for a data-loader worker, where the test mapper calls it.
-
-    Args:
-        image: (3, H, W) uint8 RGB tensor (any device; copied to the CPU).
-        long_side: SAM's input side S (1024 for the official models).
-
-    Returns:
-        (3, h, w) uint8 CPU tensor with max(h, w) == ``long_side``.
-    """
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-    resized = ResizeLongestSide(long_side).apply_image(array)
-    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 class SamPositionTokens(nn.Module):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transforms import resize_for_clip  # noqa: F401  (the released resize, shared with the data mapper)
 from .precision import check_encoder_precision, encoder_autocast, resolve_encoder_precision
 from .profiling import stage
 
@@ -43,21 +44,6 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos])
-
-
-def resize_for_clip(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """The released CLIP input resize of one image: /255, bilinear (align_corners False) to
-    ``size`` x ``size`` (aspect not kept), optionally antialiased; not normalised.
-
-    Args:
-        image: (3, H, W) uint8 RGB, any device (the result stays there).
-        size: S, CLIP's input side in pixels.
-
-    Returns:
-        (3, S, S) float32 in [0, 1].
-    """
-    x = image.float()[None] / 255.0
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 class ClipSemanticFeatures(nn.Module):

@@ -3,7 +3,7 @@
 RegionSpot never downloads weights: the config points to local copies of the files that
 Meta (SAM) and OpenAI (CLIP) publish. The architecture is read from the file itself, so the
 same code loads the official ViT-B/L/H SAM and ViT-B/16, ViT-L/14, ViT-L/14@336px CLIP, and
-the small random models that :mod:`regionspot.modeling.random_backbones` writes in exactly
+the small random models that :mod:`regionspot.testing.random_backbones` writes in exactly
 those formats for tests and the CPU sample.
 
 Formats (as published):
@@ -14,69 +14,21 @@ Formats (as published):
 """
 
 import logging
-import os
 from functools import partial
 from typing import Dict
 
 import torch
 from torch import nn
 
+from ..weights_files import (  # noqa: F401  (shared with the SAM-token cache; re-exported)
+    CLIP_WEIGHTS_NAMES,
+    SAM_WEIGHTS_URLS,
+    WeightsError,
+    require_file,
+    sam_architecture,
+)
+
 logger = logging.getLogger(__name__)
-
-# Where the official files are published; named in the error for a missing file.
-SAM_WEIGHTS_URLS: Dict[str, str] = {
-    "sam_vit_b_01ec64.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "sam_vit_l_0b3195.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "sam_vit_h_4b8939.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
-CLIP_WEIGHTS_NAMES: Dict[str, str] = {
-    "ViT-B-16.pt": "ViT-B/16",
-    "ViT-L-14.pt": "ViT-L/14",
-    "ViT-L-14-336px.pt": "ViT-L/14@336px",
-}
-
-
-class WeightsError(RuntimeError):
-    """A weights file is missing, unreadable or does not hold the expected model."""
-
-
-def _clip_url(file_name: str) -> str:
-    import clip.clip as clip_module  # the package's own table of official download URLs
-
-    name = CLIP_WEIGHTS_NAMES.get(file_name)
-    return clip_module._MODELS.get(name, "https://github.com/openai/CLIP") if name else (
-        "https://github.com/openai/CLIP (clip.available_models())"
-    )
-
-
-def require_file(path: str, what: str) -> str:
-    """Return ``path`` if it is a readable file, else raise a :class:`WeightsError`.
-
-    Args:
-        path: local path from the config (``~`` is expanded).
-        what: ``"SAM"`` or ``"CLIP"``, used to name the official file and its URL.
-
-    Raises:
-        WeightsError: the file does not exist; the message names the expected file, the
-            config key and where the official copy is published.
-    """
-    path = os.path.expanduser(path or "")
-    if path and os.path.isfile(path):
-        return path
-    base = os.path.basename(path)
-    if what == "SAM":
-        key = "MODEL.REGIONSPOT.SAM_WEIGHTS"
-        url = SAM_WEIGHTS_URLS.get(base, "https://github.com/facebookresearch/segment-anything"
-                                         "#model-checkpoints")
-        expected = base if base in SAM_WEIGHTS_URLS else "sam_vit_b_01ec64.pth (or vit_l / vit_h)"
-    else:
-        key = "MODEL.REGIONSPOT.CLIP_WEIGHTS"
-        url = _clip_url(base)
-        expected = base if base in CLIP_WEIGHTS_NAMES else ", ".join(CLIP_WEIGHTS_NAMES)
-    raise WeightsError(
-        f"{what} weights file not found: {path!r} (set by {key}). Expected the official "
-        f"file {expected}; download it from {url} and point {key} at it."
-    )
 
 
 def _torch_load(path: str, what: str):
@@ -84,52 +36,6 @@ def _torch_load(path: str, what: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors of a corrupt or foreign file
         raise WeightsError(f"cannot read {what} weights file {path!r}: {type(e).__name__}: {e}") from e
-
-
-def sam_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
-    """Read the SAM image-encoder hyper-parameters from a SAM state dict.
-
-    The official builders (``segment_anything.build_sam``) hard-code them per variant; here
-    they come from tensor shapes, so vit_b/l/h and small random models share one path:
-    embed_dim from the patch embedding, depth from the block count, head_dim from the
-    relative position tables, global-attention blocks from the tables whose length is
-    ``2 * grid - 1`` (window-attention blocks have ``2 * window - 1``).
-
-    Returns:
-        dict with embed_dim, depth, num_heads, global_attn_indexes, window_size, img_size,
-        patch_size, out_chans.
-
-    Raises:
-        WeightsError: the dict is not a SAM state dict.
-    """
-    try:
-        patch = state_dict["image_encoder.patch_embed.proj.weight"]  # (C, 3, p, p)
-        pos = state_dict["image_encoder.pos_embed"]  # (1, grid, grid, C)
-        out_chans = state_dict["image_encoder.neck.0.weight"].shape[0]
-    except KeyError as e:
-        raise WeightsError(f"not a SAM state dict: key {e} is missing") from e
-    embed_dim, patch_size, grid = patch.shape[0], patch.shape[-1], pos.shape[1]
-    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
-    global_idx, window = [], None
-    head_dim = None
-    for i in range(depth):
-        table = state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"]  # (2 * size - 1, head_dim)
-        head_dim = table.shape[1]
-        size = (table.shape[0] + 1) // 2
-        if size == grid:
-            global_idx.append(i)
-        else:
-            window = size
-    return dict(
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=embed_dim // head_dim,
-        global_attn_indexes=global_idx,
-        window_size=window if window is not None else 14,
-        img_size=grid * patch_size,
-        patch_size=patch_size,
-        out_chans=out_chans,
-    )
 
 
 def build_sam(arch: Dict[str, object]) -> nn.Module:

@@ -23,7 +23,7 @@ from detectron2.structures import Instances
 
 from ..profiling import stage
 from . import check_proposal_source, logit_to_score, select_proposals
-from .filters import FilterReport
+from ...filter_report import FilterReport
 from .gt import proposals_from_ground_truth
 from .sam_auto import SamAutoProposalGenerator
 

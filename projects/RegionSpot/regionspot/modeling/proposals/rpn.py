@@ -64,7 +64,7 @@ class RPNProposalGenerator(nn.Module):
             mean/std, ``RPN.POST_NMS_TOPK_TEST``).
         weights: path of the RPN's weights file (see the module docstring); None leaves the
             weights randomly initialised (only to write test files, see
-            :func:`regionspot.modeling.random_backbones.write_random_rpn`).
+            :func:`regionspot.testing.random_backbones.write_random_rpn`).
         input_format: channel order the RPN was trained with ("BGR" for Detectron2's model
             zoo, whose pixel mean/std are BGR); RegionSpot's images are RGB and are flipped.
 

@@ -193,7 +193,7 @@ class SamAutoProposalGenerator:
             image: (3, H, W) uint8 RGB, the image the model sees.
             sam_embedding: (256, g, g) SAM's embedding of that image.
             sam_input_size: (h, w) of the image inside SAM's padded input.
-            report: optional :class:`~regionspot.modeling.proposals.filters.FilterReport` of
+            report: optional :class:`~regionspot.filter_report.FilterReport` of
                 the image: each of SAM's filters that is on records how many masks it removed
                 (:meth:`record_filters`).
 
@@ -236,7 +236,7 @@ class SamAutoProposalGenerator:
         Args:
             generator: a ``CountingMaskGenerator`` after ``generate``
                 (:func:`counting_mask_generator_class`).
-            report: the image's :class:`~regionspot.modeling.proposals.filters.FilterReport`.
+            report: the image's :class:`~regionspot.filter_report.FilterReport`.
         """
         counts, settings = generator.counts, self.settings
         crops = settings.get("crop_n_layers", 0) > 0

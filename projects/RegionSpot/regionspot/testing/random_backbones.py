@@ -1,0 +1,193 @@
+"""Randomly initialised SAM, CLIP and RPN, in memory or written in the official file formats.
+
+No pretrained weights can be downloaded where this project is tested, so the tests, the CPU
+sample job and the benchmark use randomly initialised backbones. They go through exactly the
+loading code of the official files (:mod:`regionspot.modeling.weights`): SAM as a plain
+state-dict ``.pth``, CLIP as a TorchScript archive like OpenAI's ``ViT-*.pt`` (or a plain
+state dict), an RPN as a Detectron2 checkpoint (``.pth``) or model-zoo pickle (``.pkl``).
+Numbers computed with them measure the pipeline, never accuracy.
+"""
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..io import atomic_write
+from ..modeling.weights import build_sam
+
+# Image-encoder hyper-parameters: the official variants (segment_anything.build_sam) and a
+# small one for CPU tests (~0.4M-parameter encoder, 256 px input, same prompt encoder/decoder).
+SAM_PRESETS: Dict[str, Dict[str, object]] = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+    "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256),
+}
+
+# clip.model.CLIP arguments of OpenAI's ViT models and of a small one for CPU tests.
+CLIP_PRESETS: Dict[str, Dict[str, int]] = {
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, transformer_width=768, transformer_heads=12,
+                     transformer_layers=12),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                           vision_patch_size=14, transformer_width=768, transformer_heads=12,
+                           transformer_layers=12),
+    "tiny": dict(embed_dim=32, image_resolution=224, vision_layers=2, vision_width=64,
+                 vision_patch_size=16, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2),
+    # Tiny models of the ViT-L/14 family (patch 14, at 224 and 336 px) for the BL configs.
+    "tiny-p14": dict(embed_dim=32, image_resolution=224, vision_layers=2, vision_width=64,
+                     vision_patch_size=14, transformer_width=64, transformer_heads=1,
+                     transformer_layers=2),
+    "tiny-p14-336": dict(embed_dim=32, image_resolution=336, vision_layers=2, vision_width=64,
+                         vision_patch_size=14, transformer_width=64, transformer_heads=1,
+                         transformer_layers=2),
+}
+
+
+# The variants of the paper (and a small one for CPU tests): SAM preset, CLIP preset, CLIP input side.
+VARIANTS: Dict[str, tuple] = {
+    "small": ("tiny", "tiny", 224),
+    "bb": ("vit_b", "ViT-B/16", 224),
+    "bl": ("vit_b", "ViT-L/14", 224),
+    "bl336": ("vit_b", "ViT-L/14@336px", 336),
+}
+
+
+def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = False, protocol=None,
+                      encoder_precision: str = "auto", sam_attention: str = "sdpa", box_chunk_size: int = 64,
+                      token_source: str = "transformer"):
+    """A RegionSpot model of a variant (:data:`VARIANTS`) with RANDOM SAM, CLIP and head, for
+    benchmarks and tests: the real shapes and operations, meaningless outputs. Its parts are
+    built as :meth:`~regionspot.modeling.meta_arch.RegionSpot.from_config` builds them (ground-
+    truth proposals, no text cache)."""
+    from ..modeling.head import RegionSpotHead
+    from ..modeling.losses import RegionSpotCriterion
+    from ..modeling.meta_arch import RegionSpot
+    from ..modeling.position_tokens import SamPositionTokens
+    from ..modeling.proposals.generator import RegionProposalGenerator
+    from ..modeling.semantic_features import ClipSemanticFeatures
+    from ..modeling.text_classifier import TextClassifier
+
+    sam_preset, clip_preset, clip_size = VARIANTS[variant]
+    sam, clip_model = random_sam(sam_preset, seed=seed), random_clip(clip_preset, seed=seed)
+    torch.manual_seed(seed)
+    localizer = SamPositionTokens(sam, token_source, box_chunk_size, encoder_precision, sam_attention)
+    semantic_encoder = ClipSemanticFeatures(clip_model, clip_size, precision=encoder_precision)
+    head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim)
+    return RegionSpot(localizer=localizer, semantic_encoder=semantic_encoder, head=head,
+                      proposal_generator=RegionProposalGenerator("gt", sam=sam),
+                      text_classifier=TextClassifier(clip_model, f"random-{clip_preset}-seed{seed}"),
+                      criterion=RegionSpotCriterion(), protocol=protocol, mask_on=mask_on)
+
+
+def random_sam(preset: str = "tiny", seed: int = 0) -> nn.Module:
+    """A randomly initialised ``segment_anything.modeling.Sam`` (eval mode, float32, CPU).
+
+    Args:
+        preset: a key of :data:`SAM_PRESETS` ("vit_b", "vit_l", "vit_h" or "tiny").
+    """
+    p = dict(SAM_PRESETS[preset])
+    torch.manual_seed(seed)
+    arch = dict(window_size=14, img_size=1024, patch_size=16, out_chans=256)
+    arch.update(p)
+    sam = build_sam(arch)
+    # SAM initialises its relative-position tables to zero; the trained ones are not. Random
+    # values make the relative-position term count in the tests and the benchmark.
+    with torch.no_grad():
+        for name, param in sam.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                param.normal_(0.0, 0.02)
+    return sam
+
+
+def random_clip(preset: str = "tiny", seed: int = 0) -> nn.Module:
+    """A randomly initialised OpenAI ``clip.model.CLIP`` (eval mode, float32, CPU).
+
+    Args:
+        preset: a key of :data:`CLIP_PRESETS`.
+    """
+    from clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(context_length=77, vocab_size=49408, **CLIP_PRESETS[preset])
+    return model.float().eval()
+
+
+def _atomic_save(obj, path: str, jit: bool = False) -> None:
+    atomic_write(path, (lambda f: torch.jit.save(obj, f)) if jit else (lambda f: torch.save(obj, f)))
+
+
+def write_random_sam(path: str, preset: str = "tiny", seed: int = 0) -> str:
+    """Write a random SAM as a plain state-dict file, the format of ``sam_vit_b_01ec64.pth``."""
+    _atomic_save(random_sam(preset, seed).state_dict(), path)
+    return path
+
+
+class _ClipArchive(nn.Module):
+    """Wraps a CLIP for tracing so the archive's state dict matches OpenAI's files: the model's
+    tensors at top level plus ``input_resolution``, ``context_length`` and ``vocab_size``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.register_buffer("input_resolution", torch.tensor(model.visual.input_resolution))
+        self.register_buffer("context_length", torch.tensor(model.context_length))
+        self.register_buffer("vocab_size", torch.tensor(model.vocab_size))
+        self._model = [model]  # not a submodule: keeps the parameter names unprefixed
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        return self._model[0](image, text)
+
+
+def write_random_clip(path: str, preset: str = "tiny", seed: int = 0, jit: bool = True) -> str:
+    """Write a random CLIP in OpenAI's format.
+
+    Args:
+        jit: True writes a traced TorchScript archive like the official ``ViT-B-16.pt``;
+            False writes a plain state dict (the other form ``clip.load`` accepts).
+    """
+    model = random_clip(preset, seed)
+    if not jit:
+        _atomic_save(model.state_dict(), path)
+        return path
+    res = model.visual.input_resolution
+    image = torch.zeros(1, 3, res, res)
+    text = torch.zeros(1, model.context_length, dtype=torch.long)
+    with torch.no_grad():
+        traced = torch.jit.trace(_ClipArchive(model), (image, text), check_trace=False)
+    _atomic_save(traced, path, jit=True)
+    return path
+
+
+def write_random_rpn(path: str, cfg, seed: int = 0, fmt: str = "pth") -> str:
+    """Write a randomly initialised Detectron2 RPN (backbone + RPN head of ``cfg``).
+
+    Args:
+        cfg: a config describing the RPN (``MODEL.BACKBONE`` / ``RESNETS`` / ``FPN`` /
+            ``ANCHOR_GENERATOR`` / ``RPN``).
+        fmt: "pth": a Detectron2 checkpoint (``{"model": state_dict, "iteration": 0}``, what
+            ``DetectionCheckpointer.save`` writes); "pkl": the model-zoo layout
+            (``{"model": {name: numpy array}, "__author__": ...}`` pickled).
+    """
+    import pickle
+
+    from ..modeling.proposals.rpn import RPNProposalGenerator
+
+    if fmt not in ("pth", "pkl"):
+        raise ValueError(f"fmt must be 'pth' or 'pkl', got {fmt!r}")
+    torch.manual_seed(seed)
+    state = RPNProposalGenerator(cfg, None).state_dict()
+    if fmt == "pth":
+        atomic_write(path, lambda f: torch.save({"model": state, "iteration": 0}, f))
+    else:
+        payload = {"model": {k: v.numpy() for k, v in state.items()}, "__author__": "RegionSpot random RPN"}
+        atomic_write(path, lambda f: pickle.dump(payload, f))
+    return path
