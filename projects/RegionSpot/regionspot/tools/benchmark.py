@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU.
 
     python tools/benchmark.py [--device cpu|cuda] [--models small,bb,bl] [--num-boxes 1,10,100]
@@ -112,14 +111,12 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmark_e2e.py, benchmark_eval.py
+from regionspot.tools.common import REPO, resolve_device, synchronize
 
-import torch  # noqa: E402
+import torch
 
-from regionspot.environment import device_name, git_commit, load_average, peak_rss_bytes  # noqa: E402
-from regionspot.modeling.random_backbones import VARIANTS, random_regionspot  # noqa: E402
+from regionspot.environment import device_name, git_commit, load_average, peak_rss_bytes
+from regionspot.modeling.random_backbones import VARIANTS, random_regionspot
 
 SCHEMA = "regionspot-benchmark/1"
 PROG = "benchmark.py"
@@ -228,10 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Fill the defaults: explicit flags > --quick > per-device defaults."""
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch.cuda.is_available() is False")
+    args.device = resolve_device(args.device, parser)
     if args.end_to_end:
         return resolve_end_to_end(args, parser)
     for name in ("repeats", "warmup", "text_classes", "test_topk", "box_chunk_size", "threads", "mask_pairs"):
@@ -261,7 +255,7 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def resolve_end_to_end(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Defaults of the end-to-end mode (explicit flags > --quick > per device)."""
-    import benchmark_e2e
+    from regionspot.tools import benchmark_e2e
 
     cuda = args.device == "cuda"
     models = args.models or (["small"] if args.quick else ["bb"])
@@ -305,11 +299,6 @@ def repeats_for(config: str, args: argparse.Namespace) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable, device: torch.device):
     """(fn(), milliseconds), the device synchronised before and after."""
     synchronize(device)
@@ -594,7 +583,7 @@ def measure_mask_output(model, args: argparse.Namespace, device: torch.device) -
         recognition = model.recognize(features, proposals, model.text_embeddings)[0]
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
             result, ms = timed(lambda: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
@@ -659,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--evaluator" in argv:  # the evaluator mode has its own options (tools/benchmark_eval.py)
-        import benchmark_eval
+        from regionspot.tools import benchmark_eval
 
         return benchmark_eval.main([a for a in argv if a != "--evaluator"])
     parser = build_parser()
@@ -675,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             ".*torch.jit.script.*deprecated.*"):
                 warnings.filterwarnings("ignore", message=message)
             if args.end_to_end:
-                import benchmark_e2e
+                from regionspot.tools import benchmark_e2e
 
                 return run_entry_point(lambda: benchmark_e2e.run_end_to_end(args), PROG, args.debug)
             return run_entry_point(lambda: run_benchmark(args), PROG, args.debug)

@@ -14,20 +14,21 @@ bundled real photos). Every run goes through what ``train_net.py --eval-only`` r
 :func:`~regionspot.data.build.build_batched_test_loader` with the test mapper and
 ``--workers`` workers, the model (random weights of ``--models``; ground-truth boxes as
 proposals, box AP, ``MASK_ON`` off), the RegionSpot LVIS evaluator and Detectron2's
-``inference_on_dataset``. The runs share the process, the images, the weights (same seed) and
+``inference_on_dataset``. No model method is replaced: the model runs as built, and the
+figures come from the profiler, hooks (:class:`Recorder`) and wrappers of the loader and the
+evaluator. The runs share the process, the images, the weights (same seed) and
 the text embeddings (random unit vectors of the vocabulary's shape), so their ratios hold on a
 noisy machine; each run builds its own model.
 
 Runs (``--runs``), each a set of switches:
 
-- ``plain``: batch 1, float32, official SAM attention, SAM's masks decoded for every box,
-  SAM's and CLIP's resizes inside the model: the path before these switches existed;
-- ``sdpa``, ``tokens_only``, ``batched``, ``compile``, ``bf16``, ``fp16``: ``plain`` with one
-  switch (SAM attention through SDPA; no mask decoding when masks are not needed;
-  ``--batch-size`` images per batch with the resizes in the loader workers; ``torch.compile``
-  of the encoders; encoders in bfloat16 / float16);
-- ``fast``: all exact switches together (batch, SDPA, tokens only, worker resizes, and
-  ``torch.compile`` unless ``--no-compile``), float32;
+- ``plain``: batch 1, float32, official SAM attention, SAM's and CLIP's resizes inside the
+  model: the path before these switches existed;
+- ``sdpa``, ``batched``, ``compile``, ``bf16``, ``fp16``: ``plain`` with one switch (SAM
+  attention through SDPA; ``--batch-size`` images per batch with the resizes in the loader
+  workers; ``torch.compile`` of the encoders; encoders in bfloat16 / float16);
+- ``fast``: all exact switches together (batch, SDPA, worker resizes, and ``torch.compile``
+  unless ``--no-compile``), float32;
 - ``fast_bf16``, ``fast_fp16``: ``fast`` with the encoders in bfloat16 / float16.
 
 Defaults: CPU ``plain,fast,fast_bf16``; CUDA ``plain,fast,fast_bf16,fast_fp16``.
@@ -38,14 +39,18 @@ Figures per run (JSON, written atomically after every run)
   evaluator ``process``; the final ``evaluate`` is timed apart as ``evaluate_s``);
 - ``warmup_s``: an untimed pass over the first batch of the run's size first (allocator,
   oneDNN/cuDNN set-up, and the compilation of ``torch.compile`` runs);
-- ``stages_s``: time in each stage summed over the timed loop (data wait, SAM image encoder,
-  CLIP, proposals, SAM prompt encoder + mask decoder, head, post-processing, evaluator
-  process); on CUDA the device is synchronised around each stage (so stages add up; it costs
-  a little overlap);
+- ``stages_s``: seconds in each stage summed over all images. The model's stages (SAM image
+  encoder, CLIP, proposals, SAM prompt encoder + decoder, head, post-processing) come from a
+  second, profiled pass over the same images: ``torch.profiler`` totals of the
+  ``record_function`` labels the model emits (``regionspot.modeling.meta_arch.STAGE_LABELS``;
+  CPU time on the CPU, device time on CUDA), so the timed loop runs unprofiled. Data wait and
+  the evaluator's ``process`` are measured around the loader and the evaluator in the timed
+  loop. ``profiled_pass_s`` is the profiled pass's wall time (profiler overhead included);
 - ``peak_memory_bytes`` (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far);
 - ``results``: the evaluator's AP table (random weights: NOT accuracy; compared between runs);
 - ``deviation`` against the first run (``plain``): the largest absolute change in the
-  position-aware tokens and in the logits over all boxes, the top-1 label changes (count of
+  position-aware tokens and in the logits over all boxes (recorded in the profiled pass by a
+  forward hook on the head), the top-1 label changes (count of
   boxes), and the largest change in the AP figures;
 - ``speedup``: images/s over the first run's.
 
@@ -53,33 +58,30 @@ On CUDA, ``--find-max-batch`` also doubles the batch of the ``fast`` run until i
 (or ``--max-batch``) and records the largest that fits with its peak memory and images/s.
 """
 
-import functools
 import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from regionspot.tools.common import REPO, synchronize
 
 # Run presets: switches on top of "plain".
-PLAIN = dict(batch=1, precision="float32", attention="official", always_masks=True, compile=False,
-             worker_resize=False)
+PLAIN = dict(batch=1, precision="float32", attention="official", compile=False, worker_resize=False)
 RUN_SWITCHES: Dict[str, Dict[str, object]] = {
     "plain": {},
     "sdpa": dict(attention="sdpa"),
-    "tokens_only": dict(always_masks=False),
     "batched": dict(batch=None, worker_resize=True),
     "compile": dict(compile=True),
     "bf16": dict(precision="bfloat16"),
     "fp16": dict(precision="float16"),
-    "fast": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None),
-    "fast_bf16": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None,
+    "fast": dict(batch=None, attention="sdpa", worker_resize=True, compile=None),
+    "fast_bf16": dict(batch=None, attention="sdpa", worker_resize=True, compile=None,
                       precision="bfloat16"),
-    "fast_fp16": dict(batch=None, attention="sdpa", always_masks=False, worker_resize=True, compile=None,
+    "fast_fp16": dict(batch=None, attention="sdpa", worker_resize=True, compile=None,
                       precision="float16"),
 }
 
@@ -89,6 +91,17 @@ PHOTO_SIZES = [(480, 640), (427, 640), (640, 480), (640, 427), (375, 500), (500,
 
 STAGES = ("data_wait", "sam_image_encoder", "clip_semantic", "proposals", "sam_prompt_decoder", "head",
           "postprocess", "evaluator_process")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``benchmark.py --end-to-end ARGS`` (this mode's options are :mod:`regionspot.tools.benchmark`'s);
+    returns the exit status."""
+    import sys
+
+    from regionspot.tools import benchmark
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return benchmark.main(["--end-to-end"] + [a for a in argv if a != "--end-to-end"])
 
 
 def run_settings(name: str, batch_size: int, compile_default: bool) -> Dict[str, object]:
@@ -177,37 +190,28 @@ def write_synthetic_lvis(folder: str, num_images: int, boxes_per_image: int, see
 
 
 # ----------------------------------------------------------------------------- instrumentation
-class StageClock:
-    """Wall time per stage, summed; the device is synchronised around each stage on CUDA."""
+class Clock:
+    """Wall time summed per key, measured outside the model (data wait, evaluator ``process``);
+    the device is synchronised around each measurement on CUDA."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.totals: Dict[str, float] = {s: 0.0 for s in STAGES}
-        self.enabled = True
+        self.totals: Dict[str, float] = {}
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, stage: str, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            if not self.enabled:
-                return fn(*args, **kwargs)
-            self.sync()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.totals[stage] += time.perf_counter() - start
-        return timed
+    def add(self, key: str, seconds: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
 
 
 class TimedLoader:
-    """A data loader whose waits for the next batch are added to a :class:`StageClock`."""
+    """A data loader whose waits for the next batch are added to ``clock`` as ``data_wait``.
 
-    def __init__(self, loader, clock: StageClock, limit: Optional[int] = None):
+    Args:
+        loader: an iterable of batches with ``len``.
+        clock: where the waits go (None: not timed).
+        limit: at most this many batches.
+    """
+
+    def __init__(self, loader, clock: Optional[Clock], limit: Optional[int] = None):
         self.loader, self.clock, self.limit = loader, clock, limit
 
     def __len__(self):
@@ -221,52 +225,131 @@ class TimedLoader:
                 batch = next(iterator)
             except StopIteration:
                 return
-            if self.clock.enabled:
-                self.clock.totals["data_wait"] += time.perf_counter() - start
+            if self.clock is not None:
+                self.clock.add("data_wait", time.perf_counter() - start)
             yield batch
 
 
-class Recorder:
-    """Per image (by ``image_id``): the position-aware tokens and the logits of its boxes."""
+class TimedEvaluator:
+    """A Detectron2 ``DatasetEvaluator`` around another: ``process`` time goes to ``clock`` as
+    ``evaluator_process``; ``loop_end`` is when ``evaluate`` was called (the end of the timed loop)
+    and ``evaluate_s`` how long it took. (A wrapper object: nothing of the evaluator is replaced.)"""
 
-    def __init__(self):
+    def __init__(self, evaluator, clock: Clock):
+        self.evaluator, self.clock = evaluator, clock
+        self.loop_end: Optional[float] = None
+        self.evaluate_s: Optional[float] = None
+
+    def reset(self):
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        synchronize(self.clock.device)
+        start = time.perf_counter()
+        self.evaluator.process(inputs, outputs)
+        synchronize(self.clock.device)
+        self.clock.add("evaluator_process", time.perf_counter() - start)
+
+    def evaluate(self):
+        synchronize(self.clock.device)
+        self.loop_end = time.perf_counter()
+        result = self.evaluator.evaluate()
+        self.evaluate_s = time.perf_counter() - self.loop_end
+        return result
+
+
+class Recorder:
+    """Per image (by ``image_id``): the position-aware tokens (N, T) and the logits (N, C) of its
+    boxes, taken with hooks (nothing of the model is replaced):
+
+    - a forward pre-hook on the model notes the batch's image ids;
+    - a forward hook on ``model.head`` (called as ``head(tokens (B, N, T), semantic (B, L, D),
+      padding_mask (B, N) bool or None)``, returning (B, N, E) region embeddings) takes each
+      image's tokens and turns its embeddings into logits with
+      :func:`regionspot.modeling.head.region_logits` and ``model.logit_scale``.
+
+    The head sees only the images that have boxes: when a batch has fewer head rows than
+    images, the rows are matched to the images whose ``instances`` are not empty.
+
+    Args:
+        text_embeddings: (C, E) the vocabulary's text embeddings the model was given.
+    """
+
+    def __init__(self, text_embeddings: torch.Tensor):
+        self.text_embeddings = text_embeddings
         self.tokens: Dict[int, torch.Tensor] = {}
         self.logits: Dict[int, torch.Tensor] = {}
-        self.current: List[int] = []
+        self._ids: List[int] = []
+        self._with_boxes: List[int] = []
+
+    def attach(self, model) -> List:
+        """Register the hooks on ``model``; returns their handles (``remove()`` each when done)."""
+        from regionspot.modeling.head import region_logits
+
+        def note_images(module, args):
+            batched_inputs = args[0]
+            self._ids = [x["image_id"] for x in batched_inputs]
+            self._with_boxes = [x["image_id"] for x in batched_inputs
+                                if "instances" not in x or len(x["instances"]) > 0]
+
+        def record_head(module, args, output):
+            tokens, padding_mask = args[0], (args[2] if len(args) > 2 else None)
+            ids = self._ids if output.shape[0] == len(self._ids) else self._with_boxes
+            if len(ids) != output.shape[0]:
+                raise RuntimeError(f"the head ran on {output.shape[0]} images of a batch of {len(self._ids)} "
+                                   f"({len(self._with_boxes)} with boxes): cannot tell which is which")
+            for b, image_id in enumerate(ids):
+                n = tokens.shape[1] if padding_mask is None else int((~padding_mask[b]).sum())
+                embeddings = output[b, :n].detach().float()
+                self.tokens[image_id] = tokens[b, :n].detach().float().cpu()
+                self.logits[image_id] = region_logits(
+                    embeddings, self.text_embeddings.to(embeddings.device), model.logit_scale).cpu()
+
+        return [model.register_forward_pre_hook(note_images), model.head.register_forward_hook(record_head)]
 
 
-def instrument(model, clock: StageClock, recorder: Recorder) -> None:
-    """Wrap the model's stage methods (on the instance: the forward calls them through self)."""
-    forward = model.forward
+def _event_seconds(event, device: torch.device) -> float:
+    """An averaged profiler event's total time in seconds: the device's on CUDA (the stage's
+    kernels), else the CPU's (inclusive of everything under the label)."""
+    if device.type == "cuda":
+        us = getattr(event, "device_time_total", None)
+        us = getattr(event, "cuda_time_total", 0.0) if us is None else us
+        if us:
+            return us / 1e6
+    return event.cpu_time_total / 1e6
 
-    def recording_forward(batched_inputs):
-        recorder.current = [x["image_id"] for x in batched_inputs]
-        return forward(batched_inputs)
 
-    prompt_boxes = clock.wrap("sam_prompt_decoder", model.prompt_boxes)
+def profile_stages(model, loader, device: torch.device, recorder: Optional[Recorder] = None) -> Dict[str, float]:
+    """Seconds spent in each model stage over one pass of ``loader``, from the ``record_function``
+    labels the model emits (:data:`regionspot.modeling.meta_arch.STAGE_LABELS`), measured with
+    ``torch.profiler.profile``; the recorder's hooks record tokens and logits during the pass.
 
-    def recording_prompt_boxes(*args, **kwargs):
-        prompts = prompt_boxes(*args, **kwargs)
-        for image_id, p in zip(recorder.current, prompts):
-            recorder.tokens[image_id] = p.tokens.detach().float().cpu()
-        return prompts
+    Returns:
+        ``{stage: seconds}`` for every stage of ``STAGE_LABELS`` (0.0 for a stage that did not
+        run) and ``"profiled_pass_s"``: the pass's wall time (profiler overhead included).
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-    recognize = model.recognize
+    from regionspot.modeling.meta_arch import STAGE_LABELS
 
-    def recording_recognize(*args, **kwargs):
-        recognitions = recognize(*args, **kwargs)
-        for image_id, r in zip(recorder.current, recognitions):
-            recorder.logits[image_id] = r.logits.detach().float().cpu()
-        return recognitions
-
-    model.forward = recording_forward
-    model.encode_sam = clock.wrap("sam_image_encoder", model.encode_sam)
-    model.encode_semantic = clock.wrap("clip_semantic", model.encode_semantic)
-    model.propose = clock.wrap("proposals", model.propose)
-    model.prompt_boxes = recording_prompt_boxes
-    model._run_head = clock.wrap("head", model._run_head)
-    model.recognize = recording_recognize
-    model.postprocess = clock.wrap("postprocess", model.postprocess)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    handles = recorder.attach(model) if recorder is not None else []
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof, torch.no_grad():
+            for batch in loader:
+                model(batch)
+            synchronize(device)
+        wall = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = {e.key: e for e in prof.key_averages()}
+    stages = {stage: _event_seconds(events[label], device) if label in events else 0.0
+              for stage, label in STAGE_LABELS.items()}
+    stages["profiled_pass_s"] = wall
+    return stages
 
 
 # ----------------------------------------------------------------------------- runs
@@ -297,10 +380,10 @@ def build_cfg(variant: str, settings: Dict[str, object], device: str, workers: i
     return cfg
 
 
-def build_model(cfg, variant: str, seed: int, text_embeddings: torch.Tensor, class_names: Sequence[str],
-                settings: Dict[str, object]):
+def build_model(cfg, variant: str, seed: int, text_embeddings: torch.Tensor, class_names: Sequence[str]):
     """The variant with random weights (same seed, same weights in every run), the run's
-    switches, and the given vocabulary."""
+    switches (all in ``cfg``: ``MODEL.MASK_ON`` is off, so SAM decodes no masks for box AP), and
+    the given vocabulary ((C, E) ``text_embeddings`` for ``class_names``)."""
     from regionspot.modeling.postprocess import RecognitionProtocol
     from regionspot.modeling.random_backbones import random_regionspot
 
@@ -308,7 +391,6 @@ def build_model(cfg, variant: str, seed: int, text_embeddings: torch.Tensor, cla
     model = random_regionspot(variant, seed=seed, mask_on=False, protocol=RecognitionProtocol.from_config(cfg),
                               encoder_precision=rs.ENCODER_PRECISION, sam_attention=rs.SAM_ATTENTION,
                               box_chunk_size=rs.BOX_CHUNK_SIZE)
-    model.always_decode_masks = bool(settings["always_masks"])
     model = model.to(cfg.MODEL.DEVICE).eval()
     if rs.COMPILE:
         model.compile_encoders()
@@ -323,8 +405,14 @@ def peak_memory(device: torch.device) -> int:
 
 
 def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_names: Sequence[str],
-             text_embeddings: torch.Tensor, work_dir: str) -> Dict[str, object]:
-    """One run: warm-up pass, timed pass through ``inference_on_dataset``, evaluation."""
+             text_embeddings: torch.Tensor, work_dir: str):
+    """One run: an untimed warm-up batch, the timed pass through ``inference_on_dataset`` (no
+    profiler), the evaluation, then a profiled pass over the same images for the stage times and
+    the recorded tokens and logits.
+
+    Returns:
+        (the run's figures (see the module docstring), its :class:`Recorder`).
+    """
     from detectron2.data import get_detection_dataset_dicts
     from detectron2.evaluation import inference_on_dataset
 
@@ -335,43 +423,27 @@ def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_n
     device = torch.device(args.device)
     cfg = build_cfg(args.model, settings, args.device, args.workers, os.path.join(work_dir, name))
     built = time.perf_counter()
-    model = build_model(cfg, args.model, args.seed, text_embeddings, class_names, settings)
+    model = build_model(cfg, args.model, args.seed, text_embeddings, class_names)
     build_s = time.perf_counter() - built
     dicts = get_detection_dataset_dicts([dataset], filter_empty=False)[:args.images]
     mapper = RegionSpotDatasetMapper(cfg, False)
-    clock, recorder = StageClock(device), Recorder()
-    instrument(model, clock, recorder)
 
     # Warm-up: the first images, untimed (compilation happens here).
-    clock.enabled = False
     warmup_images = min(int(settings["batch"]), len(dicts))  # one batch of the run's size
-    warm = build_batched_test_loader(cfg, dicts[:warmup_images], mapper)
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in warm:
+        for batch in build_batched_test_loader(cfg, dicts[:warmup_images], mapper):
             model(batch)
-    clock.sync()
+    synchronize(device)
     warmup_s = time.perf_counter() - start
-    recorder.tokens.clear()
-    recorder.logits.clear()
 
+    # The timed pass: what train_net.py --eval-only runs, with no profiler and no hooks.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock.enabled = True
+    clock = Clock(device)
     loader = TimedLoader(build_batched_test_loader(cfg, dicts, mapper), clock)
-    evaluator = RegionSpotTrainer.build_evaluator(cfg, dataset, output_folder=os.path.join(work_dir, name))
-    evaluator.process = clock.wrap("evaluator_process", evaluator.process)
-    evaluate = evaluator.evaluate
-    timings = {}
-
-    def timed_evaluate():
-        clock.sync()
-        timings["loop_end"] = time.perf_counter()
-        result = evaluate()
-        timings["evaluate_s"] = time.perf_counter() - timings["loop_end"]
-        return result
-
-    evaluator.evaluate = timed_evaluate
+    evaluator = TimedEvaluator(RegionSpotTrainer.build_evaluator(cfg, dataset, output_folder=os.path.join(work_dir, name)),
+                               clock)
     quiet = logging.getLogger("detectron2.evaluation.evaluator")
     level = quiet.level
     quiet.setLevel(logging.WARNING if args.quiet else level)
@@ -380,7 +452,15 @@ def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_n
         results = inference_on_dataset(model, loader, evaluator)
     finally:
         quiet.setLevel(level)
-    loop_s = timings["loop_end"] - start
+    loop_s = evaluator.loop_end - start
+    peak = peak_memory(device)
+
+    # The profiled pass: the model's stage labels, and the tokens and logits for the deviations.
+    recorder = Recorder(model.text_embeddings)
+    profiled = profile_stages(model, build_batched_test_loader(cfg, dicts, mapper), device, recorder)
+    profiled_pass_s = profiled.pop("profiled_pass_s")
+    stages = {"data_wait": clock.totals.get("data_wait", 0.0), **profiled,
+              "evaluator_process": clock.totals.get("evaluator_process", 0.0)}
     out = {
         "settings": settings,
         "images": len(dicts),
@@ -389,10 +469,13 @@ def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_n
         "warmup_s": warmup_s,
         "loop_s": loop_s,
         "images_per_second": len(dicts) / loop_s,
-        "evaluate_s": timings["evaluate_s"],
-        "stages_s": dict(clock.totals),
-        "stages_ms_per_image": {k: 1000.0 * v / len(dicts) for k, v in clock.totals.items()},
-        "peak_memory_bytes": peak_memory(device),
+        "evaluate_s": evaluator.evaluate_s,
+        "stages_s": stages,
+        "stages_ms_per_image": {k: 1000.0 * v / len(dicts) for k, v in stages.items()},
+        "stages_source": {"data_wait": "timed pass", "evaluator_process": "timed pass",
+                          **{k: "profiled pass (torch.profiler, record_function labels)" for k in profiled}},
+        "profiled_pass_s": profiled_pass_s,
+        "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda_max_memory_allocated (timed loop)" if device.type == "cuda" else
                             "cpu_process_peak_rss (whole process so far)",
         "results": {task: {k: v for k, v in metrics.items()} for task, metrics in results.items()},
@@ -440,7 +523,7 @@ def find_max_batch(args, dataset, class_names, text_embeddings, work_dir) -> Dic
     while batch <= args.max_batch:
         settings = run_settings("fast", batch, args.compile)
         cfg = build_cfg(args.model, settings, args.device, args.workers, os.path.join(work_dir, f"batch{batch}"))
-        model = build_model(cfg, args.model, args.seed, text_embeddings, class_names, settings)
+        model = build_model(cfg, args.model, args.seed, text_embeddings, class_names)
         chosen = (dicts * ((2 * batch) // max(len(dicts), 1) + 1))[:2 * batch]
         loader = build_batched_test_loader(cfg, chosen, RegionSpotDatasetMapper(cfg, False))
         torch.cuda.empty_cache()
@@ -449,10 +532,10 @@ def find_max_batch(args, dataset, class_names, text_embeddings, work_dir) -> Dic
             with torch.no_grad():
                 times = []
                 for inputs in loader:
-                    torch.cuda.synchronize(device)
+                    synchronize(device)
                     start = time.perf_counter()
                     model(inputs)
-                    torch.cuda.synchronize(device)
+                    synchronize(device)
                     times.append(time.perf_counter() - start)
             tried.append({"batch": batch, "fits": True, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
                           "images_per_second_model_only": batch / times[-1]})
@@ -546,12 +629,12 @@ def run_end_to_end(args) -> int:
 
 def format_e2e_table(report: Dict[str, object]) -> str:
     """A plain-text table of the runs."""
-    head = ["run", "batch", "dtype", "attn", "masks", "compile", "img/s", "speedup", "SAM enc ms", "CLIP ms",
+    head = ["run", "batch", "dtype", "attn", "compile", "img/s", "speedup", "SAM enc ms", "CLIP ms",
             "decoder ms", "data ms", "|d tok|", "|d logit|", "top-1 chg"]
     rows = [head]
     for name, r in report["runs"].items():
         s, per, d = r["settings"], r["stages_ms_per_image"], r.get("deviation")
-        rows.append([name, s["batch"], s["precision"], s["attention"], "all" if s["always_masks"] else "needed",
+        rows.append([name, s["batch"], s["precision"], s["attention"],
                      s["compile"], f"{r['images_per_second']:.3g}", f"{r.get('speedup', 1.0):.2f}",
                      f"{per['sam_image_encoder']:.0f}", f"{per['clip_semantic']:.0f}",
                      f"{per['sam_prompt_decoder']:.0f}", f"{per['data_wait']:.0f}",

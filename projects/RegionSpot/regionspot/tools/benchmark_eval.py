@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Time the two LVIS evaluator backends on a synthetic LVIS-val-sized set and check they agree.
 
     python tools/benchmark_eval.py [--images 19809] [--dets-per-image 300] [--seed 0]
@@ -51,10 +50,9 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import REPO, run_tool
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 SCHEMA = "regionspot-eval-benchmark/1"
 PROG = "benchmark_eval.py"
@@ -342,11 +340,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Build the set(s), time both backends, write the JSON; 0 if the backends agree, else 1 (2
     for an input error, in one ``benchmark_eval.py: error:`` line)."""
-    from regionspot.cli import run_entry_point, setup_logging
-
     args = parse_args(argv)
-    setup_logging()  # the console; the log file next to the JSON (run)
-    return run_entry_point(lambda: run(args), PROG, args.debug)
+    return run_tool(lambda: run(args), PROG, args.debug)  # the log file next to the JSON (run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Measure the plain and the fast CLIP text-embedding paths on the CPU (LVIS vocabulary).
 
     python tools/benchmark_text.py [--towers tiny ViT-B/16 ViT-L/14] [--classes K]
@@ -42,10 +41,9 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import run_tool
 
-from regionspot.environment import device_name, load_average  # noqa: E402
+from regionspot.environment import device_name, load_average
 
 TOWERS = ("tiny", "ViT-B/16", "ViT-L/14")
 DEFAULT_OUTPUT = os.path.join("output", "benchmark", "text_embeddings_cpu.json")
@@ -232,14 +230,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; returns the exit status (2 for a bad option, in one line)."""
-    from regionspot.cli import run_entry_point, setup_logging
-
     args = build_parser().parse_args(argv)
-    setup_logging()  # the console; the log file next to the JSON (run)
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
-        return run_entry_point(lambda: run(args), PROG, args.debug)
+        return run_tool(lambda: run(args), PROG, args.debug)  # the log file next to the JSON (run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Training speed of RegionSpot: iterations and images per second, with and without the SAM-token
 cache, on the CPU or a CUDA GPU.
 
@@ -39,13 +38,12 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import REPO, resolve_device, synchronize
 
-import torch  # noqa: E402
+import torch
 
-from regionspot.environment import device_name, load_average, peak_rss_bytes  # noqa: E402
-from regionspot.modeling.random_backbones import VARIANTS, random_regionspot  # noqa: E402
+from regionspot.environment import device_name, load_average, peak_rss_bytes
+from regionspot.modeling.random_backbones import VARIANTS, random_regionspot
 
 SCHEMA = "regionspot-train-benchmark/1"
 PROG = "benchmark_train.py"
@@ -78,10 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Defaults: explicit flags > --quick > per-device."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is available")
-    cuda = args.device == "cuda"
+    args.device = resolve_device(args.device, parser)
+    cuda = torch.device(args.device).type == "cuda"
     if args.quick:
         args.models = args.models or "small"
         args.image_size = "240x320" if args.image_size == "800x1066" else args.image_size
@@ -133,11 +129,6 @@ def synthetic_batch(args, model, mode: str, generator: torch.Generator) -> List[
             x["sam_image"] = torch.randint(0, 256, (3, oh, ow), dtype=torch.uint8, generator=generator)
         batch.append(x)
     return batch
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def benchmark(variant: str, args, device: torch.device) -> Dict[str, object]:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert the official OpenImages v6 box annotations of one split into a COCO-format json.
 
     python tools/convert_openimages.py \\
@@ -64,8 +63,7 @@ from array import array
 from collections import Counter
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import run_tool
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf")
 LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")
@@ -637,16 +635,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ``convert_openimages.py: error:`` line on stderr; the traceback too with ``--debug``)."""
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         warnings.filterwarnings("ignore", message=".*(torch.jit|pkg_resources).*")
-        from regionspot.cli import run_entry_point, setup_logging
+        from regionspot.cli import setup_logging  # noqa: F401 (imported under the filter: import-time noise)
 
     args = build_parser().parse_args(argv)
-    setup_logging()  # the console; the log file once the output is checked (convert)
 
     def run() -> int:
         report(convert(args), args.output)
         return 0
 
-    return run_entry_point(run, PROG, args.debug)
+    return run_tool(run, PROG, args.debug)  # the log file once the output is checked (convert)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Compute the CLIP text embeddings of a vocabulary ahead of time (fills the text-embedding cache).
 
     python tools/dump_text_embeddings.py --config-file configs/regionspot_bl.yaml \\
@@ -38,17 +37,11 @@ import time
 import warnings
 from typing import List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import ToolError, load_config, run_tool
 
 VOCABULARIES = ("lvis", "coco", "objects365", "custom")
 PROG = "dump_text_embeddings.py"
 CACHE_LOG = "dump_text_embeddings.log"  # the log file in the cache folder when there is no --output
-
-
-class ToolError(ValueError):
-    """A problem with the tool's input; printed as one ``dump_text_embeddings.py: error:`` line
-    (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,45 +93,6 @@ def config_chain(config_file: str) -> List[str]:
     return chain
 
 
-def load_cfg(config_file: str, opts: Sequence[str]):
-    """``regionspot.config.load_config`` with the errors turned into :class:`ToolError`.
-
-    A ``MODEL.DEVICE`` this machine does not have is not an error here (the text embeddings are
-    the same on any device): the config is loaded again with ``MODEL.DEVICE cpu``.
-    """
-    from regionspot.config import ConfigError, load_config_for_tool
-
-    try:
-        return load_config_for_tool(config_file, opts)
-    except ConfigError as e:
-        message = str(e)
-        if "MODEL.DEVICE" in message:
-            try:
-                cfg = load_config_for_tool(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
-            except ConfigError:
-                pass
-            else:
-                print(f"note: {message}; encoding on the CPU")
-                return cfg
-        raise ToolError(message) from e
-
-
-def usable_device(value: str):
-    """``torch.device(value)`` if a tensor can be made there; ``"auto"``/empty: CUDA if any.
-    Returns ``(device, note)`` where ``note`` says why the CPU is used instead (or None)."""
-    import torch
-
-    value = str(value or "").strip()
-    if value in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
-    try:
-        device = torch.device(value)
-        torch.zeros(1, device=device)
-    except Exception as e:
-        return torch.device("cpu"), f"MODEL.DEVICE {value!r} is not usable here ({type(e).__name__}); using the CPU"
-    return device, None
-
-
 def check_output(output: str, protected: Sequence[str]) -> None:
     """Raise :class:`ToolError` if ``output`` is a directory or one of the ``protected`` files."""
     if os.path.isdir(output):
@@ -165,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from regionspot.modeling import text_embeddings as te
     from regionspot.modeling.weights import WeightsError, load_clip
 
-    cfg = load_cfg(args.config_file, args.opts)
+    # the text embeddings are the same on any device: a MODEL.DEVICE this machine lacks means the CPU
+    cfg = load_config(args.config_file, args.opts, cpu_fallback=True)
     rs = cfg.MODEL.REGIONSPOT
     clip_path = rs.CLIP_WEIGHTS
     inputs = config_chain(args.config_file) + [os.path.expanduser(clip_path), os.path.expanduser(rs.SAM_WEIGHTS)]
@@ -193,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise ToolError(str(e)) from e
 
-    device, note = usable_device(cfg.MODEL.DEVICE)
-    if note:
-        print(f"note: {note}")
+    device = torch.device(cfg.MODEL.DEVICE)  # resolved by the loader (regionspot.config.resolve_device)
     try:
         clip_model = load_clip(clip_path)
         weights_id = te.weights_fingerprint(clip_path)  # the key RegionSpot.from_config uses
@@ -230,11 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for message in (".*torch.jit.script.*deprecated.*", ".*torch.jit.load.*deprecated.*",
                         ".*pkg_resources is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
-        from regionspot.cli import run_entry_point, setup_logging
-
         args = build_parser().parse_args(argv)
-        setup_logging()  # the console; the log file once the output is known (run)
-        return run_entry_point(lambda: run(args), PROG, args.debug)
+        return run_tool(lambda: run(args), PROG, args.debug)  # the log file once the output is known (run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Run frozen SAM once per training image and store its position-aware tokens (fills the SAM-token cache).
 
     python tools/extract_sam_tokens.py --config-file configs/regionspot_bl.yaml --dataset objects365_v1_train \\
@@ -75,18 +74,12 @@ import uuid
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import ToolError, load_config, run_tool
 
 SLEEP_ENV = "REGIONSPOT_TEST_SLEEP_PER_IMAGE"
 REPORT = "last_run.json"
 MAX_LISTED_FAILURES = 50  # failed images printed in the summary (the report lists all)
 PROG = "extract_sam_tokens.py"
-
-
-class ToolError(ValueError):
-    """A problem with the tool's input; printed as one ``extract_sam_tokens.py: error:`` line
-    (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,17 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def load_cfg(config_file: str, opts: Sequence[str]):
-    """``regionspot.config.load_config`` with its errors as :class:`ToolError` (a ``MODEL.DEVICE``
-    this machine lacks is an error: extracting a large dataset on the CPU by accident is not wanted)."""
-    from regionspot.config import ConfigError, load_config_for_tool
-
-    try:
-        return load_config_for_tool(config_file, opts)
-    except ConfigError as e:
-        raise ToolError(str(e)) from e
 
 
 def output_root(cfg, output_dir: Optional[str]) -> str:
@@ -412,7 +394,7 @@ def _launched_main(options: Dict[str, Any]) -> None:
     _quiet_warnings()
     # a spawned process starts with bare loggers: console on rank 0, log.txt(.rank<N>) for each
     setup_logging(os.path.join(options["cache_dir"], options["dataset"]), rank=rank)
-    cfg = load_cfg(options["config_file"], options["opts"])
+    cfg = load_config(options["config_file"], options["opts"])
     records = options.get("records")  # one process: the dataset run() loaded; else each loads it
     if records is None:
         records = dataset_records(options["dataset"], options["register"])
@@ -470,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_workers < 0:
         raise ToolError(f"--num-workers must not be negative, got {args.num_workers}")
-    cfg = load_cfg(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts)  # a MODEL.DEVICE this machine lacks is an error
     identity = sam_identity(cfg, args.dtype if args.finalize else (args.dtype or "float32"))
     cache_dir = output_root(cfg, args.output_dir)
     records = dataset_records(args.dataset, args.register)
@@ -534,11 +516,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ``extract_sam_tokens.py: error:`` line on stderr; the traceback too with ``--debug``)."""
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         _quiet_warnings()
-        from regionspot.cli import run_entry_point, setup_logging
-
         args = build_parser().parse_args(argv)
-        setup_logging()  # the console; the log file once the cache folder is known (run)
-        return run_entry_point(lambda: run(args), PROG, args.debug)
+        return run_tool(lambda: run(args), PROG, args.debug)  # the log file once the cache folder is known (run)
 
 
 if __name__ == "__main__":

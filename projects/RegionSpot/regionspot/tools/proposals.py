@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Inspect and convert proposal files (a detector's boxes for RegionSpot's ``file`` source).
 
     python tools/proposals.py inspect FILE [--format auto] [--dataset NAME | --gt JSON]
@@ -40,10 +39,9 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import run_tool
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 IOU_THRESHOLDS = (0.5, 0.75)
 PROG = "proposals.py"
@@ -290,12 +288,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings():  # import-time deprecation noise of dependencies
         for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
-        from regionspot.cli import run_entry_point, setup_logging
-
         args = build_parser().parse_args(argv)
-        setup_logging()  # the console; the log file once the output is known
         run = run_inspect if args.command == "inspect" else run_convert
-        return run_entry_point(lambda: run(args), PROG, args.debug)
+        return run_tool(lambda: run(args), PROG, args.debug)  # the log file once the output is known
 
 
 if __name__ == "__main__":

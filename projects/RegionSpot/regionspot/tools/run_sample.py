@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The main job on the bundled real-photo sample, on the CPU, in 75-90 s on an idle 2-core machine.
 
 1. writes small RANDOM SAM and CLIP models in the official file formats;
@@ -41,8 +40,7 @@ import threading
 import time
 import warnings
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import REPO
 
 CONFIG = os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml")
 DEMO_IMAGE = "astronaut.png"
@@ -309,8 +307,7 @@ def report(out: str, n_images: int, vocabulary) -> int:
     of the three evaluations (Table-1 layout, their protocol and what the numbers mean under
     it), written to ``<out>/summary/table1.md`` and ``.png`` too; then check that the head
     learned (box AP up by more than :data:`LEARNED_GAIN`). Returns the exit status."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import summarize
+    from regionspot.tools import summarize
 
     before, after = (read_metrics(os.path.join(out, name)) for name, _ in EVALUATIONS[:2])
     ap_before, ap_after = box_ap(before), box_ap(after)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Summarize RegionSpot evaluation outputs in the layout of the paper's Table 1.
 
     python tools/summarize.py RUN [RUN ...] [--label TEXT ...] [--dataset NAME]
@@ -38,12 +37,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
+from regionspot.tools.common import run_tool
+
+PROG = "summarize.py"
 
 with warnings.catch_warnings():  # importing the package imports torch and detectron2
     warnings.simplefilter("ignore")
-    from regionspot.io import atomic_write  # noqa: E402
+    from regionspot.io import atomic_write
 
 METRICS_NAME = "metrics.json"
 METRICS = ("APr", "APc", "APf", "AP")  # Table 1 column order
@@ -650,10 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 on an input/output error, in one
     ``summarize.py: error:`` line; the traceback too with ``--debug``, and in ``<DIR>/<name>.log``
     once the outputs are checked)."""
-    from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
+    from regionspot.cli import add_debug_argument, setup_logging
 
     args = add_debug_argument(build_parser()).parse_args(argv)
-    setup_logging()  # the console; the log file once the outputs are checked
 
     def run() -> int:
         rows = load_runs(args.runs, labels=args.label, dataset=args.dataset)
@@ -664,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nWrote {md_path} and {png_path}")
         return 0
 
-    return run_entry_point(run, "summarize.py", args.debug)
+    return run_tool(run, PROG, args.debug)  # the log file once the outputs are checked
 
 
 if __name__ == "__main__":
