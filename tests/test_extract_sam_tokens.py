@@ -1,6 +1,6 @@
 """Tests for tools/extract_sam_tokens.py: batching, ranks, kill -9 + resume, bad input (tiny random SAM)."""
 
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -26,12 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool as an importable module (``extract_sam_tokens``), so that the processes that
-    ``--num-gpus 2`` spawns from this test process can unpickle its per-process function."""
-    tools_dir = os.path.join(REPO, "tools")
-    if tools_dir not in sys.path:
-        sys.path.append(tools_dir)
-    return importlib.import_module("extract_sam_tokens")
+    """The tool's module (``regionspot.tools.extract_sam_tokens``): the processes that
+    ``--num-gpus 2`` spawns from this test process unpickle its per-process function by name."""
+    return importlib.import_module("regionspot.tools.extract_sam_tokens")
 
 
 @pytest.fixture(scope="module")

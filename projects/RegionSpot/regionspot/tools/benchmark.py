@@ -44,21 +44,20 @@ The encoders run at ``--precision`` (the model's ``ENCODER_PRECISION``: float32 
 here; "auto" is float16 on CUDA, float32 on the CPU) with SAM's attention ``--attention``
 (``SAM_ATTENTION``); ``settings.encoder_dtype`` records the precision used. The end-to-end
 mode (``--end-to-end``: the evaluation loop with loader and evaluator, plain vs fast path in
-one process, with their deviations) is described in ``tools/benchmark_e2e.py``; the evaluator
-mode (``--evaluator``: the two LVIS evaluator backends timed on a synthetic LVIS-val-sized set,
-with their AP compared) in ``tools/benchmark_eval.py``, whose options follow ``--evaluator``.
+one process, with their deviations) is described in :mod:`regionspot.tools.benchmark_e2e`; the
+evaluator mode (``--evaluator``: the two LVIS evaluator backends timed on a synthetic
+LVIS-val-sized set, with their AP compared) in :mod:`regionspot.tools.benchmark_eval`, whose
+options follow ``--evaluator``.
 
 Each time is the MEDIAN over ``repeats`` timed runs that follow ``warmup`` untimed runs; on
 CUDA the device is synchronised before and after every stage, so a stage's time is its own.
 All samples are kept in the JSON (``samples_ms``). Default repeats / warmup:
 
 - CUDA: warmup 5, repeats 20 for every config;
-- CPU: ``small`` warmup 1, repeats 5; ``bb``/``bl``/``bl336`` warmup 0, repeats 1 (SAM ViT-B's
-  image encoder alone takes several seconds per image on a few cores). With warmup 0 the
-  stage timings include first-call costs (allocator, oneDNN primitive creation: 10-20 % on the
-  SAM ViT-B encoder here), so ``sum_of_stages_ms`` can exceed ``end_to_end_ms``; the
-  end-to-end runs come after the stage runs and are warm. The text-embedding estimate from one
-  class is rough for the tiny model (per-call overhead dominates 81 tiny prompts).
+- CPU: ``small`` warmup 1, repeats 5; ``bb``/``bl``/``bl336`` warmup 0, repeats 1. With warmup
+  0 the stage timings include first-call costs (allocator, oneDNN primitive creation), so
+  ``sum_of_stages_ms`` can exceed ``end_to_end_ms``; the end-to-end runs come after the stage
+  runs and are warm.
 - ``--quick`` (for the test): ``small`` only, N = 1, 10, warmup 1, repeats 2, image and
   original size 480 x 640 (and the mask-output image).
 Explicit ``--repeats``/``--warmup`` apply to every config.
@@ -83,20 +82,13 @@ but it includes Python, the libraries and everything run before (``memory.kind``
 Parameters: the trainable head and the frozen SAM (image encoder, prompt encoder, mask
 decoder) and CLIP (image tower, rest = text tower and embeddings) of each config.
 
-How to read the numbers
------------------------
-Random weights give representative speed (the same shapes and operations as the released
-weights; only accuracy is meaningless), but every number depends on the device, its clocks,
-the thread count and whatever else runs on the machine: the JSON records the device, torch
-version, threads and the load average before and after. On a CPU shared with other work, do
-not use more threads than there are idle cores (``--threads``): OpenMP threads that wait for a
-descheduled sibling make every small operation take milliseconds (seen here: SAM's mask
-decoder 7 ms with 1 thread, 850 ms with 2 threads on 2 cores while another job ran). Per image, the cost is
-``sam_image_encoder + clip_semantic`` (fixed) plus the N-dependent ``sam_mask_decoder + head +
-postprocess``; compare configs on the same device only. A table is printed at the end; the
-JSON (written atomically) goes to ``--output`` (default
+Output
+------
+A table is printed at the end; the JSON (written atomically, with the device, torch version,
+threads and the load average before and after) goes to ``--output`` (default
 ``output/benchmark/benchmark_<device>.json``), the run's log (the project's lines, Detectron2's
-in the end-to-end mode) to ``<output>.log``. Bad options end with one line
+in the end-to-end mode) to ``<output>.log``. How to read the figures, and figures measured with
+it: ``docs/speed.md``. Bad options end with one line
 ``benchmark.py: error: <message>`` and exit status 2 (``--debug``: with the traceback).
 """
 

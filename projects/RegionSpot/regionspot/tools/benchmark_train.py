@@ -20,9 +20,7 @@ so data loading is not included:
 Each figure is the median of ``--iters`` timed steps after ``--warmup`` steps; the JSON
 (written atomically, default ``output/benchmark/train_<device>.json``) keeps every sample,
 the device, torch, threads and load average. Models have RANDOM weights: the speed is
-representative, nothing else is. The paper's budget is about 20 images/s per V100 for the
-whole recipe (0.2K V100 GPU-hours for ~3M images x 2 stages); the target on one H100 with the
-token cache is >= 300 images/s (bf16, batch 16, BL).
+representative, nothing else is. The budget to compare with: ``docs/speed.md`` (training).
 
 The run's log (the project's lines) goes to the console and ``<output>.log``; an error in the
 input ends with one line ``benchmark_train.py: error: <message>`` and exit status 2

@@ -36,29 +36,7 @@ defaults to the config's ``MODEL.REGIONSPOT.TOKEN_CACHE_DIR`` (the key training 
 - Log: the project's lines (SAM loaded, ...) on the console (rank 0) and in
   ``<output dir>/<dataset>/log.txt`` (``log.txt.rank<N>`` for the other ranks).
 
-Sizes (256-d tokens; measured on shards of 1,000 images with ~14.6 boxes per image): float32
-2,104 bytes per box, bfloat16 1,080 bytes per box, both with the flip entry (tokens
-2 x 256 x 4 resp. 2 x 256 x 2 bytes, boxes 2 x 16 bytes) plus ~343 bytes of shard header
-per image. Estimated caches (boxes x per-box + images x header; "no flip": half of both):
-
-=====================  =========  =========  =============  ==============  ==============  ===============
-dataset (train)        images     boxes      float32 +flip  float32 no flip bfloat16 +flip  bfloat16 no flip
-=====================  =========  =========  =============  ==============  ==============  ===============
-Objects365 v2          1.74 M     ~25.4 M    53 GB          27 GB           27 GB           14 GB
-OpenImages v6          1.74 M     ~14.6 M    31 GB          15.5 GB         16 GB           8 GB
-V3Det                  183 k      ~1.75 M    3.7 GB         1.9 GB          1.9 GB          1.0 GB
-=====================  =========  =========  =============  ==============  ==============  ===============
-
-What bfloat16 changes: each token value is rounded to 8 significant bits (relative error
-<= 2^-8 = 3.9e-3; measured max 3.8e-3). With random weights
-(tiny SAM tokens, a randomly initialised head of the released BB size, D=768 / E=512, and
-1,203 random unit text embeddings, logit scale 100) the region embeddings move by ~1e-3
-relative and the logits by at most 0.02 (~1e-3 of a region's logit range); top-1 labels
-were unchanged for 120 regions with the BB head and changed for 2 of 120 with a BL-sized head
-(D=1024 / E=768), both where the top-2 logits were within 0.002 of each other. In the tiny
-RegionSpot of the tests (``test_bfloat16_tokens_barely_change_regionspot_logits``) the
-logits change by 2e-3 of their range and no top-1 label changes. Random weights measure
-the arithmetic, not a trained model's sensitivity.
+Cache sizes per dataset and what bfloat16 tokens change (measured): ``docs/speed.md``.
 
 Test hook: the environment variable ``REGIONSPOT_TEST_SLEEP_PER_IMAGE`` (seconds) slows the
 run down after each image, so a test can kill it between shards.

@@ -1,4 +1,4 @@
-"""The main job on the bundled real-photo sample, on the CPU, in 75-90 s on an idle 2-core machine.
+"""The main job on the bundled real-photo sample, on the CPU (its time: ``docs/speed.md``).
 
 1. writes small RANDOM SAM and CLIP models in the official file formats;
 2. evaluates the untrained head on the sample (LVIS AP, ground-truth boxes as proposals);
@@ -19,10 +19,8 @@ While a step runs, its progress lines (training: ``iter N/M ... it/s ... ETA``) 
 line every 30 s when a step has printed nothing for that long; each step's whole output is in
 ``<output>/logs/``.
 
-Speed: every step uses all CPU cores (PyTorch's default). On an idle 2-core machine the whole
-job takes 75-90 s (training ~0.15 s per iteration); another CPU-heavy job on the same cores slows
-it far more than in proportion (3.4 s per iteration seen, ~20 minutes in all).
-``--threads N`` (or ``OMP_NUM_THREADS=N``) limits the threads of each step.
+Threads: every step uses all CPU cores (PyTorch's default); ``--threads N`` (or
+``OMP_NUM_THREADS=N``) limits the threads of each step.
 
     python tools/run_sample.py [--output output/sample] [--iters 300] [--threads N]
 """
