@@ -103,12 +103,11 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from regionspot.tools.common import REPO, resolve_device, synchronize
-
 import torch
 
 from regionspot.environment import device_name, git_commit, load_average, peak_rss_bytes
 from regionspot.modeling.random_backbones import VARIANTS, random_regionspot
+from regionspot.tools.common import REPO, resolve_device, synchronize
 
 SCHEMA = "regionspot-benchmark/1"
 PROG = "benchmark.py"

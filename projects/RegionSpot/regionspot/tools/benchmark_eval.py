@@ -50,9 +50,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from regionspot.tools.common import REPO, run_tool
-
 import numpy as np
+from regionspot.tools.common import REPO, run_tool
 
 SCHEMA = "regionspot-eval-benchmark/1"
 PROG = "benchmark_eval.py"

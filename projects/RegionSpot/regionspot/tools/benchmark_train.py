@@ -36,12 +36,11 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-from regionspot.tools.common import REPO, resolve_device, synchronize
-
 import torch
 
 from regionspot.environment import device_name, load_average, peak_rss_bytes
 from regionspot.modeling.random_backbones import VARIANTS, random_regionspot
+from regionspot.tools.common import REPO, resolve_device, synchronize
 
 SCHEMA = "regionspot-train-benchmark/1"
 PROG = "benchmark_train.py"

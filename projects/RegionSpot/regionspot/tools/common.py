@@ -11,7 +11,8 @@ import argparse
 import os
 from typing import Callable, Optional, Sequence
 
-from regionspot.cli import run_entry_point, setup_logging
+# Nothing heavy at import (torch, Detectron2, SAM, CLIP): a tool imports this module first and
+# may import the rest under its own warning filters.
 
 # The repository root (regionspot/tools/common.py -> projects/RegionSpot/regionspot/tools -> root):
 # default output folders (``output/...``) and the bundled configs (``configs/...``) live there.
@@ -107,5 +108,7 @@ def run_tool(run: Callable[[], Optional[int]], prog: str, debug: bool = False) -
     Returns:
         ``run()``'s exit code (0 for None), or 2 after an input error.
     """
+    from regionspot.cli import run_entry_point, setup_logging
+
     setup_logging()
     return run_entry_point(run, prog, debug)

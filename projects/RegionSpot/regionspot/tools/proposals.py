@@ -39,9 +39,8 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
-from regionspot.tools.common import run_tool
-
 import numpy as np
+from regionspot.tools.common import run_tool
 
 IOU_THRESHOLDS = (0.5, 0.75)
 PROG = "proposals.py"
