@@ -42,6 +42,22 @@ def read_version() -> str:
     return match.group(1) if match else "0.1.0"
 
 
+# The command-line tools (regionspot/tools/<module>.py, each with main(argv=None) -> int); the
+# same tools run from a checkout as `python tools/<module>.py`.
+TOOLS = {
+    "regionspot-benchmark": "benchmark",
+    "regionspot-benchmark-train": "benchmark_train",
+    "regionspot-benchmark-text": "benchmark_text",
+    "regionspot-proposals": "proposals",
+    "regionspot-summarize": "summarize",
+    "regionspot-dump-text-embeddings": "dump_text_embeddings",
+    "regionspot-extract-sam-tokens": "extract_sam_tokens",
+    "regionspot-convert-openimages": "convert_openimages",
+    "regionspot-run-sample": "run_sample",
+}
+CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
+
+
 setup(
     name="regionspot",
     version=read_version(),
@@ -81,4 +97,5 @@ setup(
         "scikit-learn",
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

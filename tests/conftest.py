@@ -1,30 +1,23 @@
 """Shared fixtures: small random SAM and CLIP written in the official file formats, and a
 RegionSpot model built from them through the real config and loading code."""
 
+import importlib
 import os
-import sys
 import warnings
 
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
-sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
 
 torch.set_num_threads(2)
 
 
-def load_tool(name: str, module_name: str = None):
-    """Import ``tools/<name>.py`` as a fresh module (the tools are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(module_name or f"regionspot_{name}_tool",
-                                                  os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool(name: str):
+    """The tool ``name`` as the module ``regionspot.tools.<name>`` (``tools/<name>.py`` is its
+    command-line wrapper)."""
+    return importlib.import_module(f"regionspot.tools.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,15 @@
 """tools/convert_openimages.py on tiny synthetic OpenImages CSV files and images: exact pixel
 boxes, categories, image-level labels, IsGroupOf, and one clear error for each kind of bad input."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
-spec = importlib.util.spec_from_file_location("convert_openimages", os.path.join(REPO, "tools", "convert_openimages.py"))
-tool = importlib.util.module_from_spec(spec)
-sys.modules["convert_openimages"] = tool  # worker processes find image_size by module name
-spec.loader.exec_module(tool)
+tool = load_tool("convert_openimages")  # worker processes find image_size by its module's name
 
 BOX_HEADER = ("ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"
               "IsDepiction,IsInside,XClick1X,XClick2X,XClick3X,XClick4X,XClick1Y,XClick2Y,XClick3Y,XClick4Y")

@@ -1,6 +1,6 @@
 """Tests for tools/extract_sam_tokens.py: batching, ranks, kill -9 + resume, bad input (tiny random SAM)."""
 
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -26,12 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool as an importable module (``extract_sam_tokens``), so that the processes that
-    ``--num-gpus 2`` spawns from this test process can unpickle its per-process function."""
-    tools_dir = os.path.join(REPO, "tools")
-    if tools_dir not in sys.path:
-        sys.path.append(tools_dir)
-    return importlib.import_module("extract_sam_tokens")
+    """The tool's module (``regionspot.tools.extract_sam_tokens``): the processes that
+    ``--num-gpus 2`` spawns from this test process unpickle its per-process function by name."""
+    return importlib.import_module("regionspot.tools.extract_sam_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +68,12 @@ def reference_cache(tool, position, data, identity, tmp_path_factory):
     return root
 
 
+def assert_same_tokens(a, b):
+    """Tokens of the same boxes from differently batched extractions: SAM's decoder sees other
+    batch shapes, so the last float32 bits may differ (float rounding, never more)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def assert_same_cache(root_a, root_b, name_a, name_b, records, identity):
     a = tc.SamTokenCache(root_a, name_a, identity)
     b = tc.SamTokenCache(root_b, name_b, identity)
@@ -79,7 +82,8 @@ def assert_same_cache(root_a, root_b, name_a, name_b, records, identity):
         for flip in (False, True):
             ta, ba = a.lookup_record(r, flip)
             tb, bb = b.lookup_record(r, flip)
-            assert torch.equal(ta, tb) and torch.equal(ba, bb), (r["image_id"], flip)
+            assert torch.equal(ba, bb), (r["image_id"], flip)
+            assert_same_tokens(ta, tb)
 
 
 def test_cached_tokens_equal_the_one_image_function(reference_cache, position, data, identity):
@@ -88,7 +92,8 @@ def test_cached_tokens_equal_the_one_image_function(reference_cache, position, d
         expected = tc.compute_image_tokens(position, image_tensor(r), tc.annotation_boxes(r))
         for flip, key in ((False, ""), (True, "_flip")):
             tokens, boxes = cache.lookup_record(r, flip)
-            assert torch.equal(tokens, expected["tokens" + key]) and torch.equal(boxes, expected["boxes" + key])
+            assert torch.equal(boxes, expected["boxes" + key])
+            assert_same_tokens(tokens, expected["tokens" + key])
 
 
 def test_batch_size_does_not_change_the_cache(tool, reference_cache, position, data, identity, tmp_path):
@@ -135,7 +140,7 @@ def _cli(sam_path, data, out, *extra, dataset="tok_kill", dtype=None):
 def test_kill_9_then_resume_gives_the_uninterrupted_cache(tool, sam_path, data, reference_cache, identity, tmp_path,
                                                           capsys):
     """kill -9 of a run between shards, then a rerun writes the rest: the cache is complete and
-    tensor-equal to an uninterrupted run's (same process count and threads, so same rounding)."""
+    equal to an uninterrupted run's up to float rounding (the batches differ after the resume)."""
     out = tmp_path / "cache"
     env = dict(os.environ, REGIONSPOT_TEST_SLEEP_PER_IMAGE="0.2", DETECTRON2_DATASETS=str(tmp_path / "datasets"),
                OMP_NUM_THREADS="1")  # the threads of this test process (see one_thread): the same float rounding
@@ -248,7 +253,7 @@ def test_unreadable_image_is_reported_and_the_run_goes_on(tool, sam_path, positi
     manifest = json.load(open(tmp_path / "c" / "tok_broken" / "manifest.json"))
     assert not manifest["complete"] and manifest["missing_image_ids"] == [101, 102]
     cache = tc.SamTokenCache(str(tmp_path / "c"), "tok_broken", tc.make_identity(sam_path, "transformer"))
-    assert torch.equal(cache.lookup(100)[0], tc.compute_tokens(position, image_tensor(records[0]),
+    assert_same_tokens(cache.lookup(100)[0], tc.compute_tokens(position, image_tensor(records[0]),
                                                                tc.annotation_boxes(records[0])))
     with pytest.raises(tc.TokenCacheError, match=r"image 101 is not in the cache .*incomplete"):
         cache.lookup(101)

@@ -303,7 +303,7 @@ def test_config_key(registered):
 
 def test_benchmark_quick_writes_a_consistent_json(tmp_path):
     """Through tools/benchmark.py --evaluator, as the README runs it."""
-    benchmark = load_tool("benchmark", "regionspot_benchmark_tool_for_eval")
+    benchmark = load_tool("benchmark")
     path = tmp_path / "eval.json"
     assert benchmark.main(["--evaluator", "--quick", "--images", "150", "--segm-images", "40",
                            "--output", str(path)]) == 0

@@ -1,6 +1,5 @@
 """tools/proposals.py: inspect (statistics, coverage, recall) and convert, on the bundled sample."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 
 from detectron2.data import DatasetCatalog
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from regionspot.data.datasets.regionspot_sample import _load_sample_dicts, prepare_regionspot_sample
 from regionspot.data.proposal_files import read_proposal_file
 
@@ -21,10 +20,7 @@ DATASET = "regionspot_sample_proposals_tool_test"
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("regionspot_proposals_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("proposals")
 
 
 @pytest.fixture(scope="module")

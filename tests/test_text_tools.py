@@ -1,12 +1,12 @@
 """Tests for tools/dump_text_embeddings.py and tools/benchmark_text.py (tiny random CLIP)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from conftest import load_tool
 from regionspot.modeling import text_embeddings as te
 from regionspot.modeling.weights import load_clip
 
@@ -17,10 +17,7 @@ NAMES = ["cat", "dog", "traffic light", "wall-other-merged"]
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"regionspot_{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +176,9 @@ def test_benchmark_quick_writes_a_consistent_json(bench, tmp_path, capsys):
 
 def test_dump_a_registered_datasets_vocabulary(tmp_path, clip_path):
     """--register NAME JSON IMAGE_ROOT, then --vocabulary NAME: the json's categories are encoded."""
-    import importlib.util
     import json as json_module
 
-    spec = importlib.util.spec_from_file_location("dump_tool_register", os.path.join(REPO, "tools", "dump_text_embeddings.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("dump_text_embeddings")
     (tmp_path / "images").mkdir()
     data = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "teapot"}, {"id": 3, "name": "kettle"}]}
     (tmp_path / "mine.json").write_text(json_module.dumps(data))

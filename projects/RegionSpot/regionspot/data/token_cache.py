@@ -18,11 +18,11 @@ its horizontal flip:
   ``x0' = W - x1, x1' = W - x0`` (:func:`flip_boxes`, Detectron2's ``HFlipTransform``).
 - ``tokens`` (N, T): :class:`~regionspot.modeling.position_tokens.SamPositionTokens` on the
   original image at its original size (SAM resizes it to its own input), one token per box;
-  ``tokens_flip``: the same on the flipped image with ``boxes_flip``. The function that
-  computes them, :func:`compute_image_tokens`, is the one the extraction tool uses (its
-  batched path gives the same numbers, see ``tools/extract_sam_tokens.py``), so a training
-  mapper/model can compute the same tokens online when there is no cache. SAM runs in
-  float32 (whatever ``ENCODER_PRECISION`` says). Tokens are computed on the original-size image, not
+  ``tokens_flip``: the same on the flipped image with ``boxes_flip``. They come from the
+  localizer's one token extraction, ``SamPositionTokens.extract_tokens``, which the extraction
+  tool (in batches), :func:`compute_image_tokens` and online training
+  (``RegionSpot.training_tokens``) all call: SAM runs in float32 whatever
+  ``ENCODER_PRECISION`` says, so cached and online tokens agree to float rounding. Tokens are computed on the original-size image, not
   on a training resize of it: SAM resizes every image to its own input anyway, so a mapper
   that resizes and/or flips takes the entry of the right orientation and scales only the
   boxes (token i belongs to box i). Tokens computed online on an already-resized image differ
@@ -128,13 +128,11 @@ __all__ = [
     "annotation_boxes",
     "compute_image_tokens",
     "compute_tokens",
-    "encode_images",
     "finalize_cache",
     "flip_boxes",
     "identity_from_config",
     "make_identity",
     "scan_shards",
-    "tokens_from_embedding",
     "write_manifest",
 ]
 
@@ -298,53 +296,19 @@ def annotation_boxes(record: Mapping[str, Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(position, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """SAM's image embeddings of B images in one encoder batch.
-
-    Args:
-        position: a :class:`~regionspot.modeling.position_tokens.SamPositionTokens`.
-        images: B (3, H_i, W_i) uint8 RGB tensors (sizes may differ).
-
-    Returns:
-        (B, 256, g, g) float32 embeddings on SAM's device.
-    """
-    pixels = torch.stack([position.preprocess(image)[0] for image in images])
-    return position.encode_images(pixels).float()
-
-
-@torch.no_grad()
-def tokens_from_embedding(position, image_embedding: torch.Tensor, boxes: torch.Tensor,
-                          image_size: Tuple[int, int]) -> torch.Tensor:
-    """Position-aware tokens of boxes given the image's SAM embedding.
-
-    Args:
-        position: a ``SamPositionTokens``.
-        image_embedding: (256, g, g) SAM embedding of the image.
-        boxes: (N, 4) XYXY_ABS pixels of the image that was embedded, of size ``image_size`` (H, W).
-
-    Returns:
-        (N, T) float32 on SAM's device.
-    """
-    return position(image_embedding, boxes, tuple(image_size), with_masks=False).tokens.float()
-
-
-@torch.no_grad()
 def compute_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """One orientation: SAM's tokens of ``boxes`` on ``image`` at its own size.
-
-    ``pixels, _ = position.preprocess(image)``; ``emb = position.encode_images(pixels[None])[0]``;
-    ``position(emb, boxes, (H, W), with_masks=False).tokens``.
+    """One orientation: SAM's tokens of ``boxes`` on ``image`` at its own size, through the
+    localizer's one token extraction (``SamPositionTokens.extract_tokens``, float32).
 
     Args:
-        position: a ``SamPositionTokens`` (frozen SAM).
+        position: the localizer, a ``SamPositionTokens`` (frozen SAM).
         image: (3, H, W) uint8 RGB.
         boxes: (N, 4) XYXY_ABS pixels of ``image``.
 
     Returns:
         (N, T) float32 CPU tensor.
     """
-    emb = encode_images(position, [image])[0]
-    return tokens_from_embedding(position, emb, boxes, tuple(image.shape[-2:])).cpu()
+    return position.extract_tokens([image], [boxes.float()])[0].cpu()
 
 
 def compute_image_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -366,12 +330,9 @@ def compute_image_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> 
     """
     boxes = boxes.detach().float().cpu().contiguous()
     boxes_flip = flip_boxes(boxes, image.shape[-1])
-    return {
-        "tokens": compute_tokens(position, image, boxes),
-        "tokens_flip": compute_tokens(position, image.flip(-1), boxes_flip),
-        "boxes": boxes,
-        "boxes_flip": boxes_flip,
-    }
+    with torch.no_grad():
+        tokens, tokens_flip = position.extract_tokens([image, image.flip(-1)], [boxes, boxes_flip])
+    return {"tokens": tokens.cpu(), "tokens_flip": tokens_flip.cpu(), "boxes": boxes, "boxes_flip": boxes_flip}
 
 
 # ----------------------------------------------------------------------------- writing
