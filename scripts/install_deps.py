@@ -23,7 +23,8 @@ Steps, each printing one line saying what it did:
    docstring says which, tests/test_install_deps.py shows it): the sdist's setup.py (C++
    build, distribution name); ``detectron2._C`` missing (a placeholder module); Pillow>=10
    (``Image.LINEAR``); numpy>=1.24 (``np.int`` & co.); COCOEvaluator's compiled evaluator.
-3. the project itself: ``pip install -e '.[test]'``.
+3. the project itself: ``pip install -e '.[test]'`` (the test extra: pytest, and ruff, the
+   linter that ``.ci/run`` runs before the tests).
 4. lvis: ``lvis==0.5.3`` installed with ``--no-deps`` (its metadata pulls ``opencv-python``,
    which clashes with ``opencv-python-headless``), then its numpy>=1.24 breakage
    (``np.float`` in ``LVISEval.accumulate``) patched in site-packages. It runs after the
@@ -120,6 +121,7 @@ import torch, torchvision, detectron2.data, detectron2.evaluation, segment_anyth
 import lvis.eval
 with open(lvis.eval.__file__, encoding="utf-8") as f:
     assert not re.search({NP_ALIAS_RE.pattern!r}, f.read()), "lvis/eval.py is not patched"
+assert importlib.util.find_spec("ruff"), "ruff (the test extra) is not installed"
 spec = importlib.util.find_spec("regionspot")
 print("regionspot", spec.origin if spec else None)
 """
@@ -596,8 +598,12 @@ def ensure_project() -> None:
     location = project_location()
     if location is None or PROJECT_PACKAGE_DIR not in [location, *location.parents]:
         raise StepError(step, f"regionspot resolves to {location}, not to {PROJECT_PACKAGE_DIR}")
+    ruff_version = [sys.executable, "-m", "ruff", "--version"]
+    rc, out = run(step, ruff_version, check=False)
+    if rc != 0:
+        raise StepError(step, "ruff (the [test] extra) does not run", ruff_version, out)
     say(step, f"installed regionspot (editable, from {location.relative_to(REPO_ROOT)}) "
-              "with its [test] extra")
+              f"with its [test] extra (pytest, {last_line(out)})")
 
 
 def project_location() -> Path | None:
