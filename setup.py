@@ -96,6 +96,8 @@ setup(
         "scikit-image",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest"]},
+    # ruff: the linter and import sorter CI runs before the tests (ruff.toml); its rules change
+    # between minor versions, hence the bound.
+    extras_require={"test": ["pytest", "ruff>=0.17,<0.18"]},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -18,16 +18,17 @@ Steps, each printing one line saying what it did:
    ``keep`` an importable one; ``git``: the official repository, where GitHub is reachable;
    ``sdist``: the PyPI sdist ``pb1-detectron2==0.6`` (the v0.6 Python sources without the C++
    sources), unpacked under ``build/detectron2-src/``, patched by the ``patch_*`` functions
-   below, and installed as a distribution named ``detectron2`` without compiled ops. The
-   patches (each function's docstring says why): our own setup.py; a ``detectron2/_C.py``
-   placeholder; Pillow>=10 (``Image.LINEAR``); numpy>=1.24 (``np.float`` & co.);
-   setuptools>=81 (``pkg_resources`` in the model zoo); ``launch`` on CPU with gloo and a
-   clean worker exit; DDP of CPU models; COCOEvaluator without the compiled evaluator;
-   ``load_lvis_json`` for dataset names without built-in metadata.
-3. the project itself: ``pip install -e '.[test]'``.
+   below, and installed as a distribution named ``detectron2`` without compiled ops. Only
+   what the project needs is patched; each patch is named for the failure it prevents (its
+   docstring says which, tests/test_install_deps.py shows it): the sdist's setup.py (C++
+   build, distribution name); ``detectron2._C`` missing (a placeholder module); Pillow>=10
+   (``Image.LINEAR``); numpy>=1.24 (``np.int`` & co.); COCOEvaluator's compiled evaluator.
+3. the project itself: ``pip install -e '.[test]'`` (the test extra: pytest, and ruff, the
+   linter that ``.ci/run`` runs before the tests).
 4. lvis: ``lvis==0.5.3`` installed with ``--no-deps`` (its metadata pulls ``opencv-python``,
-   which clashes with ``opencv-python-headless``), then its numpy>=1.24 breakage patched in
-   site-packages. It runs after the project step, which brings its real runtime deps.
+   which clashes with ``opencv-python-headless``), then its numpy>=1.24 breakage
+   (``np.float`` in ``LVISEval.accumulate``) patched in site-packages. It runs after the
+   project step, which brings its real runtime deps.
 
 A stamp file in the environment (``sys.prefix``) records a hash of ``setup.py`` and this
 script; when it matches and a quick import check passes, a re-run only prints
@@ -81,7 +82,8 @@ D2_RUNTIME_DEPS = [
 # detectron2 imports cv2 but leaves the choice of OpenCV wheel to its users.
 D2_OPENCV = "opencv-python-headless"
 # Bump when the sdist patches change: an installed build with an older level is rebuilt.
-D2_PATCH_LEVEL = 2
+# Level 3: only the patches the project needs (no launch, DDP, model-zoo or load_lvis_json ones).
+D2_PATCH_LEVEL = 3
 
 LVIS_REQ = "lvis==0.5.3"
 
@@ -119,6 +121,7 @@ import torch, torchvision, detectron2.data, detectron2.evaluation, segment_anyth
 import lvis.eval
 with open(lvis.eval.__file__, encoding="utf-8") as f:
     assert not re.search({NP_ALIAS_RE.pattern!r}, f.read()), "lvis/eval.py is not patched"
+assert importlib.util.find_spec("ruff"), "ruff (the test extra) is not installed"
 spec = importlib.util.find_spec("regionspot")
 print("regionspot", spec.origin if spec else None)
 """
@@ -333,8 +336,20 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 # ----------------------------------------------------------------------------- sdist patches
 #
-# Each patch edits the unpacked v0.6 sources and asserts that it found what it edits, so a
-# changed sdist fails loudly here instead of installing half-patched code.
+# The patches the project needs, each named for the failure it prevents. Each keeps the exact
+# upstream text it replaces (the *_UPSTREAM constants), asserts that it finds that text in the
+# unpacked v0.6 sources (so a changed sdist fails loudly here instead of installing half-patched
+# code), and tests/test_install_deps.py runs the upstream text to show the failure in this
+# environment and the replacement to show it gone.
+#
+# Not patched, because nothing in the project reaches them: ``launch`` (CUDA-only, NCCL) and
+# ``create_ddp_model`` (GPU device_ids): the project has its own launcher and DDP wrapper in
+# regionspot/engine/launch.py, and RegionSpotTrainer does not run DefaultTrainer.__init__;
+# ``model_zoo`` (pkg_resources, gone in setuptools 81): nothing imports it and SETUPTOOLS stays
+# below 81 for clip-anytorch anyway; ``load_lvis_json`` with dataset names without built-in
+# metadata: the project calls it with ``dataset_name=None`` on a file with ``coco_url``s only
+# (the bundled sample) and reads users' files with its own loader
+# (regionspot/data/datasets/user.py).
 
 
 class PatchError(RuntimeError):
@@ -355,17 +370,17 @@ def patch_detectron2_tree(src: Path) -> list[str]:
     if not (pkg / "__init__.py").is_file():
         raise PatchError(f"{src} has no detectron2/__init__.py")
     return [
-        patch_setup_py(src),
-        patch_add_c_placeholder(pkg),
-        patch_pillow_linear(src),
-        patch_numpy_aliases(src),
-        patch_model_zoo_pkg_resources(pkg),
-        patch_launch_cpu(pkg),
-        patch_ddp_cpu(pkg),
-        patch_coco_evaluator(pkg),
-        patch_lvis_loader(pkg),
+        patch_setup_py_cpp_build_and_name(src),
+        patch_c_module_import_error(pkg),
+        patch_pillow10_image_linear(pkg),
+        patch_numpy124_removed_aliases(src),
+        patch_coco_evaluator_needs_c_ops(pkg),
     ]
 
+
+# What the sdist's setup.py is recognised by: the distribution name (which does not satisfy the
+# project's ``detectron2`` requirement) and the C++ extension build (whose sources it lacks).
+SETUP_PY_UPSTREAM = ('name="pb1-detectron2"', "ext_modules=get_extensions()")
 
 SDIST_SETUP_PY = '''\
 """detectron2 v0.6 without its C++ ops, written by RegionSpot's scripts/install_deps.py.
@@ -406,14 +421,20 @@ setup(
 '''
 
 
-def patch_setup_py(src: Path) -> str:
-    """Replace the sdist's setup.py: distribution name ``detectron2``, no extension build (and
-    so no torch/CUDA_HOME at build time), runtime requirements only, model-zoo configs kept."""
+def patch_setup_py_cpp_build_and_name(src: Path) -> str:
+    """Failure prevented: ``pip install`` of the sdist fails (its setup.py builds a C++
+    extension from ``detectron2/layers/csrc/vision.cpp``, which the sdist does not ship), and
+    were it built, its distribution name ``pb1-detectron2`` would not satisfy the project's
+    ``detectron2`` requirement. The replacement is named ``detectron2``, builds no extension
+    (so needs no torch or CUDA_HOME at build time), lists runtime requirements only and keeps
+    the model-zoo configs."""
     setup_py = src / "setup.py"
     text = setup_py.read_text(encoding="utf-8")
-    for expected in ('name="pb1-detectron2"', "ext_modules=get_extensions()", "PROJECTS = {"):
+    for expected in (*SETUP_PY_UPSTREAM, "PROJECTS = {"):
         if expected not in text:
             raise PatchError(f"setup.py: {expected!r} not found; the sdist changed")
+    if (src / "detectron2" / "layers" / "csrc").exists():
+        raise PatchError("the sdist ships detectron2/layers/csrc: build the ops instead")
     projects = dict(re.findall(r'"(detectron2\.projects\.\w+)":\s*"([^"]+)"', text))
     if not projects:
         raise PatchError("setup.py: no detectron2.projects mapping found")
@@ -429,6 +450,11 @@ def patch_setup_py(src: Path) -> str:
         shutil.rmtree(egg_info)
     return "setup.py (name detectron2, no C++ build, runtime deps)"
 
+
+# The modules that import the compiled ops at load time, and how.
+C_MODULE_UPSTREAM = "from detectron2 import _C"
+C_MODULE_USERS = ("layers/deform_conv.py", "layers/rotated_boxes.py",
+                  "layers/roi_align_rotated.py", "evaluation/fast_eval_api.py")
 
 C_PLACEHOLDER = '''\
 """Placeholder for detectron2's compiled ops (written by RegionSpot's scripts/install_deps.py).
@@ -470,201 +496,100 @@ def __getattr__(name):
 '''
 
 
-def patch_add_c_placeholder(pkg: Path) -> str:
-    """Add ``detectron2/_C.py``: four modules import ``_C`` at load time; the sdist has no
-    C++ sources to build it from."""
+def patch_c_module_import_error(pkg: Path) -> str:
+    """Failure prevented: ``ImportError: cannot import name '_C' from 'detectron2'`` on
+    ``import detectron2.modeling`` (through detectron2.layers) and ``import
+    detectron2.evaluation``: four modules import the compiled ``_C`` at load time and the sdist
+    has no C++ sources to build it. Adds ``detectron2/_C.py``, a placeholder whose ops raise a
+    clear RuntimeError when used (the project uses none of them)."""
     if list(pkg.glob("_C.*")):
         raise PatchError("detectron2/_C already exists in the sdist")
-    if (pkg / "layers" / "csrc").exists():
-        raise PatchError("the sdist ships detectron2/layers/csrc: build the ops instead")
-    for user in ("layers/deform_conv.py", "layers/rotated_boxes.py",
-                 "layers/roi_align_rotated.py", "evaluation/fast_eval_api.py"):
-        if "from detectron2 import _C" not in (pkg / user).read_text(encoding="utf-8"):
+    for user in C_MODULE_USERS:
+        if C_MODULE_UPSTREAM not in (pkg / user).read_text(encoding="utf-8"):
             raise PatchError(f"{user} no longer imports detectron2._C")
     (pkg / "_C.py").write_text(C_PLACEHOLDER.format(LEVEL=D2_PATCH_LEVEL), encoding="utf-8")
     return "_C.py placeholder"
 
 
-def _sub_all(src: Path, pattern: re.Pattern[str], repl) -> tuple[int, int]:
+# data/transforms/transform.py, ExtentTransform: a default argument, evaluated at import.
+PILLOW_LINEAR_UPSTREAM = "    def __init__(self, src_rect, output_size, interp=Image.LINEAR, fill=0):\n"
+PILLOW_LINEAR_PATCHED = "    def __init__(self, src_rect, output_size, interp=Image.BILINEAR, fill=0):\n"
+
+
+def patch_pillow10_image_linear(pkg: Path) -> str:
+    """Failure prevented: ``AttributeError: module 'PIL.Image' has no attribute 'LINEAR'`` on
+    ``import detectron2.data`` with Pillow >= 10, which removed that alias of BILINEAR (a
+    default argument of ExtentTransform, so evaluated when the module loads)."""
+    replace_once(pkg / "data" / "transforms" / "transform.py", PILLOW_LINEAR_UPSTREAM,
+                 PILLOW_LINEAR_PATCHED, "ExtentTransform's Image.LINEAR default")
+    return "Image.LINEAR -> Image.BILINEAR"
+
+
+# NP_ALIAS_RE (above) finds them. One of the upstream lines it rewrites: data/build.py's
+# class histogram, which get_detection_dataset_dicts prints for every dataset the project loads.
+NUMPY_ALIAS_UPSTREAM = "    histogram = np.zeros((num_classes,), dtype=np.int)\n"
+
+
+def patch_numpy124_removed_aliases(src: Path) -> str:
+    """Failure prevented: ``AttributeError: module 'numpy' has no attribute 'int'`` (and
+    ``float``, ``str``, ``object``) with numpy >= 1.24, which removed those aliases of the
+    builtins; first hit by the class histogram of every dataset the project loads
+    (data/build.py); also in structures/masks.py, the visualizer and the evaluators. Uses the
+    builtins instead (``np.bool``, back in numpy 2, is rewritten to ``bool`` too)."""
+    build_py = src / "detectron2" / "data" / "build.py"
+    if NUMPY_ALIAS_UPSTREAM not in build_py.read_text(encoding="utf-8"):
+        raise PatchError("data/build.py: the class histogram's np.int not found; the sdist changed")
     lines = files = 0
     for path in sorted(src.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
-        new, n = pattern.subn(repl, text)
+        new, n = NP_ALIAS_RE.subn(lambda m: m.group(1), text)
         if n:
             files += 1
             lines += sum(1 for a, b in zip(text.splitlines(), new.splitlines(), strict=True)
                          if a != b)
             path.write_text(new, encoding="utf-8")
-    return lines, files
-
-
-def patch_pillow_linear(src: Path) -> str:
-    """Pillow 10 removed ``Image.LINEAR`` (an alias of BILINEAR); it is a default argument in
-    data/transforms/transform.py, so ``import detectron2.data`` fails without this."""
-    lines, files = _sub_all(src, re.compile(r"\bImage\.LINEAR\b"), "Image.BILINEAR")
-    if not lines:
-        raise PatchError("no Image.LINEAR found; the sdist changed")
-    return f"Image.LINEAR ({lines} line(s))"
-
-
-def patch_numpy_aliases(src: Path) -> str:
-    """numpy 1.24 removed ``np.int``, ``np.float``, ``np.str``, ``np.object`` (and deprecated
-    ``np.bool`` until 2.0); use the builtins (data/build.py's class histogram is hit by every
-    training loader)."""
-    lines, files = _sub_all(src, NP_ALIAS_RE, lambda m: m.group(1))
-    if not lines:
-        raise PatchError("no removed numpy aliases found; the sdist changed")
     return f"numpy aliases ({lines} lines in {files} files)"
 
 
-def patch_model_zoo_pkg_resources(pkg: Path) -> str:
-    """setuptools 81 dropped ``pkg_resources``; find the bundled configs next to the module."""
-    path = pkg / "model_zoo" / "model_zoo.py"
-    replace_once(path, "import pkg_resources\n", "", "pkg_resources import")
-    replace_once(
-        path,
-        '    cfg_file = pkg_resources.resource_filename(\n'
-        '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
-        '    )\n',
-        '    # Patched (RegionSpot install_deps): pkg_resources is gone in setuptools>=81.\n'
-        '    cfg_file = os.path.join(\n'
-        '        os.path.dirname(os.path.abspath(__file__)), "configs", config_path\n'
-        '    )\n',
-        "resource_filename call",
-    )
-    return "model_zoo without pkg_resources"
+# evaluation/coco_evaluation.py, COCOEvaluator.__init__ (use_fast_impl defaults to True).
+COCO_FAST_IMPL_UPSTREAM = "        self._use_fast_impl = use_fast_impl\n"
+COCO_FAST_IMPL_PATCHED = (
+    "        # Patched (RegionSpot install_deps): no compiled COCOeval_opt in this build.\n"
+    "        if use_fast_impl:\n"
+    '            self._logger.info("detectron2 has no C++ ops: using the official COCO API")\n'
+    "        self._use_fast_impl = False\n"
+)
 
 
-def patch_launch_cpu(pkg: Path) -> str:
-    """``launch`` asserts CUDA and hard-codes NCCL, so ``--num-gpus N`` cannot start on a CPU
-    machine: use gloo there. At exit, a worker that used ``comm.all_gather`` can abort
-    ("terminate called without an active exception", about 1 run in 7) because the cached
-    global gloo group outlives the process group: clear that cache, then destroy the group."""
-    path = pkg / "engine" / "launch.py"
-    replace_once(
-        path,
-        '    assert torch.cuda.is_available(), "cuda is not available. Please check your '
-        'installation."\n',
-        '    # Patched (RegionSpot install_deps): fall back to gloo on machines without CUDA.\n'
-        '    has_gpu = torch.cuda.is_available()\n',
-        "CUDA assertion",
-    )
-    replace_once(path, '            backend="NCCL",\n',
-                 '            backend="NCCL" if has_gpu else "GLOO",\n', "NCCL backend")
-    replace_once(
-        path,
-        "    assert num_gpus_per_machine <= torch.cuda.device_count()\n"
-        "    torch.cuda.set_device(local_rank)\n",
-        "    if has_gpu:\n"
-        "        assert num_gpus_per_machine <= torch.cuda.device_count()\n"
-        "        torch.cuda.set_device(local_rank)\n",
-        "set_device",
-    )
-    replace_once(
-        path,
-        "    comm.synchronize()\n\n    main_func(*args)\n",
-        "    comm.synchronize()\n\n"
-        "    main_func(*args)\n"
-        "    # Patched (RegionSpot install_deps): release the cached gloo group before the\n"
-        "    # process group, else the worker can abort at exit after comm.all_gather.\n"
-        "    comm._get_global_gloo_group.cache_clear()\n"
-        "    comm._LOCAL_PROCESS_GROUP = None\n"
-        "    dist.destroy_process_group()\n",
-        "worker's main_func call",
-    )
-    comm_py = (pkg / "utils" / "comm.py").read_text(encoding="utf-8")
-    if "@functools.lru_cache()\ndef _get_global_gloo_group():" not in comm_py:
-        raise PatchError("utils/comm.py: _get_global_gloo_group is no longer an lru_cache")
-    return "launch on CPU with gloo, clean worker exit"
-
-
-def patch_ddp_cpu(pkg: Path) -> str:
-    """``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for a
-    model on the CPU: pass it only for CUDA models, so CPU workers from ``launch`` can train."""
-    replace_once(
-        pkg / "engine" / "defaults.py",
-        '    if "device_ids" not in kwargs:\n',
-        '    # Patched (RegionSpot install_deps): device_ids only for models on CUDA.\n'
-        '    if "device_ids" not in kwargs and any(p.is_cuda for p in model.parameters()):\n',
-        "create_ddp_model device_ids",
-    )
-    return "create_ddp_model for CPU models"
-
-
-def patch_coco_evaluator(pkg: Path) -> str:
-    """``COCOEvaluator`` defaults to ``use_fast_impl=True``, the compiled COCOeval_opt this
-    build lacks: use the official pycocotools implementation instead (same metrics)."""
-    replace_once(
-        pkg / "evaluation" / "coco_evaluation.py",
-        "        self._use_fast_impl = use_fast_impl\n",
-        "        # Patched (RegionSpot install_deps): no compiled COCOeval_opt in this build.\n"
-        "        if use_fast_impl:\n"
-        '            self._logger.info("detectron2 has no C++ ops: using the official COCO API")\n'
-        "        self._use_fast_impl = False\n",
-        "use_fast_impl assignment",
-    )
+def patch_coco_evaluator_needs_c_ops(pkg: Path) -> str:
+    """Failure prevented: ``RuntimeError: detectron2._C.InstanceAnnotation is unavailable``
+    from ``COCOEvaluator.evaluate()`` (RegionSpotCOCOEvaluator, for COCO-format datasets):
+    ``use_fast_impl`` defaults to True, which selects the compiled COCOeval_opt whenever the
+    evaluator keeps 100 detections per image (its default). Uses pycocotools' COCOeval
+    instead (same metrics)."""
+    replace_once(pkg / "evaluation" / "coco_evaluation.py", COCO_FAST_IMPL_UPSTREAM,
+                 COCO_FAST_IMPL_PATCHED, "use_fast_impl assignment")
     return "COCOEvaluator without the compiled evaluator"
 
 
-def patch_lvis_loader(pkg: Path) -> str:
-    """``load_lvis_json(..., dataset_name)`` raises for names without built-in LVIS metadata;
-    use what is registered in MetadataCatalog instead (else the JSON's own categories). Images
-    without ``coco_url`` (custom LVIS-format files) use their ``file_name``."""
-    path = pkg / "data" / "datasets" / "lvis.py"
-    replace_once(
-        path,
-        "    if dataset_name is not None:\n"
-        "        meta = get_lvis_instances_meta(dataset_name)\n"
-        "        MetadataCatalog.get(dataset_name).set(**meta)\n",
-        "    if dataset_name is not None:\n"
-        "        meta = _lvis_meta_or_registered(dataset_name, lvis_api)\n",
-        "built-in metadata lookup",
-    )
-    replace_once(
-        path,
-        '        split_folder, file_name = img_dict["coco_url"].split("/")[-2:]\n',
-        '        if "coco_url" not in img_dict:  # Patched (RegionSpot): custom LVIS-format file\n'
-        '            return os.path.join(img_root, img_dict["file_name"])\n'
-        '        split_folder, file_name = img_dict["coco_url"].split("/")[-2:]\n',
-        "coco_url file name",
-    )
-    replace_once(
-        path,
-        "def get_lvis_instances_meta(dataset_name):\n",
-        '''def _lvis_meta_or_registered(dataset_name, lvis_api):
-    """Patched in by RegionSpot's install_deps: metadata for ``dataset_name``.
-
-    Built-in LVIS/COCO metadata when the name has it (as before); otherwise what is already
-    registered in MetadataCatalog, adding ``thing_classes`` from the JSON's categories when
-    none is registered and their ids are 1..N (the ids ``load_lvis_json`` shifts by one).
-    """
-    catalog_meta = MetadataCatalog.get(dataset_name)
-    try:
-        meta = get_lvis_instances_meta(dataset_name)
-    except ValueError:
-        meta = catalog_meta.as_dict()
-        if "thing_classes" not in meta:
-            cats = sorted(lvis_api.load_cats(None), key=lambda c: c["id"])
-            if [c["id"] for c in cats] == list(range(1, len(cats) + 1)):
-                catalog_meta.set(thing_classes=[c["name"] for c in cats])
-            else:
-                logger.warning(
-                    "No built-in metadata for {} and its category ids are not 1..N: "
-                    "thing_classes not set".format(dataset_name)
-                )
-        return meta
-    catalog_meta.set(**meta)
-    return meta
-
-
-def get_lvis_instances_meta(dataset_name):
-''',
-        "get_lvis_instances_meta definition",
-    )
-    return "load_lvis_json for custom dataset names"
-
-
 # ----------------------------------------------------------------------------- project, lvis
+
+# lvis 0.5.3's eval.py, LVISEval.accumulate (the two lines with removed numpy aliases).
+LVIS_NP_FLOAT_UPSTREAM = (
+    "                tp_sum = np.cumsum(tps, axis=1).astype(dtype=np.float)\n"
+    "                fp_sum = np.cumsum(fps, axis=1).astype(dtype=np.float)\n"
+)
+
+
+def patch_lvis_numpy124_float(eval_py: Path) -> int:
+    """Failure prevented: ``AttributeError: module 'numpy' has no attribute 'float'`` from
+    ``LVISEval.accumulate()`` (every LVIS evaluation with the default "lvis" backend) with numpy
+    >= 1.24. Rewrites the removed aliases in lvis/eval.py to the builtins; returns how many."""
+    text = eval_py.read_text(encoding="utf-8")
+    new, count = NP_ALIAS_RE.subn(lambda m: m.group(1), text)
+    if count:
+        eval_py.write_text(new, encoding="utf-8")
+    return count
 
 
 def ensure_project() -> None:
@@ -673,8 +598,12 @@ def ensure_project() -> None:
     location = project_location()
     if location is None or PROJECT_PACKAGE_DIR not in [location, *location.parents]:
         raise StepError(step, f"regionspot resolves to {location}, not to {PROJECT_PACKAGE_DIR}")
+    ruff_version = [sys.executable, "-m", "ruff", "--version"]
+    rc, out = run(step, ruff_version, check=False)
+    if rc != 0:
+        raise StepError(step, "ruff (the [test] extra) does not run", ruff_version, out)
     say(step, f"installed regionspot (editable, from {location.relative_to(REPO_ROOT)}) "
-              "with its [test] extra")
+              f"with its [test] extra (pytest, {last_line(out)})")
 
 
 def project_location() -> Path | None:
@@ -698,10 +627,7 @@ def ensure_lvis() -> None:
         raise StepError(step, "cannot locate the lvis package", None, out)
     eval_py = Path(last_line(out)) / "eval.py"
     try:
-        text = eval_py.read_text(encoding="utf-8")
-        new, count = NP_ALIAS_RE.subn(lambda m: m.group(1), text)
-        if count:
-            eval_py.write_text(new, encoding="utf-8")
+        count = patch_lvis_numpy124_float(eval_py)
     except OSError as exc:
         raise StepError(step, f"cannot patch {eval_py}: {exc}") from exc
     if count:
