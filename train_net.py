@@ -24,7 +24,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.cli import add_debug_argument, report_user_error, run_entry_point, setup_logging, USER_ERRORS
+from regionspot.cli import USER_ERRORS, add_debug_argument, report_user_error, run_entry_point, setup_logging
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.engine.launch import launch

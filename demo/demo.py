@@ -41,7 +41,6 @@ import sys
 import time
 
 import numpy as np
-
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer

@@ -89,6 +89,7 @@ def tiny_cfg(sam_path, clip_path, tmp_path_factory):
 def build_tiny_model(cfg):
     """build_model(cfg) with the config's vocabulary set (what train_net does before a forward)."""
     from detectron2.modeling import build_model
+
     from regionspot.modeling.text_classifier import vocabulary_from_config
 
     torch.manual_seed(0)

@@ -11,9 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "projects", "RegionSpot"))
 
-import train_net  # noqa: E402
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+
+import train_net  # noqa: E402
 
 
 class Agreement(HookBase):

@@ -210,9 +210,8 @@ def test_end_to_end_fast_path_gives_the_plain_results(e2e_report):
 def test_end_to_end_workload_is_lvis_like(e2e_report):
     """The synthetic workload: LVIS format (1203 categories with LVIS v1's r/c/f split), the
     requested boxes per image, JPEG photos of COCO sizes."""
-    from regionspot.tools import benchmark_e2e
-
     from regionspot.data.datasets.user import read_dataset_json
+    from regionspot.tools import benchmark_e2e
 
     json_path = e2e_report["settings"]["data_json"]
     data = read_dataset_json(json_path)

@@ -11,15 +11,13 @@ import sys
 
 import pytest
 import torch
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from conftest import REPO
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from regionspot.evaluation.mask_annotations import has_mask, mask_annotation_counts
-
-from conftest import REPO, build_tiny_model, make_cfg
 
 SKIP_LINE = "has no mask annotations"
 NUM_IMAGES = 3  # a few photos: each subprocess evaluation stays ~10-20 s on the CPU

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import train_net
-from regionspot.config import ConfigError, load_config, resolve_device
-
 from conftest import REPO
+from regionspot.config import ConfigError, load_config, resolve_device
 
 BL = os.path.join(REPO, "configs", "regionspot_bl.yaml")
 

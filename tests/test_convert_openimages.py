@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_tool
+from conftest import load_tool
 
 tool = load_tool("convert_openimages")  # worker processes find image_size by its module's name
 

@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.lvis_evaluation import _evaluate_predictions_on_lvis
 from detectron2.structures import Boxes, Instances
 from lvis import LVIS, LVISResults
 
+from conftest import load_tool
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample, sample_vocabulary_metadata
 from regionspot.evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from regionspot.evaluation.fast_lvis import (
@@ -24,8 +24,6 @@ from regionspot.evaluation.fast_lvis import (
     evaluate_predictions_on_lvis_fast,
     limit_dets_per_image,
 )
-
-from conftest import load_tool
 
 TOL = 1e-4  # percent points
 

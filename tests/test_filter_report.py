@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from regionspot.modeling.postprocess import RecognitionProtocol, select_detections
-from regionspot.filter_report import FilterReport
-
 from conftest import REPO
+from regionspot.filter_report import FilterReport
+from regionspot.modeling.postprocess import RecognitionProtocol, select_detections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,9 +6,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.structures import BoxMode
+from PIL import Image
 
 from regionspot.data.mapper import RegionSpotDatasetMapper
 from regionspot.data.validation import InputError

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 

@@ -6,15 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from detectron2.structures import BoxMode
 from PIL import Image
 
-from detectron2.structures import BoxMode
-
+from conftest import REPO, load_tool
 from regionspot import RegionSpotPredictor
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.data.mapper import RegionSpotDatasetMapper
-
-from conftest import REPO, load_tool
 
 BOXES = [[10.0, 20.0, 200.0, 150.0], [220.0, 50.0, 440.0, 290.0], [0.0, 0.0, 450.0, 300.0]]
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from detectron2.structures import Instances
 
 from regionspot.evaluation.lvis_evaluation import encode_masks_once

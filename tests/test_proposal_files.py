@@ -7,17 +7,22 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from detectron2.data import transforms as T
 from detectron2.data.build import load_proposals_into_dataset
 from detectron2.data.detection_utils import transform_proposals
 from detectron2.structures import BoxMode
 
+from regionspot.data.proposal_files import (
+    PROPOSAL_FILE_FORMATS,
+    ProposalFileError,
+    ProposalSet,
+    attach_proposals,
+    detect_format,
+    read_proposal_file,
+    write_proposal_file,
+)
 from regionspot.data.validation import InputError
 from regionspot.modeling.proposals import logit_to_score
-from regionspot.data.proposal_files import (
-    PROPOSAL_FILE_FORMATS, ProposalFileError, ProposalSet, attach_proposals, detect_format,
-    read_proposal_file, write_proposal_file)
 
 
 def _proposal_set():

@@ -9,18 +9,19 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import train_net
+from conftest import REPO
 from regionspot.config import load_config
 from regionspot.data.datasets.regionspot_sample import (
-    _load_sample_dicts, prepare_regionspot_sample, sample_vocabulary_metadata)
+    _load_sample_dicts,
+    prepare_regionspot_sample,
+    sample_vocabulary_metadata,
+)
 from regionspot.data.proposal_files import ProposalFileError, ProposalSet, write_proposal_file
-from regionspot.testing.random_backbones import write_random_rpn
 from regionspot.modeling.weights import WeightsError
-
-from conftest import REPO
+from regionspot.testing.random_backbones import write_random_rpn
 
 DATASET = "regionspot_sample_proposals"
 FORMATS = ("glip", "coco", "detectron2")

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from detectron2.data import DatasetCatalog
 
 from conftest import REPO, load_tool

@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import load_config
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.testing.random_backbones import write_random_clip, write_random_sam
-
-from conftest import REPO
 
 # paper config -> tiny CLIP of its family (patch size and input resolution)
 PAPER_CONFIGS = {"regionspot_bb.yaml": "tiny", "regionspot_bl.yaml": "tiny-p14", "regionspot_bl_336.yaml": "tiny-p14-336"}

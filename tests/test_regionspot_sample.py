@@ -6,11 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 from detectron2.structures import BoxMode
+from PIL import Image
 
 from regionspot.data.datasets.regionspot_sample import (
     SAMPLE_ANNOTATIONS,

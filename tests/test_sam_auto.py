@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from segment_anything import SamAutomaticMaskGenerator
 
 SETTINGS = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from regionspot.testing.random_backbones import random_clip
 from regionspot.modeling.semantic_features import ClipSemanticFeatures, resize_positional_embedding
 from regionspot.modeling.weights import load_clip
+from regionspot.testing.random_backbones import random_clip
 
 
 @pytest.fixture(scope="module")

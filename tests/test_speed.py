@@ -4,17 +4,15 @@ resizes, encoder precision and torch.compile, each against the plain path."""
 import numpy as np
 import pytest
 import torch
+from detectron2.structures import BoxMode
 from PIL import Image
 
-from detectron2.structures import BoxMode
-
+from conftest import build_tiny_model, make_cfg
 from regionspot.data.build import build_batched_test_loader, inference_batch_size
 from regionspot.data.mapper import RegionSpotDatasetMapper
 from regionspot.modeling.fast_attention import sam_attention_kind, set_sam_attention
 from regionspot.modeling.precision import resolve_encoder_precision
 from regionspot.testing.random_backbones import random_sam
-
-from conftest import build_tiny_model, make_cfg
 
 SIZES = [(300, 450), (420, 280), (256, 256), (333, 500), (200, 380)]
 

@@ -9,9 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from regionspot.io import write_json_atomic
-
 from conftest import REPO
+from regionspot.io import write_json_atomic
 
 
 def _refuse(constant):

@@ -8,9 +8,8 @@ import clip
 import pytest
 import torch
 
-from regionspot.modeling import text_embeddings as te
-from regionspot.testing.random_backbones import random_clip
 from regionspot.data.vocabularies import check_vocabulary
+from regionspot.modeling import text_embeddings as te
 from regionspot.modeling.text_embeddings import (
     CLIP_IMAGENET_TEMPLATES,
     PROMPT_TEMPLATES,
@@ -19,6 +18,7 @@ from regionspot.modeling.text_embeddings import (
     load_or_compute_text_embeddings,
     weights_fingerprint,
 )
+from regionspot.testing.random_backbones import random_clip
 
 NAMES = ["cat", "dog", "traffic light", "wall-other-merged", "aerosol_can"]
 

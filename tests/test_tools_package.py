@@ -63,7 +63,7 @@ def test_console_scripts_name_tool_modules_whose_help_exits_0(monkeypatch):
                    "regionspot-convert-openimages", "regionspot-run-sample"):
         assert wanted in names
     for name, module_name in names.items():
-        main = getattr(importlib.import_module(module_name), "main")
+        main = importlib.import_module(module_name).main
         assert callable(main)
         out = io.StringIO()
         with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:

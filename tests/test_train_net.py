@@ -7,13 +7,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
 
 import train_net
 from regionspot.data.datasets.regionspot_sample import (
-    _load_sample_dicts, prepare_regionspot_sample, sample_vocabulary_metadata)
+    _load_sample_dicts,
+    prepare_regionspot_sample,
+    sample_vocabulary_metadata,
+)
 
 DATASET = "regionspot_sample_with_empty_image"
 

@@ -8,17 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from PIL import Image
 
 import regionspot  # noqa: F401  (registrations)
+from conftest import REPO
 from regionspot.data.datasets import builtin
 from regionspot.data.validation import InputError
 from regionspot.data.vocabularies import get_vocabulary, vocabulary_by_name
-
-from conftest import REPO
 
 NAMES = ("objects365_v1_train", "objects365_v2_train", "objects365_v2_val", "openimages_v6_train",
          "openimages_v6_val", "v3det_v1_train", "v3det_v1_val")

@@ -11,16 +11,14 @@ import time
 
 import pytest
 import torch
-
 from detectron2.structures import Boxes, Instances
 
 import train_net
+from conftest import REPO, build_tiny_model
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.data.samplers import ResumableBatchSampler
-from regionspot.modeling.losses import region_focal_losses
 from regionspot.modeling.head import region_logits
-
-from conftest import REPO, build_tiny_model
+from regionspot.modeling.losses import region_focal_losses
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +151,6 @@ def test_training_two_datasets_and_resuming_continues_the_data_order(tmp_path, s
 @pytest.mark.skipif(not hasattr(torch, "autocast"), reason="needs torch.autocast")
 def test_bfloat16_mixed_precision_training_on_the_cpu(tmp_path, sam_path, clip_path, two_datasets, monkeypatch,
                                                       caplog):
-    import logging
 
     monkeypatch.chdir(REPO)
     out = str(tmp_path / "amp")

@@ -5,15 +5,13 @@ import json
 import os
 
 import pytest
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import train_net
+from conftest import REPO
 from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.data.datasets.user import load_dataset_json, register_dataset
 from regionspot.data.validation import InputError
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")

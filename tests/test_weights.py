@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from regionspot.testing.random_backbones import SAM_PRESETS, random_sam, write_random_clip
 from regionspot.modeling.weights import WeightsError, load_clip, load_sam, sam_architecture
+from regionspot.testing.random_backbones import SAM_PRESETS, random_sam, write_random_clip
 
 
 @pytest.mark.parametrize("preset", ["tiny", "vit_b"])

@@ -194,14 +194,14 @@ def check_config(cfg: CN) -> None:
         ConfigError: a size or count that must be positive, a probability or threshold outside
             its range, or a name that is not among the allowed values.
     """
+    from .data.proposal_files import PROPOSAL_FILE_FORMATS
     from .data.vocabularies import BUILTIN_VOCABULARIES, CLASS_NAME_STYLES
     from .evaluation.fast_lvis import EVALUATOR_BACKENDS
     from .modeling.fast_attention import SAM_ATTENTION_KINDS
-    from .modeling.precision import ENCODER_PRECISIONS
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
+    from .modeling.precision import ENCODER_PRECISIONS
     from .modeling.proposals import PROPOSAL_SOURCES
-    from .data.proposal_files import PROPOSAL_FILE_FORMATS
     from .modeling.proposals.rpn import RPN_INPUT_FORMATS
     from .modeling.proposals.sam_auto import SamAutoProposalGenerator
 

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable
 
 
 def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> str:

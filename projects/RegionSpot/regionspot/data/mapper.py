@@ -18,7 +18,6 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils

@@ -111,8 +111,7 @@ import torch
 
 from ..io import atomic_write, write_json_atomic
 from ..transforms import annotation_boxes_xyxy, flip_boxes  # noqa: F401  (flip_boxes: part of this module's API)
-from ..weights_files import (TOKEN_SOURCES, WeightsError, require_file, sam_architecture, token_dim,
-                             weights_content_hash)
+from ..weights_files import TOKEN_SOURCES, WeightsError, require_file, sam_architecture, token_dim, weights_content_hash
 from .validation import check_boxes
 
 __all__ = [

@@ -16,7 +16,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from detectron2.utils import comm
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)

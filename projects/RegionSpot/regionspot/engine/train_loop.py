@@ -16,7 +16,6 @@ import logging
 import time
 
 import torch
-
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventWriter, get_event_storage
 

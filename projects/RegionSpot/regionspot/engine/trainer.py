@@ -20,9 +20,8 @@ import os
 import weakref
 from collections import OrderedDict
 
-import torch
-
 import detectron2.utils.comm as comm
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
@@ -35,8 +34,8 @@ from ..checkpoint import RegionSpotCheckpointer
 from ..data.build import build_regionspot_test_loader, build_regionspot_train_loader
 from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
-from ..io import write_json_atomic
 from ..filter_report import FilterReport, FilterReportEvaluator
+from ..io import write_json_atomic
 from ..modeling.text_classifier import vocabulary_from_config
 from .launch import wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter

@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
+from torch import nn
 
 from ..checkpoint import register_head_only_state
 from ..filter_report import FilterReport, report_of_input

@@ -40,7 +40,7 @@ distinct boxes, not with the number of (box, class) pairs, and the evaluator enc
 bitmap once.
 """
 
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -384,10 +384,10 @@ def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], origi
                device: torch.device) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]], Dict[int, object]]:
     """One run of the recognition path stage by stage: the per-image stages once, then the
     per-box stages for every N. Returns ({stage: ms}, {N: {stage: ms}}, {N: Instances})."""
+    from detectron2.structures import Boxes, Instances
+
     from regionspot.modeling.meta_arch import ImageFeatures
     from regionspot.modeling.proposals.gt import proposals_from_ground_truth
-
-    from detectron2.structures import Boxes, Instances
 
     images = [image]
     with torch.no_grad():
@@ -556,10 +556,10 @@ class _RssSampler:
 
 def measure_mask_output(model, args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     """Memory and time of mask output at ``--mask-pairs`` (box, class) pairs (see the docstring)."""
+    from detectron2.structures import Boxes, Instances
+
     from regionspot.evaluation.lvis_evaluation import encode_masks_once
     from regionspot.modeling.proposals.gt import proposals_from_ground_truth
-
-    from detectron2.structures import Boxes, Instances
 
     h, w = args.mask_image_size
     g = torch.Generator().manual_seed(args.seed + 1)

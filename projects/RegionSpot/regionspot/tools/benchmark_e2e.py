@@ -148,9 +148,8 @@ def write_synthetic_lvis(folder: str, num_images: int, boxes_per_image: int, see
     ``folder/lvis_synthetic.json`` (LVIS format: 1203 categories with frequencies, per-image
     ``neg_category_ids``/``not_exhaustive_category_ids``). Reused when a manifest says the same
     size, boxes and seed. Returns the json path."""
-    from PIL import Image
-
     from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+    from PIL import Image
 
     from regionspot.data.vocabularies import get_vocabulary
     from regionspot.io import write_json_atomic

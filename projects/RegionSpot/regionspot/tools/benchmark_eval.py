@@ -51,6 +51,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
 from regionspot.tools.common import REPO, run_tool
 
 SCHEMA = "regionspot-eval-benchmark/1"

@@ -41,9 +41,8 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-from regionspot.tools.common import run_tool
-
 from regionspot.environment import device_name, load_average
+from regionspot.tools.common import run_tool
 
 TOWERS = ("tiny", "ViT-B/16", "ViT-L/14")
 DEFAULT_OUTPUT = os.path.join("output", "benchmark", "text_embeddings_cpu.json")
@@ -168,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from regionspot.cli import setup_logging
-
     from regionspot.data.vocabularies import get_vocabulary
     from regionspot.io import write_json_atomic
     from regionspot.modeling import text_embeddings as te

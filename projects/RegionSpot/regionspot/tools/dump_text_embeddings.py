@@ -112,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from regionspot.cli import setup_logging
-
     from regionspot.data.datasets.user import register_from_args
     from regionspot.data.vocabularies import vocabulary_by_name
     from regionspot.io import atomic_write

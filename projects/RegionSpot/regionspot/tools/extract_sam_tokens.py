@@ -415,9 +415,8 @@ def run(args: argparse.Namespace) -> int:
         ToolError: see the module docstring.
     """
     from regionspot.cli import setup_logging
-    from regionspot.engine.launch import launch
-
     from regionspot.data import token_cache as tc
+    from regionspot.engine.launch import launch
 
     started = time.perf_counter()
     for name in ("batch_size", "shard_size", "num_gpus", "num_machines"):

@@ -40,6 +40,7 @@ import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
+
 from regionspot.tools.common import run_tool
 
 IOU_THRESHOLDS = (0.5, 0.75)
@@ -92,6 +93,7 @@ def load_gt_dicts(path: str) -> List[dict]:
         InputError: the file is not JSON, or lacks images/annotations or their keys.
     """
     from detectron2.structures import BoxMode
+
     from regionspot.data.validation import InputError
 
     try:
@@ -120,8 +122,9 @@ def load_gt_dicts(path: str) -> List[dict]:
 
 def load_dataset_dicts(name: str) -> List[dict]:
     """Dataset dicts of a dataset registered in Detectron2's catalog (RegionSpot's included)."""
-    import regionspot  # noqa: F401  (registers regionspot_sample)
     from detectron2.data import DatasetCatalog
+
+    import regionspot  # noqa: F401  (registers regionspot_sample)
     from regionspot.data.validation import InputError
 
     names = sorted(DatasetCatalog.list())
@@ -230,8 +233,8 @@ def log_to(output: str, inputs: Sequence[str]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``inspect``: print (and optionally write) statistics, coverage and recall."""
-    from regionspot.io import write_json_atomic
     from regionspot.data.proposal_files import attach_proposals, read_proposal_file
+    from regionspot.io import write_json_atomic
 
     if args.output:
         inputs = [p for p in (args.file, args.gt) if p] + [json_file for _, json_file, _ in args.register]
@@ -263,8 +266,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``convert``: read INPUT, write it as ``--to`` to ``--output``."""
-    from regionspot.data.validation import InputError
     from regionspot.data.proposal_files import read_proposal_file, write_proposal_file
+    from regionspot.data.validation import InputError
 
     if os.path.exists(args.output):
         if os.path.realpath(args.output) == os.path.realpath(args.input):

@@ -277,9 +277,9 @@ def main(argv=None) -> int:
     image = next(im for im in sample["images"] if im["file_name"] == DEMO_IMAGE)
     boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
              for a in sample["annotations"] if a["image_id"] == image["id"]]
-    from regionspot.io import write_json_atomic
-
     from detectron2.data import MetadataCatalog
+
+    from regionspot.io import write_json_atomic
 
     vocabulary = MetadataCatalog.get("regionspot_sample").thing_classes
     boxes_file = write_json_atomic(os.path.join(out, "demo_boxes.json"), {DEMO_IMAGE: boxes})

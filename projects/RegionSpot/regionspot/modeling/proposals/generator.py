@@ -17,13 +17,12 @@ recording what it removed in the image's :class:`~.filters.FilterReport`.
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from detectron2.structures import Instances
 from torch import nn
 
-from detectron2.structures import Instances
-
+from ...filter_report import FilterReport
 from ..profiling import stage
 from . import check_proposal_source, logit_to_score, select_proposals
-from ...filter_report import FilterReport
 from .gt import proposals_from_ground_truth
 from .sam_auto import SamAutoProposalGenerator
 

@@ -5,7 +5,6 @@ ground-truth box of the image is a proposal and localisation is perfect by const
 """
 
 import torch
-
 from detectron2.structures import Instances
 
 

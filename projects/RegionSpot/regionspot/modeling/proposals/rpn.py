@@ -17,10 +17,9 @@ import os
 from typing import List, Optional
 
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import ImageList, Instances
+from torch import nn
 
 from ..weights import WeightsError
 

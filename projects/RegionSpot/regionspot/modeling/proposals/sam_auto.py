@@ -25,7 +25,6 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
-
 from detectron2.structures import Boxes, Instances
 
 from . import score_to_logit
@@ -77,8 +76,14 @@ def counting_mask_generator_class():
     if _COUNTING_GENERATOR is not None:
         return _COUNTING_GENERATOR
     from segment_anything import SamAutomaticMaskGenerator
-    from segment_anything.utils.amg import (MaskData, batched_mask_to_box, calculate_stability_score,
-                                            is_box_near_crop_edge, mask_to_rle_pytorch, uncrop_masks)
+    from segment_anything.utils.amg import (
+        MaskData,
+        batched_mask_to_box,
+        calculate_stability_score,
+        is_box_near_crop_edge,
+        mask_to_rle_pytorch,
+        uncrop_masks,
+    )
 
     class CountingMaskGenerator(SamAutomaticMaskGenerator):
         def __init__(self, *args, **kwargs):
