@@ -384,8 +384,8 @@ def test_bfloat16_tokens_barely_change_regionspot_logits(tiny_model, dataset):
         features = model.encode_images(images)
         tokens = model.localizer.extract_tokens(images, boxes)
         semantic = torch.stack([f.semantic for f in features])
-        out32 = model.region_embeddings(tokens, semantic)
-        out16 = model.region_embeddings([t.bfloat16().float() for t in tokens], semantic)
+        out32 = model.head.embed_regions(tokens, semantic)
+        out16 = model.head.embed_regions([t.bfloat16().float() for t in tokens], semantic)
     from regionspot.modeling.head import region_logits
 
     text = model.text_embeddings

@@ -95,10 +95,10 @@ def test_each_image_is_scored_against_its_own_datasets_vocabulary(tiny_cfg):
     loss = model(batch)["loss_region_focal"]
     # the same by hand: image 0 against A's 3 classes, image 1 against B's 5
     images = [x["image"] for x in batch]
-    tokens = model.training_tokens(batch, images)
+    tokens = model.localizer.training_tokens(batch, images)
     semantic = model.semantic_encoder.encode(images)
     torch.manual_seed(0)
-    emb = model.region_embeddings(tokens, semantic)
+    emb = model.head.embed_regions(tokens, semantic)
     per_region = torch.cat([
         region_focal_losses(region_logits(emb[0], vocab_a), torch.tensor([2, 0]), 0.25, 2.0, model.criterion.negative_classes),
         region_focal_losses(region_logits(emb[1], vocab_b), torch.tensor([4]), 0.25, 2.0, model.criterion.negative_classes)])
@@ -244,9 +244,9 @@ def test_cached_tokens_equal_the_online_ones_through_the_mapper_and_model(tmp_pa
             mapper.augmentations.augs[-1].prob = 1.0 if flip else 0.0
         a, b = online(dict(record)), cached(dict(record))
         assert "sam_image" in a and not b["instances"].has("sam_boxes")
-        online_tokens = model.training_tokens([a], [a["image"]])[0]
+        online_tokens = model.localizer.training_tokens([a], [a["image"]])[0]
         torch.testing.assert_close(b["instances"].sam_tokens, online_tokens, rtol=0, atol=1e-5)
-        assert (online_tokens - model.training_tokens([online(dict(record))], [a["image"]])[0]).abs().max() == 0
+        assert (online_tokens - model.localizer.training_tokens([online(dict(record))], [a["image"]])[0]).abs().max() == 0
 
 
 def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, clip_path, two_datasets, monkeypatch):

@@ -201,7 +201,7 @@ def check_config(cfg: CN) -> None:
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.precision import ENCODER_PRECISIONS
-    from .modeling.proposals import PROPOSAL_SOURCES
+    from .proposal_sources import PROPOSAL_SOURCES
     from .modeling.proposals.rpn import RPN_INPUT_FORMATS
     from .modeling.proposals.sam_auto import SamAutoProposalGenerator
 
@@ -407,3 +407,18 @@ def register_config_datasets(cfg: CN) -> None:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) for v in entry)):
             raise ConfigError(f"DATASETS.REGISTER entries must be [NAME, JSON, IMAGE_ROOT], got {entry!r}")
         register_dataset(*entry)
+
+
+def resolve_config_device(cfg) -> None:
+    """Resolve ``MODEL.DEVICE "auto"`` in ``cfg`` in place (CUDA when available, else the CPU;
+    :func:`regionspot.config.resolve_device`), so that a config from Detectron2's own
+    ``get_cfg()`` + ``add_regionspot_config`` builds with ``build_model`` and
+    ``DefaultPredictor``, which move the model to ``cfg.MODEL.DEVICE``. A frozen config stays
+    frozen."""
+    if cfg.MODEL.DEVICE != "auto":
+        return
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = resolve_device("auto")
+    if frozen:
+        cfg.freeze()

@@ -4,7 +4,10 @@
   printed with every AP table; :mod:`regionspot.modeling.postprocess` applies it,
   :mod:`regionspot.evaluation.protocol` reports it);
 - :class:`SharedMasks`: K detection masks sharing U <= K bitmaps (made by the model, encoded
-  by the evaluator).
+  by the evaluator);
+- :class:`ImageFeatures` and :class:`RegionRecognition`: what the recognition path hands from
+  one step to the next (:class:`regionspot.modeling.meta_arch.RegionSpot`: ``encode_images``
+  -> ``recognize`` -> ``postprocess``).
 
 This module imports neither ``regionspot.modeling``, ``regionspot.data`` nor
 ``regionspot.evaluation``.
@@ -12,11 +15,15 @@ This module imports neither ``regionspot.modeling``, ``regionspot.data`` nor
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from detectron2.structures import Instances
 
-__all__ = ["CLASS_SCORES", "SELECTIONS", "RecognitionProtocol", "SharedMasks"]
+from .proposal_sources import logit_to_score
+
+__all__ = ["CLASS_SCORES", "SELECTIONS", "RecognitionProtocol", "SharedMasks", "ImageFeatures",
+           "RegionRecognition"]
 
 CLASS_SCORES = ("softmax", "sigmoid")
 SELECTIONS = ("topk", "tap", "per_box")
@@ -188,4 +195,61 @@ class SharedMasks:
         return SharedMasks(torch.cat(bitmaps), torch.cat(indices))
 
     def __repr__(self) -> str:
-        return f"SharedMasks(num_masks={len(self)}, bitmaps={self.bitmaps.shape[0]}, size={tuple(self.bitmaps.shape[1:])})"
+        return (f"SharedMasks(num_masks={len(self)}, bitmaps={self.bitmaps.shape[0]}, "
+                f"size={tuple(self.bitmaps.shape[1:])})")
+
+
+@dataclass
+class ImageFeatures:
+    """What the frozen encoders computed for one image, once (:meth:`RegionSpot.encode_images`).
+
+    Attributes:
+        image: (3, H, W) uint8 RGB, the image as given (the mapper's resized image).
+        sam_embedding: (256, g, g) SAM image embedding (float32, or the encoder precision).
+        sam_input_size: (h, w) of the image inside SAM's padded S x S input.
+        semantic: (L, D) float32 CLIP semantic feature map.
+    """
+
+    image: torch.Tensor
+    sam_embedding: torch.Tensor
+    sam_input_size: Tuple[int, int]
+    semantic: torch.Tensor
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """(H, W) of :attr:`image`: the frame of proposals and boxes before post-processing."""
+        return tuple(self.image.shape[-2:])
+
+    @classmethod
+    def from_batch(cls, images: Sequence[torch.Tensor], sam_embeddings: torch.Tensor,
+                   sam_input_sizes: Sequence[Tuple[int, int]], semantic: torch.Tensor) -> List["ImageFeatures"]:
+        """Split the batched outputs of the localizer's and the semantic encoder's ``encode``
+        into one :class:`ImageFeatures` per image."""
+        return [cls(image, sam_embeddings[i], tuple(sam_input_sizes[i]), semantic[i]) for i, image in enumerate(images)]
+
+
+@dataclass
+class RegionRecognition:
+    """One image's proposals recognised against a vocabulary, before post-processing.
+
+    Attributes:
+        proposals: ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded
+            image), ``objectness_logits`` (and ``proposal_masks`` for ``sam_auto``).
+        logits: (N, C) float32 region-vocabulary logits (``LOGIT_SCALE * cosine``).
+        iou_predictions: (N,) float32 SAM's predicted IoU of each box's mask (None when SAM's
+            masks were not computed: neither masks nor the TAP protocol asked for them).
+        low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution),
+            or None like ``iou_predictions``.
+        sam_input_size: (h, w) of the image inside SAM's padded input.
+    """
+
+    proposals: Instances
+    logits: torch.Tensor
+    iou_predictions: Optional[torch.Tensor]
+    low_res_masks: Optional[torch.Tensor]
+    sam_input_size: Tuple[int, int]
+
+    @property
+    def proposal_scores(self) -> torch.Tensor:
+        """(N,) float32 proposal scores in [0, 1] (1 for ground-truth boxes)."""
+        return logit_to_score(self.proposals.objectness_logits)

@@ -1,6 +1,6 @@
 """Checks of user and dataset input, with errors that name the input and what was expected."""
 
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -151,4 +151,38 @@ def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
                              f"values in [0, 1] (convert it to an 8-bit photo first)")
         gray = np.round(values * 255.0).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    raise InputError(f"image {name!r} has pixel mode {mode!r}, which cannot be read as a photo; convert it to 8-bit RGB")
+    raise InputError(f"image {name!r} has pixel mode {mode!r}, which cannot be read as a photo; "
+                     "convert it to 8-bit RGB")
+
+
+def check_images(batched_inputs: List[Dict]) -> List[torch.Tensor]:
+    """Each input's ``"image"`` as a (3, H, W) uint8 RGB tensor (``RegionSpot.forward``'s check).
+
+    Accepts uint8, and floating-point images with values in [0, 255] (what Detectron2's
+    ``DefaultPredictor``, its test-time augmentation and many mappers hand a model); those
+    are cast to uint8 as the released implementation does, so a uint8 image given as float
+    gives exactly the same result.
+
+    Raises:
+        ValueError: not a (3, H, W) tensor, another dtype, NaN / infinite values or values
+            outside [0, 255] (the message names the image).
+    """
+    images = []
+    for x in batched_inputs:
+        image = x.get("image")
+        name = x.get("file_name", "?")
+        if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
+            got = f"shape {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
+            raise ValueError(f"image {name!r} must be a (3, H, W) RGB tensor (uint8, or float in 0-255), got {got}")
+        if image.is_floating_point():
+            if not bool(torch.isfinite(image).all()):
+                raise ValueError(f"image {name!r} holds NaN or infinite values")
+            low, high = float(image.min()), float(image.max())
+            if low < 0 or high > 255:
+                raise ValueError(f"image {name!r} must hold values in 0-255 (float or uint8), got "
+                                 f"{low:g} to {high:g}")
+            image = image.to(torch.uint8)
+        elif image.dtype != torch.uint8:
+            raise ValueError(f"image {name!r} must be uint8 or float in 0-255, got {image.dtype}")
+        images.append(image)
+    return images

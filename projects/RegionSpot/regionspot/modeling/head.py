@@ -15,11 +15,13 @@ Parameter names and shapes are those of the released checkpoints (under ``model.
 Unlike the released code, padded region slots are masked out of self-attention.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .profiling import stage
 
 
 class RegionSpotHead(nn.Module):
@@ -65,6 +67,26 @@ class RegionSpotHead(nn.Module):
             mask = mask.masked_fill(padding_mask, float("-inf"))
         x = self.decoder(queries, semantic_features.to(queries.dtype), tgt_key_padding_mask=mask)
         return self.projector(x)
+
+    @stage("head")
+    def embed_regions(self, tokens: List[torch.Tensor], semantic_features: torch.Tensor) -> List[torch.Tensor]:
+        """The head on B images with different numbers of regions: the (N_i, T) token lists
+        padded into one (B, max N_i, T) batch with a padding mask, cross-attending their
+        feature maps.
+
+        Args:
+            tokens: B tensors (N_i, T) float32 position-aware tokens, N_i >= 1.
+            semantic_features: (B, L, D) float32 CLIP feature maps.
+
+        Returns:
+            B tensors (N_i, E) float32 region embeddings (not normalised).
+        """
+        counts = [t.shape[0] for t in tokens]
+        padded = nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+        padding_mask = torch.arange(padded.shape[1], device=padded.device)[None] >= torch.tensor(
+            counts, device=padded.device)[:, None]
+        out = self(padded, semantic_features, padding_mask if min(counts) < padded.shape[1] else None)
+        return [out[i, :n] for i, n in enumerate(counts)]
 
 
 def region_logits(region_embeddings: torch.Tensor, text_embeddings: torch.Tensor,

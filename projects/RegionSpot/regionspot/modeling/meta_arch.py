@@ -29,7 +29,6 @@ Each stage runs under a ``torch.profiler`` label (:data:`~.profiling.STAGE_LABEL
 """
 
 import logging
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,92 +38,21 @@ from detectron2.structures import Instances
 from torch import nn
 
 from ..checkpoint import register_head_only_state
+from ..config import resolve_config_device
+from ..data.validation import check_images
 from ..filter_report import FilterReport, report_of_input
+from ..structures import ImageFeatures, RegionRecognition
 from .head import RegionSpotHead, region_logits
 from .losses import RegionSpotCriterion
 from .position_tokens import BoxPrompts, SamPositionTokens
 from .postprocess import RecognitionProtocol, detections_to_instances, resize_masks
 from .profiling import STAGE_LABELS, stage  # noqa: F401  (STAGE_LABELS: the labels profilers look for)
-from .proposals import logit_to_score
 from .proposals.generator import RegionProposalGenerator
 from .semantic_features import ClipSemanticFeatures
 from .text_classifier import TextClassifier, Vocabulary, build_time_vocabulary
 from .weights import load_clip, load_sam
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_config_device(cfg) -> None:
-    """Resolve ``MODEL.DEVICE "auto"`` in ``cfg`` in place (CUDA when available, else the CPU;
-    :func:`regionspot.config.resolve_device`), so that a config from Detectron2's own
-    ``get_cfg()`` + ``add_regionspot_config`` builds with ``build_model`` and
-    ``DefaultPredictor``, which move the model to ``cfg.MODEL.DEVICE``. A frozen config stays
-    frozen."""
-    if cfg.MODEL.DEVICE != "auto":
-        return
-    from ..config import resolve_device
-
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = resolve_device("auto")
-    if frozen:
-        cfg.freeze()
-
-
-@dataclass
-class ImageFeatures:
-    """What the frozen encoders computed for one image, once (:meth:`RegionSpot.encode_images`).
-
-    Attributes:
-        image: (3, H, W) uint8 RGB, the image as given (the mapper's resized image).
-        sam_embedding: (256, g, g) SAM image embedding (float32, or the encoder precision).
-        sam_input_size: (h, w) of the image inside SAM's padded S x S input.
-        semantic: (L, D) float32 CLIP semantic feature map.
-    """
-
-    image: torch.Tensor
-    sam_embedding: torch.Tensor
-    sam_input_size: Tuple[int, int]
-    semantic: torch.Tensor
-
-    @property
-    def image_size(self) -> Tuple[int, int]:
-        """(H, W) of :attr:`image`: the frame of proposals and boxes before post-processing."""
-        return tuple(self.image.shape[-2:])
-
-    @classmethod
-    def from_batch(cls, images: Sequence[torch.Tensor], sam_embeddings: torch.Tensor,
-                   sam_input_sizes: Sequence[Tuple[int, int]], semantic: torch.Tensor) -> List["ImageFeatures"]:
-        """Split the batched outputs of :meth:`RegionSpot.encode_sam` and
-        :meth:`RegionSpot.encode_semantic` into one :class:`ImageFeatures` per image."""
-        return [cls(image, sam_embeddings[i], tuple(sam_input_sizes[i]), semantic[i]) for i, image in enumerate(images)]
-
-
-@dataclass
-class RegionRecognition:
-    """One image's proposals recognised against a vocabulary, before post-processing.
-
-    Attributes:
-        proposals: ``Instances`` with ``proposal_boxes`` (XYXY_ABS pixels of the encoded
-            image), ``objectness_logits`` (and ``proposal_masks`` for ``sam_auto``).
-        logits: (N, C) float32 region-vocabulary logits (``LOGIT_SCALE * cosine``).
-        iou_predictions: (N,) float32 SAM's predicted IoU of each box's mask (None when SAM's
-            masks were not computed: neither masks nor the TAP protocol asked for them).
-        low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution),
-            or None like ``iou_predictions``.
-        sam_input_size: (h, w) of the image inside SAM's padded input.
-    """
-
-    proposals: Instances
-    logits: torch.Tensor
-    iou_predictions: Optional[torch.Tensor]
-    low_res_masks: Optional[torch.Tensor]
-    sam_input_size: Tuple[int, int]
-
-    @property
-    def proposal_scores(self) -> torch.Tensor:
-        """(N,) float32 proposal scores in [0, 1] (1 for ground-truth boxes)."""
-        return logit_to_score(self.proposals.objectness_logits)
 
 
 @META_ARCH_REGISTRY.register()
@@ -293,7 +221,8 @@ class RegionSpot(nn.Module):
 
     # ----------------------------------------------------------------- the recognition path
     @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor], sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    def encode_images(self, images: Sequence[torch.Tensor],
+                      sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None,
                       clip_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[ImageFeatures]:
         """Step 2: the localizer's and the semantic encoder's image side, each once for the batch.
 
@@ -349,25 +278,10 @@ class RegionSpot(nn.Module):
         logits = [torch.zeros(0, text_embeddings.shape[0], device=self.device) for _ in prompts]
         if keep:
             semantic = torch.stack([features[i].semantic for i in keep])
-            for i, e in zip(keep, self.region_embeddings([prompts[i].tokens for i in keep], semantic)):
+            for i, e in zip(keep, self.head.embed_regions([prompts[i].tokens for i in keep], semantic)):
                 logits[i] = region_logits(e, text_embeddings, self.logit_scale)
         return [RegionRecognition(p, lg, pr.iou_predictions, pr.low_res_masks, f.sam_input_size)
                 for f, p, pr, lg in zip(features, proposals, prompts, logits)]
-
-    @stage("head")
-    def region_embeddings(self, tokens: List[torch.Tensor], semantic: torch.Tensor) -> List[torch.Tensor]:
-        """The head on B images: (N_i, T) token lists padded into one batch with a padding mask,
-        cross-attending their (L, D) feature maps (``semantic``: (B, L, D)).
-
-        Returns:
-            B tensors (N_i, E) of region embeddings (not normalised).
-        """
-        counts = [t.shape[0] for t in tokens]
-        padded = nn.utils.rnn.pad_sequence(tokens, batch_first=True)
-        padding_mask = torch.arange(padded.shape[1], device=padded.device)[None] >= torch.tensor(
-            counts, device=padded.device)[:, None]
-        out = self.head(padded, semantic, padding_mask if min(counts) < padded.shape[1] else None)
-        return [out[i, :n] for i, n in enumerate(counts)]
 
     @torch.no_grad()
     def postprocess(self, recognition: RegionRecognition, output_size: Tuple[int, int],
@@ -416,39 +330,6 @@ class RegionSpot(nn.Module):
                 for r, size, report in zip(recognitions, output_sizes, reports)]
 
     # ----------------------------------------------------------------- forward
-    @staticmethod
-    def _check_images(batched_inputs: List[Dict]) -> List[torch.Tensor]:
-        """Each input's ``"image"`` as a (3, H, W) uint8 RGB tensor.
-
-        Accepts uint8, and floating-point images with values in [0, 255] (what Detectron2's
-        ``DefaultPredictor``, its test-time augmentation and many mappers hand a model); those
-        are cast to uint8 as the released implementation does, so a uint8 image given as float
-        gives exactly the same result.
-
-        Raises:
-            ValueError: not a (3, H, W) tensor, another dtype, NaN / infinite values or values
-                outside [0, 255] (the message names the image).
-        """
-        images = []
-        for x in batched_inputs:
-            image = x.get("image")
-            name = x.get("file_name", "?")
-            if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
-                got = f"shape {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
-                raise ValueError(f"image {name!r} must be a (3, H, W) RGB tensor (uint8, or float in 0-255), got {got}")
-            if image.is_floating_point():
-                if not bool(torch.isfinite(image).all()):
-                    raise ValueError(f"image {name!r} holds NaN or infinite values")
-                low, high = float(image.min()), float(image.max())
-                if low < 0 or high > 255:
-                    raise ValueError(f"image {name!r} must hold values in 0-255 (float or uint8), got "
-                                     f"{low:g} to {high:g}")
-                image = image.to(torch.uint8)
-            elif image.dtype != torch.uint8:
-                raise ValueError(f"image {name!r} must be uint8 or float in 0-255, got {image.dtype}")
-            images.append(image)
-        return images
-
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of losses. Inference: list of {"instances": Instances, "filters":
         FilterReport} (see the class docstring).
@@ -457,7 +338,7 @@ class RegionSpot(nn.Module):
             RuntimeError: no vocabulary (neither the config's nor :meth:`set_vocabulary`'s).
             ValueError: a bad image tensor, or an input without the boxes its source needs.
         """
-        images = self._check_images(batched_inputs)
+        images = check_images(batched_inputs)
         if self.training:
             return self.losses(batched_inputs, images)
         if self.text_embeddings is None and self.pending_vocabulary:
@@ -491,37 +372,6 @@ class RegionSpot(nn.Module):
                                f"{name!r}): call model.set_vocabulary(names, dataset=...) first (train_net.py does)")
         return self._vocabulary
 
-    def training_tokens(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Position-aware tokens of the training boxes: from the SAM-token cache when the mapper
-        attached them (``instances.sam_tokens``), else the localizer's one extraction
-        (:meth:`SamPositionTokens.extract_tokens`, float32 like the cache) on ``"sam_image"``
-        (the original image, flipped as the augmentation flipped it; what the cache was made
-        from) with ``instances.sam_boxes``, or on ``"image"`` with ``gt_boxes``.
-
-        Returns:
-            B tensors (N_i, T) float32 on the model's device.
-        """
-        tokens: List[Optional[torch.Tensor]] = [None] * len(batched_inputs)
-        online = []
-        for i, x in enumerate(batched_inputs):
-            instances = x["instances"]
-            if instances.has("sam_tokens"):
-                tokens[i] = instances.sam_tokens.to(self.device).float()
-            else:
-                online.append(i)
-        if online:
-            sam_images, boxes = [], []
-            for i in online:
-                x = batched_inputs[i]
-                sam_images.append(x.get("sam_image", images[i]))
-                instances = x["instances"]
-                boxes.append((instances.sam_boxes if instances.has("sam_boxes") else instances.gt_boxes).tensor)
-            extracted = self.localizer.extract_tokens(sam_images, boxes, [batched_inputs[i].get("sam_input")
-                                                                         for i in online])
-            for i, t in zip(online, extracted):
-                tokens[i] = t
-        return tokens
-
     def losses(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The criterion on every region of the batch, each image against its own dataset's
         vocabulary (paper Sec. 3, :class:`~regionspot.modeling.losses.RegionSpotCriterion`).
@@ -533,12 +383,12 @@ class RegionSpot(nn.Module):
         if missing:
             raise ValueError(f"image {missing[0]!r} has no 'instances': training needs gt_boxes and gt_classes")
         vocabularies = [self.vocabulary_of(x) for x in batched_inputs]
-        tokens = self.training_tokens(batched_inputs, images)
+        tokens = self.localizer.training_tokens(batched_inputs, images)
         keep = [i for i, t in enumerate(tokens) if t.shape[0] > 0]
         if not keep:  # keep every head parameter in the graph (DDP) with a zero loss
             return {"loss_region_focal": sum(p.sum() for p in self.head.parameters()) * 0.0}
         semantic = self.semantic_encoder.encode([images[i] for i in keep],
                                                 [batched_inputs[i].get("clip_input") for i in keep])
-        embeddings = self.region_embeddings([tokens[i] for i in keep], semantic)
+        embeddings = self.head.embed_regions([tokens[i] for i in keep], semantic)
         logits = [region_logits(e, vocabularies[i].text_embeddings, self.logit_scale) for i, e in zip(keep, embeddings)]
         return self.criterion(logits, [batched_inputs[i] for i in keep], [vocabularies[i] for i in keep])

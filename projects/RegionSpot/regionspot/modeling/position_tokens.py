@@ -19,7 +19,7 @@ Token sources (paper Table 4b):
 - ``"mlp"``: mask token 0 after its hypernetwork MLP, ``transformer_dim // 8`` = 32-d.
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -165,6 +165,37 @@ class SamPositionTokens(nn.Module):
         prompts = self.prompt(embeddings, boxes, [tuple(im.shape[-2:]) for im in images], with_masks=False,
                               dtype=torch.float32)
         return [p.tokens for p in prompts]
+
+    def training_tokens(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Position-aware tokens of the training boxes (``RegionSpot.losses``): from the
+        SAM-token cache when the mapper attached them (``instances.sam_tokens``), else
+        :meth:`extract_tokens` (float32 like the cache) on ``"sam_image"``
+        (the original image, flipped as the augmentation flipped it; what the cache was made
+        from) with ``instances.sam_boxes``, or on ``"image"`` with ``gt_boxes``.
+
+        Returns:
+            B tensors (N_i, T) float32 on SAM's device.
+        """
+        tokens: List[Optional[torch.Tensor]] = [None] * len(batched_inputs)
+        online = []
+        for i, x in enumerate(batched_inputs):
+            instances = x["instances"]
+            if instances.has("sam_tokens"):
+                tokens[i] = instances.sam_tokens.to(self.device).float()
+            else:
+                online.append(i)
+        if online:
+            sam_images, boxes = [], []
+            for i in online:
+                x = batched_inputs[i]
+                sam_images.append(x.get("sam_image", images[i]))
+                instances = x["instances"]
+                boxes.append((instances.sam_boxes if instances.has("sam_boxes") else instances.gt_boxes).tensor)
+            extracted = self.extract_tokens(sam_images, boxes, [batched_inputs[i].get("sam_input")
+                                                                         for i in online])
+            for i, t in zip(online, extracted):
+                tokens[i] = t
+        return tokens
 
     @property
     def input_size(self) -> int:

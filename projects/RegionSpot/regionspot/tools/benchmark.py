@@ -386,8 +386,8 @@ def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], origi
     per-box stages for every N. Returns ({stage: ms}, {N: {stage: ms}}, {N: Instances})."""
     from detectron2.structures import Boxes, Instances
 
-    from regionspot.modeling.meta_arch import ImageFeatures
     from regionspot.modeling.proposals.gt import proposals_from_ground_truth
+    from regionspot.structures import ImageFeatures
 
     images = [image]
     with torch.no_grad():

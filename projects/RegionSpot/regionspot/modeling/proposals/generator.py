@@ -85,7 +85,7 @@ class RegionProposalGenerator(nn.Module):
 
         Args:
             source: "rpn" or "sam_auto" (any source this generator can run, whatever ``PROPOSALS`` is).
-            features: B :class:`~regionspot.modeling.meta_arch.ImageFeatures` (image, SAM
+            features: B :class:`~regionspot.structures.ImageFeatures` (image, SAM
                 embedding and its input size).
             reports: optional B filter reports; SAM's own filters and the selection record
                 what they removed there.
