@@ -223,6 +223,28 @@ def _extract(tmp_path, sam_path, clip_path, two_datasets, dataset, sam=None):
     return cache
 
 
+def test_training_tokens_are_float32_whatever_the_encoder_precision():
+    """The SAM-token cache holds float32 tokens; online training must compute the same, even
+    when the encoders run at a lower precision for inference (float16 on CUDA by default,
+    bfloat16 here on the CPU): the localizer's one extraction ignores ENCODER_PRECISION."""
+    from regionspot.testing.random_backbones import random_regionspot
+
+    full = random_regionspot("small", seed=3, encoder_precision="float32").localizer
+    low = random_regionspot("small", seed=3, encoder_precision="bfloat16").localizer
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=g)
+    instances = Instances((60, 80), gt_boxes=Boxes(torch.tensor([[4.0, 5.0, 40.0, 50.0], [30.0, 2.0, 79.0, 33.0]])))
+    batch = [{"image": image, "instances": instances}]
+    with torch.no_grad():
+        reference = full.training_tokens(batch, [image])[0]
+        tokens = low.training_tokens(batch, [image])[0]
+        # the inference side does follow the setting: its embedding was computed in bfloat16
+        low_embedding, full_embedding = low.encode([image])[0], full.encode([image])[0]
+    assert tokens.dtype == torch.float32 and torch.equal(tokens, reference)
+    assert not torch.equal(low_embedding, full_embedding)
+    torch.testing.assert_close(low_embedding.float(), full_embedding, rtol=0.1, atol=0.1)
+
+
 def test_cached_tokens_equal_the_online_ones_through_the_mapper_and_model(tmp_path, tiny_cfg, sam_path, clip_path,
                                                                           two_datasets):
     """The training mapper with the cache and the model's online SAM give the same tokens, image and flip."""
