@@ -67,7 +67,8 @@ def check_no_overwrite(cfg, args) -> None:
         folder = os.path.join(out, "inference", name)
         written += [os.path.join(folder, f) for f in ("metrics.json", "lvis_instances_results.json",
                                                       "coco_instances_results.json", "instances_predictions.pth")]
-    patterns = [] if args.eval_only else [os.path.join(out, p) for p in ("model_*.pth", "last_checkpoint", "metrics.json")]
+    patterns = [] if args.eval_only else [os.path.join(out, p)
+                                          for p in ("model_*.pth", "last_checkpoint", "metrics.json")]
     for key, path in inputs.items():
         if not path or "://" in path:
             continue

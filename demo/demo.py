@@ -18,8 +18,9 @@ Everything in the photo, with no detector and no box file (SAM's automatic masks
 ``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
 list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
 ``<output>/<name>.jpg`` (boxes, labels, scores and SAM masks drawn with Detectron2's
-Visualizer) and ``<output>/<name>.json`` (the predictions), and the run's log in ``<output>/log.txt``; two inputs with the same name in
-different formats get ``<name>_<ext>``, and ``"weights"``, the head file used. The JSON's
+Visualizer) and ``<output>/<name>.json`` (the predictions), and the run's log in
+``<output>/log.txt``; two inputs with the same name in different formats get
+``<name>_<ext>``, and ``"weights"``, the head file used. The JSON's
 ``"filters"`` say how many candidates each selection step removed (SAM's automatic-mask
 thresholds, the ``PROPOSAL_*`` selection, ``--min-score``) and the key that controls it; a
 step that removes everything is also logged, in one warning line.
@@ -276,7 +277,7 @@ def run(args) -> int:
             logger.error("%s: could not encode the drawn image", path)
             failures.append(path)
             continue
-        atomic_write(os.path.join(args.output, f"{stem}.jpg"), lambda f: f.write(encoded.tobytes()))
+        atomic_write(os.path.join(args.output, f"{stem}.jpg"), lambda f, encoded=encoded: f.write(encoded.tobytes()))
         write_json_atomic(os.path.join(args.output, f"{stem}.json"),
                           {"image": path, "height": image.shape[0], "width": image.shape[1], "weights": weights,
                            "predictions": predictions.to_json(), "filters": predictions.filters.as_dict()})

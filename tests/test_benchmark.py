@@ -226,4 +226,5 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
     for ann in data["annotations"]:
         img = data["images"][ann["image_id"] - 1]
         x, y, w, h = ann["bbox"]
-        assert w >= 8 and h >= 8 and x >= 0 and y >= 0 and x + w <= img["width"] + 0.01 and y + h <= img["height"] + 0.01
+        assert w >= 8 and h >= 8 and x >= 0 and y >= 0
+        assert x + w <= img["width"] + 0.01 and y + h <= img["height"] + 0.01

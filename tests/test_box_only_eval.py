@@ -71,8 +71,9 @@ def _run_eval(tmp_path, sam_path, clip_path, head, name, data, image_root, *opts
 def test_train_net_eval_on_a_box_only_dataset(tmp_path, sample, sam_path, clip_path, head_path, fmt, backend):
     data, image_root = sample
     name = f"box_only_{fmt}_{backend}"
-    proc, folder = _run_eval(tmp_path, sam_path, clip_path, head_path, name, box_only(data, fmt, drop_area=fmt == "coco"),
-                             image_root, "TEST.EVALUATOR_BACKEND", backend)
+    proc, folder = _run_eval(tmp_path, sam_path, clip_path, head_path, name,
+                             box_only(data, fmt, drop_area=fmt == "coco"), image_root,
+                             "TEST.EVALUATOR_BACKEND", backend)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
     assert "Traceback" not in console and "KeyError" not in console, console[-3000:]

@@ -62,7 +62,8 @@ def test_missing_and_unexpected_keys_are_named(model, tmp_path, caplog):
         RegionSpotCheckpointer(model, strict=False).load(str(path))
     text = caplog.text
     assert "projector.bias" in text and "extra_layer" in text
-    with pytest.raises(CheckpointError, match=r"partial.pth.*1 of its 60 parameter tensors are missing \(head.projector.bias\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"partial.pth.*1 of its 60 parameter tensors are missing \(head.projector.bias\)"):
         RegionSpotCheckpointer(model).load(str(path))  # inference / evaluation: refused
 
 
@@ -81,7 +82,8 @@ def test_a_head_of_another_depth_is_refused(model, tiny_cfg, tmp_path, depth):
     RegionSpotCheckpointer(other, str(tmp_path)).save(f"depth{depth}")
     before = {k: v.clone() for k, v in model.head.state_dict().items()}
     expected = "missing" if depth == 1 else "unexpected \\(head.decoder.layers.3"
-    with pytest.raises(CheckpointError, match=f"depth{depth}.pth.*not a checkpoint of this RegionSpot head.*{expected}"):
+    with pytest.raises(CheckpointError,
+                       match=f"depth{depth}.pth.*not a checkpoint of this RegionSpot head.*{expected}"):
         RegionSpotCheckpointer(model).load(str(tmp_path / f"depth{depth}.pth"))
     assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
 
@@ -103,7 +105,8 @@ def test_the_log_says_what_was_loaded_from_which_file(model, tmp_path, caplog):
     torch.save({"model": state}, tmp_path / "released.pth")
     with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
         RegionSpotCheckpointer(model).load(str(tmp_path / "released.pth"))
-    assert "Loaded the RegionSpot head from" in caplog.text and "released.pth (released layout): 60 of 60" in caplog.text
+    assert "Loaded the RegionSpot head from" in caplog.text
+    assert "released.pth (released layout): 60 of 60" in caplog.text
 
 
 def test_wrong_shapes_are_refused(model, tmp_path):

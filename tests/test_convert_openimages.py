@@ -67,7 +67,8 @@ def _argv(s, *extra):
 def test_converts_boxes_labels_and_classes_exactly(split, capsys):
     assert tool.main(_argv(split)) == 0
     data = json.load(open(split["out"]))
-    assert data["categories"] == [{"id": 1, "name": "Cat", "mid": "/m/0cat"}, {"id": 2, "name": "Dog", "mid": "/m/0dog"},
+    assert data["categories"] == [{"id": 1, "name": "Cat", "mid": "/m/0cat"},
+                                  {"id": 2, "name": "Dog", "mid": "/m/0dog"},
                                   {"id": 3, "name": "Kitchen & dining room table, wooden", "mid": "/m/0tab"}]
     images = {img["file_name"]: img for img in data["images"]}
     assert [img["file_name"] for img in data["images"]] == ["0aaa.jpg", os.path.join("train_0", "0bbb.jpg"),
@@ -188,7 +189,8 @@ def test_errors(split, capsys, case, expected):
                 "image missing": [_box("0fff", "/m/0cat", 0, 1, 0, 1)],
                 "unreadable image": []}[case]
         first = {"negative": _box("0aaa", "/m/0cat", -0.1, 0.5, 0, 1),
-                 "not a number": _box("0aaa", "/m/0cat", "abc", 0.5, 0, 1)}.get(case, _box("0aaa", "/m/0cat", 0, 1, 0, 1))
+                 "not a number": _box("0aaa", "/m/0cat", "abc", 0.5, 0, 1)}.get(
+                     case, _box("0aaa", "/m/0cat", 0, 1, 0, 1))
         _write(split["tmp"] / "boxes.csv", [BOX_HEADER, first, *rows, _box("0bbb", "/m/0dog", 0, 1, 0, 1)])
         if case == "unreadable image":
             (split["tmp"] / "images" / "train_0" / "0bbb.jpg").write_bytes(b"not a jpeg")
@@ -235,4 +237,5 @@ def test_output_is_atomic(split, monkeypatch):
     assert open(split["out"]).read() == good  # the previous file is untouched
     name = os.path.basename(split["out"])
     assert _leftovers(split) == [name, name + ".log"]  # and no temporary file is left
-    assert "Traceback" in open(split["out"] + ".log").read() and "No space left on device" in open(split["out"] + ".log").read()
+    assert "Traceback" in open(split["out"] + ".log").read()
+    assert "No space left on device" in open(split["out"] + ".log").read()

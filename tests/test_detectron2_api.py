@@ -60,7 +60,8 @@ def test_detection_checkpointer_reports_only_head_keys(cfg, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fvcore"):
         DetectionCheckpointer(build_model(cfg)).load(str(tmp_path / "partial.pth"))
-    assert "head.projector.bias" in caplog.text and "localizer." not in caplog.text and "semantic_encoder." not in caplog.text
+    assert "head.projector.bias" in caplog.text
+    assert "localizer." not in caplog.text and "semantic_encoder." not in caplog.text
     # Detectron2's own save keeps the frozen SAM/CLIP out
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("d2")
     saved = torch.load(tmp_path / "d2.pth", weights_only=False)["model"]
@@ -133,5 +134,6 @@ def test_a_paper_config_in_a_detectron2_users_first_lines(sam_path, tmp_path, ca
     image = _photo()
     instances = DefaultPredictor(cfg)(image)["instances"].to("cpu")
     assert len(instances) > 0 and int(instances.pred_classes.max()) < 1203
-    drawn = Visualizer(image[:, :, ::-1], MetadataCatalog.get(cfg.DATASETS.TEST[0])).draw_instance_predictions(instances)
+    visualizer = Visualizer(image[:, :, ::-1], MetadataCatalog.get(cfg.DATASETS.TEST[0]))
+    drawn = visualizer.draw_instance_predictions(instances)
     assert drawn.get_image().shape == image.shape

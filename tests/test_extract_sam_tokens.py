@@ -216,7 +216,8 @@ def _args(sam_path, data, out, *extra, dataset="tok_synth", sam=None):
 def test_bad_input_is_one_error_line_with_status_2(tool, sam_path, data, tmp_path, capsys):
     assert tool.main(_args(sam_path, data, tmp_path, dataset="no_such_dataset")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("extract_sam_tokens.py: error: dataset 'no_such_dataset' is not registered")
+    assert len(err) == 1
+    assert err[0].startswith("extract_sam_tokens.py: error: dataset 'no_such_dataset' is not registered")
     assert tool.main(_args(sam_path, data, tmp_path, sam="")) == 2
     assert capsys.readouterr().err.strip() == ("extract_sam_tokens.py: error: the config has no SAM weights: "
                                               "set MODEL.REGIONSPOT.SAM_WEIGHTS")

@@ -310,7 +310,7 @@ def test_benchmark_quick_writes_a_consistent_json(tmp_path):
     assert report["schema"] == "regionspot-eval-benchmark/1" and report["agree"] is True
     assert report["settings"]["images"] == 150 and report["settings"]["segm_images"] == 40
     assert list(report["tasks"]) == ["bbox", "segm"]
-    for task, t in report["tasks"].items():
+    for _task, t in report["tasks"].items():
         assert t["set"]["categories"] == 1203 and t["set"]["images_over_300_results"] >= 0
         fast, ref = t["faster_coco_eval"], t["lvis"]
         assert fast["seconds"] > 0 and ref["seconds"] > 0

@@ -78,7 +78,8 @@ def test_sam_filters_are_counted_and_the_regions_are_sams_own(tiny_model, image,
     tensor = torch.from_numpy(image).permute(2, 0, 1)
     features = tiny_model.encode_images([tensor])
     report = FilterReport()
-    proposals = tiny_model.proposal_generator.sam_auto(tensor, features[0].sam_embedding, features[0].sam_input_size, report=report)
+    proposals = tiny_model.proposal_generator.sam_auto(tensor, features[0].sam_embedding, features[0].sam_input_size,
+                                                       report=report)
     sams_own = SamAutomaticMaskGenerator(tiny_model.localizer.sam, output_mode="binary_mask", **settings)
     reference = sams_own.generate(image)  # SAM encodes the image (and its crops) itself
     assert {m.numpy().tobytes() for m in proposals.proposal_masks} == {r["segmentation"].tobytes() for r in reference}

@@ -24,7 +24,8 @@ def test_float_tiff_in_unit_range_is_scaled_and_other_ranges_refused(tmp_path):
     image = read_image(str(tmp_path / "unit.tif"))
     np.testing.assert_array_equal(image[..., 1], np.round(values * 255).astype(np.uint8))
     Image.fromarray(values * 1000).save(tmp_path / "radiance.tif")
-    with pytest.raises(InputError, match=r"radiance.tif.*floating point with values in \[.*\]; expected values in \[0, 1\]"):
+    with pytest.raises(InputError,
+                       match=r"radiance.tif.*floating point with values in \[.*\]; expected values in \[0, 1\]"):
         read_image(str(tmp_path / "radiance.tif"))
 
 

@@ -33,7 +33,8 @@ def test_scale_does_not_depend_on_vocabulary_size():
         losses.append(region_focal_loss(logits, torch.zeros(8, dtype=torch.long)).item())
     assert max(losses) - min(losses) < 1e-6
     # the released sum over classes would grow ~1000x from 10 to 13000 classes
-    summed = [sigmoid_focal_loss(torch.full((1, c), -3.0), torch.zeros(1, c), reduction="sum").item() for c in (10, 13000)]
+    summed = [sigmoid_focal_loss(torch.full((1, c), -3.0), torch.zeros(1, c), reduction="sum").item()
+              for c in (10, 13000)]
     assert summed[1] > 1000 * summed[0]
 
 

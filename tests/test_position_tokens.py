@@ -125,7 +125,8 @@ def test_boxes_of_several_images_share_decoder_calls(sam, image, monkeypatch):
         embeddings = tokens.encode_images(pixels)
         calls = []
         original = sam.prompt_encoder.forward
-        monkeypatch.setattr(sam.prompt_encoder, "forward", lambda **kw: calls.append(len(kw["boxes"])) or original(**kw))
+        monkeypatch.setattr(sam.prompt_encoder, "forward",
+                            lambda **kw: calls.append(len(kw["boxes"])) or original(**kw))
         batched = tokens.prompt(embeddings, boxes, [im.shape[:2] for im in images])
         assert calls == [2, 2, 1]  # 5 boxes of 3 images, 2 per call: not one call per image
         monkeypatch.undo()

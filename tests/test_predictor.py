@@ -75,7 +75,8 @@ def test_per_box_best_class_is_the_probability_argmax(predictor, image):
 
 
 def test_recognise_everything_with_sam_auto(tiny_model, image, monkeypatch):
-    settings = dict(tiny_model.proposal_generator.sam_auto.settings, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    settings = dict(tiny_model.proposal_generator.sam_auto.settings, points_per_side=4, pred_iou_thresh=0.0,
+                    stability_score_thresh=0.0)
     monkeypatch.setattr(tiny_model.proposal_generator.sam_auto, "settings", settings)
     predictor = RegionSpotPredictor(tiny_model, 256, 512, vocabulary=["cat", "dog"])
     predictor.set_image(image)

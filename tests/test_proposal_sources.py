@@ -93,7 +93,8 @@ def test_detector_files_in_every_format(tmp_path, sample, sam_path, clip_path):
             assert m["proposal_coverage"]["format"] == fmt and m["proposal_coverage"]["images_without_proposals"] == 0
             ap[kind, fmt] = m["results"]["bbox"]["AP"]
     for kind in ("jittered", "random"):  # the same boxes and scores in every format
-        assert ap[kind, "glip"] == pytest.approx(ap[kind, "coco"], abs=0.05) == pytest.approx(ap[kind, "detectron2"], abs=0.05)
+        assert ap[kind, "glip"] == pytest.approx(ap[kind, "coco"], abs=0.05) == pytest.approx(ap[kind, "detectron2"],
+                                                                                               abs=0.05)
     assert ap["jittered", "glip"] > 15 and ap["jittered", "glip"] > 5 * max(ap["random", "glip"], 1.0), ap
 
 
@@ -103,7 +104,8 @@ def test_missing_and_unknown_images_are_reported(tmp_path, sample, sam_path, cli
     dropped = sorted(boxes)[0]
     del boxes[dropped], scores[dropped]
     boxes["999999"], scores["999999"] = np.array([[0, 0, 10, 10]], np.float32), np.array([0.5], np.float32)
-    path = write_proposal_file(ProposalSet("memory", "glip", boxes=boxes, scores=scores), str(tmp_path / "p.json"), "glip")
+    path = write_proposal_file(ProposalSet("memory", "glip", boxes=boxes, scores=scores), str(tmp_path / "p.json"),
+                               "glip")
     m = _eval(str(tmp_path / "run"), sam_path, clip_path, "MODEL.REGIONSPOT.PROPOSALS", "file",
               "MODEL.REGIONSPOT.PROPOSAL_FILE", path)
     coverage = m["proposal_coverage"]

@@ -18,7 +18,8 @@ from regionspot.data.datasets.regionspot_sample import prepare_regionspot_sample
 from regionspot.testing.random_backbones import write_random_clip, write_random_sam
 
 # paper config -> tiny CLIP of its family (patch size and input resolution)
-PAPER_CONFIGS = {"regionspot_bb.yaml": "tiny", "regionspot_bl.yaml": "tiny-p14", "regionspot_bl_336.yaml": "tiny-p14-336"}
+PAPER_CONFIGS = {"regionspot_bb.yaml": "tiny", "regionspot_bl.yaml": "tiny-p14",
+                 "regionspot_bl_336.yaml": "tiny-p14-336"}
 
 
 def readme_commands():
@@ -84,7 +85,8 @@ def test_readme_evaluation_command_with_each_paper_config(setup, config):
                  "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(root / "cache"), "OUTPUT_DIR", str(out)], root)
     metrics = json.load(open(out / "inference" / name / "metrics.json"))
     assert {"AP", "APr", "APc", "APf"} <= set(metrics["results"]["bbox"])
-    assert metrics["weights"] == variant["weights"] and "softmax over 1203 classes" in metrics["protocol"]["description"]  # the json's categories
+    assert metrics["weights"] == variant["weights"]
+    assert "softmax over 1203 classes" in metrics["protocol"]["description"]  # the json's categories
 
 
 @pytest.mark.parametrize("config", list(PAPER_CONFIGS))

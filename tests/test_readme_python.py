@@ -106,7 +106,8 @@ def test_readme_python_blocks_run_verbatim(run_sample_layout, tmp_path):
     instances = namespace["instances"]
     from detectron2.data import MetadataCatalog
 
-    assert len(instances) > 0 and instances.pred_classes.max() < len(MetadataCatalog.get("regionspot_sample").thing_classes)
+    assert len(instances) > 0
+    assert instances.pred_classes.max() < len(MetadataCatalog.get("regionspot_sample").thing_classes)
     assert namespace["drawn"].get_image().shape == image.shape
     bbox = namespace["results"]["bbox"]
     assert {"AP", "APr", "APc", "APf"} <= set(bbox) and 0 <= bbox["AP"] <= 100

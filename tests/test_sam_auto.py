@@ -10,7 +10,8 @@ SETTINGS = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0
 
 @pytest.fixture
 def model(tiny_model, monkeypatch):
-    monkeypatch.setattr(tiny_model.proposal_generator.sam_auto, "settings", dict(tiny_model.proposal_generator.sam_auto.settings, **SETTINGS))
+    sam_auto = tiny_model.proposal_generator.sam_auto
+    monkeypatch.setattr(sam_auto, "settings", dict(sam_auto.settings, **SETTINGS))
     return tiny_model
 
 

@@ -237,7 +237,8 @@ def test_reduced_precision_encoders_on_the_cpu(tiny_cfg, records, precision):
     dtype = getattr(torch, precision)
     assert model.localizer.dtype == model.semantic_encoder.dtype == dtype
     dtypes = []
-    hooks = [model.localizer.sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)),
+    hooks = [model.localizer.sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(
+                 lambda m, i, o: dtypes.append(o.dtype)),
              model.semantic_encoder.clip.visual.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))]
     try:
         with torch.no_grad():

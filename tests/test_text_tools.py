@@ -91,7 +91,8 @@ def test_dump_refuses_to_overwrite_an_input(dump, clip_path, tmp_path, capsys, w
     cache = tmp_path / "cache"
     assert dump.main(_dump_args(clip_path, cache, "--output", target)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error: refusing to write") and "input file" in err[0]
+    assert len(err) == 1
+    assert err[0].startswith("dump_text_embeddings.py: error: refusing to write") and "input file" in err[0]
     with open(target, "rb") as f:
         assert f.read() == before
     assert not cache.exists()  # refused before computing anything
@@ -112,7 +113,8 @@ def test_dump_errors(dump, clip_path, tmp_path, capsys):
 
     assert dump.main(_dump_args(clip_path, cache, opts=("MODEL.REGIONSPOT.NO_SUCH_KEY", "1"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dump_text_embeddings.py: error: unknown config key MODEL.REGIONSPOT.NO_SUCH_KEY")
+    assert len(err) == 1
+    assert err[0].startswith("dump_text_embeddings.py: error: unknown config key MODEL.REGIONSPOT.NO_SUCH_KEY")
 
     args = _dump_args(clip_path, "")  # cache disabled and no --output: nothing to write
     assert dump.main(args) == 2

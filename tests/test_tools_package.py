@@ -2,6 +2,7 @@
 of setup.py names a tool module whose ``main(["--help"])`` exits 0, the wrappers in tools/ only
 call the package, and the end-to-end benchmark's stage figures come from profiler labels."""
 
+import ast
 import importlib
 import io
 import os
@@ -81,7 +82,11 @@ def test_wrappers_only_call_the_package():
     assert wrappers == modules
     for name in wrappers:
         with open(os.path.join(REPO, "tools", f"{name}.py"), encoding="utf-8") as f:
-            code = [line for line in f.read().splitlines() if line.strip() and not line.startswith('"""')]
+            text = f.read()
+        tree = ast.parse(text)
+        assert ast.get_docstring(tree), name
+        # the lines after the module docstring (which may span several lines)
+        code = [line for line in text.splitlines()[tree.body[0].end_lineno:] if line.strip()]
         assert code == ["import sys", f"from regionspot.tools.{name} import main", 'if __name__ == "__main__":',
                         "    sys.exit(main())"], name
 

@@ -117,5 +117,6 @@ def test_two_process_training_on_cpu(tmp_path, sam_path, clip_path):
     assert proc.stdout.count("trainable head parameters") == 1
     for log in ("log.txt", "log.txt.rank1"):
         assert open(os.path.join(out, log)).read().count("trainable head parameters") == 1
-    assert "world size: 2" in (proc.stdout + proc.stderr).lower() or os.path.exists(os.path.join(out, "model_final.pth"))
+    assert ("world size: 2" in (proc.stdout + proc.stderr).lower()
+            or os.path.exists(os.path.join(out, "model_final.pth")))
     assert torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["iteration"] == 2

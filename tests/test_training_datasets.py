@@ -235,7 +235,8 @@ def test_v3det_without_tree_and_with_an_explicit_one(tmp_path, register):
     assert MetadataCatalog.get(name).get("category_ancestors", None) is None  # the official json has no tree
     with pytest.raises(InputError, match="category tree not found: .*my_tree.json"):
         DatasetCatalog.get(register("v3det_v1_val", tmp_path, category_tree="my_tree.json"))
-    _json(tmp_path / "my_tree.json", {"categoryid2treeid": {"15": "t15", "14": "t14"}, "child2father": {"t15": ["t14"]}})
+    _json(tmp_path / "my_tree.json",
+          {"categoryid2treeid": {"15": "t15", "14": "t14"}, "child2father": {"t15": ["t14"]}})
     name = register("v3det_v1_val", tmp_path, category_tree="my_tree.json")
     DatasetCatalog.get(name)
     assert MetadataCatalog.get(name).category_ancestors == {0: [], 1: [], 2: [], 3: [], 4: [3]}

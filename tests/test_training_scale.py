@@ -32,7 +32,8 @@ def two_datasets(tmp_path_factory):
     for name, ids in (("pretend_a", {1, 2, 3, 4}), ("pretend_b", {5, 6, 7, 8})):
         annotations = [a for a in data["annotations"] if a["image_id"] in ids]
         used = {a["category_id"] for a in annotations}
-        part = {"images": [{k: v for k, v in im.items() if k != "coco_url"} for im in data["images"] if im["id"] in ids],
+        part = {"images": [{k: v for k, v in im.items() if k != "coco_url"}
+                           for im in data["images"] if im["id"] in ids],
                 "annotations": annotations,
                 "categories": [{"id": c["id"], "name": c["name"]} for c in data["categories"] if c["id"] in used]}
         files[name] = str(root / f"{name}.json")
@@ -47,7 +48,8 @@ def _argv(out, sam_path, clip_path, two_datasets, *extra):
             "--register", "pretend_b", files["pretend_b"], image_root,
             "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
             "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(out, "cache"), "OUTPUT_DIR", out,
-            "DATASETS.TRAIN", "('pretend_a', 'pretend_b')", "DATASETS.TEST", "()", "DATALOADER.DATASET_RATIO", "[1.0, 3.0]",
+            "DATASETS.TRAIN", "('pretend_a', 'pretend_b')", "DATASETS.TEST", "()",
+            "DATALOADER.DATASET_RATIO", "[1.0, 3.0]",
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", *extra]
 
 
@@ -99,9 +101,10 @@ def test_each_image_is_scored_against_its_own_datasets_vocabulary(tiny_cfg):
     semantic = model.semantic_encoder.encode(images)
     torch.manual_seed(0)
     emb = model.head.embed_regions(tokens, semantic)
+    negative_classes = model.criterion.negative_classes
     per_region = torch.cat([
-        region_focal_losses(region_logits(emb[0], vocab_a), torch.tensor([2, 0]), 0.25, 2.0, model.criterion.negative_classes),
-        region_focal_losses(region_logits(emb[1], vocab_b), torch.tensor([4]), 0.25, 2.0, model.criterion.negative_classes)])
+        region_focal_losses(region_logits(emb[0], vocab_a), torch.tensor([2, 0]), 0.25, 2.0, negative_classes),
+        region_focal_losses(region_logits(emb[1], vocab_b), torch.tensor([4]), 0.25, 2.0, negative_classes)])
     torch.testing.assert_close(loss, per_region.mean())
     with pytest.raises(ValueError, match="labels must lie in"):
         model([item("A", [4], 3)])  # a label of B's vocabulary is out of A's
@@ -160,8 +163,9 @@ def test_bfloat16_mixed_precision_training_on_the_cpu(tmp_path, sam_path, clip_p
     # the progress lines a person reads, in the run's log file
     progress = [line for line in open(os.path.join(out, "log.txt")) if "regionspot.train" in line]
     assert progress and all(k in progress[-1] for k in ("iter 3/3", "it/s", "images/s", "ETA", "total_loss"))
-    losses = [json.loads(line)["total_loss"] for line in open(os.path.join(out, "metrics.json")) if "total_loss" in line]
-    assert losses and all(l == l and l > 0 for l in losses)  # finite, not NaN
+    losses = [json.loads(line)["total_loss"] for line in open(os.path.join(out, "metrics.json"))
+              if "total_loss" in line]
+    assert losses and all(loss == loss and loss > 0 for loss in losses)  # finite, not NaN
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="float16 needs a CUDA device"):
             argv = _argv(str(tmp_path / "fp16"), sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "1",
@@ -211,13 +215,15 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path, sam_pat
 def _extract(tmp_path, sam_path, clip_path, two_datasets, dataset, sam=None):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("extract_tool_train", os.path.join(REPO, "tools", "extract_sam_tokens.py"))
+    spec = importlib.util.spec_from_file_location("extract_tool_train",
+                                                  os.path.join(REPO, "tools", "extract_sam_tokens.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     files, image_root = two_datasets
     cache = str(tmp_path / "tokens")
-    code = tool.main(["--config-file", os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), "--dataset", dataset,
-                      "--output-dir", cache, "--num-workers", "0", "--register", dataset, files[dataset], image_root,
+    code = tool.main(["--config-file", os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"),
+                      "--dataset", dataset, "--output-dir", cache, "--num-workers", "0",
+                      "--register", dataset, files[dataset], image_root,
                       "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam or sam_path])
     assert code == 0
     return cache
@@ -268,7 +274,8 @@ def test_cached_tokens_equal_the_online_ones_through_the_mapper_and_model(tmp_pa
         assert "sam_image" in a and not b["instances"].has("sam_boxes")
         online_tokens = model.localizer.training_tokens([a], [a["image"]])[0]
         torch.testing.assert_close(b["instances"].sam_tokens, online_tokens, rtol=0, atol=1e-5)
-        assert (online_tokens - model.localizer.training_tokens([online(dict(record))], [a["image"]])[0]).abs().max() == 0
+        again = model.localizer.training_tokens([online(dict(record))], [a["image"]])[0]
+        assert (online_tokens - again).abs().max() == 0
 
 
 def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, clip_path, two_datasets, monkeypatch):
@@ -279,7 +286,8 @@ def test_training_reads_the_cache_and_refuses_a_foreign_one(tmp_path, sam_path, 
     cache = _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_a")
     _extract(tmp_path, sam_path, clip_path, two_datasets, "pretend_b")
     out = str(tmp_path / "cached_run")
-    argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "2", "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", cache)
+    argv = _argv(out, sam_path, clip_path, two_datasets, "SOLVER.MAX_ITER", "2",
+                 "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", cache)
     calls = []
     from regionspot.modeling.position_tokens import SamPositionTokens
 

@@ -85,7 +85,8 @@ def test_training_on_a_registered_dataset(tmp_path, sample, sam_path, clip_path,
     argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--register", "my_train", json_path, sample[1],
             "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
             "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "OUTPUT_DIR", out,
-            "DATASETS.TRAIN", "('my_train',)", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2"]
+            "DATASETS.TRAIN", "('my_train',)", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
+            "SOLVER.IMS_PER_BATCH", "2"]
     train_net.main(train_net.get_parser().parse_args(argv))
     assert os.path.exists(os.path.join(out, "model_final.pth"))
 
@@ -141,8 +142,8 @@ def test_runs_never_write_over_their_inputs(tmp_path, sample, sam_path, clip_pat
     results_file.write_text("[]")  # a previous run's detections, now used as proposals
     base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "OUTPUT_DIR", str(out),
             "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path]
-    argv = ["--eval-only", "--untrained-head"] + base + ["MODEL.REGIONSPOT.PROPOSALS", "file", "MODEL.REGIONSPOT.PROPOSAL_FILE",
-                                     str(results_file)]
+    argv = ["--eval-only", "--untrained-head"] + base + ["MODEL.REGIONSPOT.PROPOSALS", "file",
+                                                         "MODEL.REGIONSPOT.PROPOSAL_FILE", str(results_file)]
     with pytest.raises(ValueError, match="PROPOSAL_FILE .*lvis_instances_results.json.*would be overwritten"):
         train_net.main(train_net.get_parser().parse_args(argv))
     (out / "model_final.pth").write_bytes(b"weights")

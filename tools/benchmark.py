@@ -1,4 +1,5 @@
-"""Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU. The tool is :mod:`regionspot.tools.benchmark` (``python -m regionspot.tools.benchmark --help``)."""
+"""Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU.
+The tool is :mod:`regionspot.tools.benchmark` (``python -m regionspot.tools.benchmark --help``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""End-to-end mode of ``tools/benchmark.py`` (``--end-to-end``): the real evaluation loop. The tool is :mod:`regionspot.tools.benchmark_e2e` (``python -m regionspot.tools.benchmark_e2e --help``)."""
+"""End-to-end mode of ``tools/benchmark.py`` (``--end-to-end``): the real evaluation loop.
+The tool is :mod:`regionspot.tools.benchmark_e2e` (``python -m regionspot.tools.benchmark_e2e --help``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Measure the plain and the fast CLIP text-embedding paths on the CPU (LVIS vocabulary). The tool is :mod:`regionspot.tools.benchmark_text` (``python -m regionspot.tools.benchmark_text --help``)."""
+"""Measure the plain and the fast CLIP text-embedding paths on the CPU (LVIS vocabulary).
+The tool is :mod:`regionspot.tools.benchmark_text` (``python -m regionspot.tools.benchmark_text --help``)."""
 
 import sys
 

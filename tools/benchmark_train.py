@@ -1,4 +1,5 @@
-"""Training speed of RegionSpot: iterations and images per second, with and without the SAM-token. The tool is :mod:`regionspot.tools.benchmark_train` (``python -m regionspot.tools.benchmark_train --help``)."""
+"""Training speed of RegionSpot: iterations and images per second, with and without the SAM-token.
+The tool is :mod:`regionspot.tools.benchmark_train` (``python -m regionspot.tools.benchmark_train --help``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Run frozen SAM once per training image and store its position-aware tokens (fills the SAM-token cache). The tool is :mod:`regionspot.tools.extract_sam_tokens` (``python -m regionspot.tools.extract_sam_tokens --help``)."""
+"""Run frozen SAM once per training image and store its position-aware tokens (fills the SAM-token cache).
+The tool is :mod:`regionspot.tools.extract_sam_tokens` (``python -m regionspot.tools.extract_sam_tokens --help``)."""
 
 import sys
 

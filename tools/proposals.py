@@ -1,4 +1,5 @@
-"""Inspect and convert proposal files (a detector's boxes for RegionSpot's ``file`` source). The tool is :mod:`regionspot.tools.proposals` (``python -m regionspot.tools.proposals --help``)."""
+"""Inspect and convert proposal files (a detector's boxes for RegionSpot's ``file`` source).
+The tool is :mod:`regionspot.tools.proposals` (``python -m regionspot.tools.proposals --help``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""The main job on the bundled real-photo sample, on the CPU, in 75-90 s on an idle 2-core machine. The tool is :mod:`regionspot.tools.run_sample` (``python -m regionspot.tools.run_sample --help``)."""
+"""The main job on the bundled real-photo sample, on the CPU, in 75-90 s on an idle 2-core machine.
+The tool is :mod:`regionspot.tools.run_sample` (``python -m regionspot.tools.run_sample --help``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Summarize RegionSpot evaluation outputs in the layout of the paper's Table 1. The tool is :mod:`regionspot.tools.summarize` (``python -m regionspot.tools.summarize --help``)."""
+"""Summarize RegionSpot evaluation outputs in the layout of the paper's Table 1.
+The tool is :mod:`regionspot.tools.summarize` (``python -m regionspot.tools.summarize --help``)."""
 
 import sys
 

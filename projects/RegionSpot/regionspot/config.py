@@ -201,9 +201,9 @@ def check_config(cfg: CN) -> None:
     from .modeling.position_tokens import TOKEN_SOURCES
     from .modeling.postprocess import RecognitionProtocol
     from .modeling.precision import ENCODER_PRECISIONS
-    from .proposal_sources import PROPOSAL_SOURCES
     from .modeling.proposals.rpn import RPN_INPUT_FORMATS
     from .modeling.proposals.sam_auto import SamAutoProposalGenerator
+    from .proposal_sources import PROPOSAL_SOURCES
 
     rs = cfg.MODEL.REGIONSPOT
     positive = {

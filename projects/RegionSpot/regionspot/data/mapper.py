@@ -126,14 +126,16 @@ class RegionSpotDatasetMapper(DatasetMapper):
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.clip_input_size:
-            dataset_dict["clip_input"] = resize_for_clip(dataset_dict["image"], self.clip_input_size, self.clip_antialias)
+            dataset_dict["clip_input"] = resize_for_clip(dataset_dict["image"], self.clip_input_size,
+                                                         self.clip_antialias)
         if self.sam_input_size and not self.is_train:
             dataset_dict["sam_input"] = resize_for_sam(dataset_dict["image"], self.sam_input_size)
 
         if self.file_proposals:
             if "proposal_boxes" not in dataset_dict:
-                raise InputError(f"image {file_name!r} (id {dataset_dict.get('image_id')!r}) has no proposals attached; "
-                                 f"with PROPOSALS 'file' the test loader attaches them from the proposal file")
+                raise InputError(f"image {file_name!r} (id {dataset_dict.get('image_id')!r}) has no proposals "
+                                 f"attached; with PROPOSALS 'file' the test loader attaches them from the "
+                                 f"proposal file")
             # proposal_topk None: keep every attached box (the top-k was applied when attaching)
             utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=None)
 

@@ -93,7 +93,8 @@ class ProposalSet:
             get -1 for every box.
 
     The dicts are copied; arrays given in other dtypes or as lists are converted and
-    ``(0,)``-shaped empty boxes become (0, 4). Raises :class:`ProposalFileError` if the keys or lengths of the three dicts differ.
+    ``(0,)``-shaped empty boxes become (0, 4). Raises :class:`ProposalFileError` if the keys or
+    lengths of the three dicts differ.
     """
 
     path: str

@@ -23,11 +23,11 @@ its horizontal flip:
   tool (in batches), :func:`compute_image_tokens` and online training
   (``SamPositionTokens.training_tokens``) all call: SAM runs in float32 whatever
   ``ENCODER_PRECISION`` says, so cached and online tokens agree to float rounding. Tokens are
-  computed on the original-size image, not on a training resize of it: SAM resizes every image to its own input anyway, so a mapper
-  that resizes and/or flips takes the entry of the right orientation and scales only the
-  boxes (token i belongs to box i). Tokens computed online on an already-resized image differ
-  slightly from these (two resamplings instead of one); use :func:`compute_image_tokens` on
-  the original image to match the cache exactly.
+  computed on the original-size image, not on a training resize of it: SAM resizes every
+  image to its own input anyway, so a mapper that resizes and/or flips takes the entry of the
+  right orientation and scales only the boxes (token i belongs to box i). Tokens computed
+  online on an already-resized image differ slightly from these (two resamplings instead of
+  one); use :func:`compute_image_tokens` on the original image to match the cache exactly.
 
 Storage: safetensors shards
 ---------------------------

@@ -14,7 +14,8 @@ import logging
 import os
 from typing import List, Sequence, Union
 
-__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "duplicate_groups", "clean_class_name", "names_for_text", "CLASS_NAME_STYLES"]
+__all__ = ["BUILTIN_VOCABULARIES", "get_vocabulary", "vocabulary_by_name", "check_vocabulary", "duplicate_groups",
+           "clean_class_name", "names_for_text", "CLASS_NAME_STYLES"]
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "objects365", "objects365_v1")
 

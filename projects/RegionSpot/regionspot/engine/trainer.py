@@ -211,7 +211,8 @@ class RegionSpotTrainer(DefaultTrainer):
             for idx, name in enumerate(cfg.DATASETS.TEST):
                 vocabulary = vocabulary_from_config(cfg, name)
                 # text embeddings computed here, not in the forward, once per machine
-                regionspot.set_vocabulary(vocabulary, encode_vocabulary_once(regionspot, vocabulary), allow_duplicates=True)
+                regionspot.set_vocabulary(vocabulary, encode_vocabulary_once(regionspot, vocabulary),
+                                          allow_duplicates=True)
                 protocol = evaluation_protocol(cfg, name, len(vocabulary))
                 loader, coverage = build_regionspot_test_loader(cfg, name)
                 evaluator = evaluators[idx] if evaluators else cls.build_evaluator(

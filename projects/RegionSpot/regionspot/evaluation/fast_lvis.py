@@ -211,7 +211,8 @@ class _GroundTruth:
         for i in keep.tolist():
             ann = anns[i]
             if key not in ann:
-                raise LVISFormatError(f"ground-truth annotation {ann.get('id')!r} has no {key!r} ({iou_type} AP needs it)")
+                raise LVISFormatError(f"ground-truth annotation {ann.get('id')!r} has no {key!r} "
+                                      f"({iou_type} AP needs it)")
             if ann.get("ignore") or ann.get("iscrowd"):
                 raise ValueError(
                     f"ground-truth annotation {ann.get('id')!r} has an 'ignore' or 'iscrowd' flag: the LVIS API "

@@ -16,7 +16,8 @@ SOURCE_NAMES = {"gt": "ground-truth boxes (score 1)", "file": "file", "rpn": "RP
                 "sam_auto": "SAM automatic masks"}
 
 
-def evaluation_protocol(cfg, dataset_name: Optional[str] = None, num_classes: Optional[int] = None) -> Dict[str, object]:
+def evaluation_protocol(cfg, dataset_name: Optional[str] = None,
+                        num_classes: Optional[int] = None) -> Dict[str, object]:
     """The protocol record of an evaluation (JSON-serialisable).
 
     Returns:

@@ -31,7 +31,8 @@ SAM_ATTENTION_KINDS = ("official", "sdpa")
 BIAS_CHUNK_ELEMENTS = 1 << 24
 
 
-def relative_position_terms(q: torch.Tensor, attention: nn.Module, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def relative_position_terms(q: torch.Tensor, attention: nn.Module,
+                            size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two factors of SAM's decomposed relative-position term (MViTv2's ``add_decomposed_rel_pos``).
 
     Args:

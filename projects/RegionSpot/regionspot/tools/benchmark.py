@@ -125,7 +125,7 @@ def parse_size(text: str) -> Tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 800x1066, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 800x1066, got {text!r}") from None
     if h < 16 or w < 16:
         raise argparse.ArgumentTypeError(f"image sides must be at least 16 pixels, got {text!r}")
     return h, w
@@ -135,7 +135,7 @@ def parse_int_list(text: str) -> List[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return sorted(set(values))
@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain vs fast paths in one process")
     e.add_argument("--images", type=int, default=None, help="images of the workload (default: CPU 8, CUDA 1024)")
     e.add_argument("--boxes-per-image", type=int, default=10, help="ground-truth boxes per synthetic image (10)")
-    e.add_argument("--batch-size", type=int, default=None, help="TEST.IMS_PER_BATCH of the batched runs "
-                                                                "(default: CPU 1, as TEST.IMS_PER_BATCH 0 gives there, CUDA 32)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="TEST.IMS_PER_BATCH of the batched runs "
+                        "(default: CPU 1, as TEST.IMS_PER_BATCH 0 gives there, CUDA 32)")
     e.add_argument("--runs", default=None, help="comma-separated runs (default: CPU plain,fast,fast_bf16; CUDA "
                                                 "plain,fast,fast_bf16,fast_fp16); see tools/benchmark_e2e.py")
     e.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -399,10 +400,12 @@ def stage_pass(model, image: torch.Tensor, boxes: Dict[int, torch.Tensor], origi
             gt = Instances(tuple(image.shape[-2:]))
             gt.gt_boxes = Boxes(b)
             proposals = [proposals_from_ground_truth(gt)]
-            prompts, t_dec = timed(lambda: model.prompt_boxes(features, proposals, model.needs_sam_masks()), device)
+            prompts, t_dec = timed(
+                lambda proposals=proposals: model.prompt_boxes(features, proposals, model.needs_sam_masks()), device)
             recognition, t_head = timed(
-                lambda: model.recognize(features, proposals, model.text_embeddings, prompts)[0], device)
-            result, t_post = timed(lambda: model.postprocess(recognition, original), device)
+                lambda proposals=proposals, prompts=prompts: model.recognize(
+                    features, proposals, model.text_embeddings, prompts)[0], device)
+            result, t_post = timed(lambda recognition=recognition: model.postprocess(recognition, original), device)
             assert len(result) == min(model.protocol.topk, n * len(model.class_names))
             per_n[n] = {"sam_mask_decoder": t_dec, "head": t_head, "postprocess": t_post}
             results[n] = result
@@ -477,7 +480,7 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
         e2e = []
         with torch.no_grad():
             for i in range(warmup + repeats):
-                outputs, ms = timed(lambda: model(inputs), device)
+                outputs, ms = timed(lambda model=model, inputs=inputs: model(inputs), device)
                 if i >= warmup:
                     e2e.append(ms)
         n_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -517,7 +520,8 @@ def benchmark_config(config: str, args: argparse.Namespace, class_names: List[st
         result["mask_output"] = measure_mask_output(model, args, device)
         log("mask output at {} pairs: ".format(args.mask_pairs) + "; ".join(
             f"{c['num_boxes']} boxes -> {c['distinct_masks']} masks, {c['mask_bytes'] / 2 ** 20:.1f} MiB "
-            f"(one per pair: {c['per_pair_layout_bytes'] / 2 ** 20:.0f} MiB), peak +{c['peak_increase_bytes'] / 2 ** 20:.0f} MiB"
+            f"(one per pair: {c['per_pair_layout_bytes'] / 2 ** 20:.0f} MiB), "
+            f"peak +{c['peak_increase_bytes'] / 2 ** 20:.0f} MiB"
             for c in result["mask_output"]["cases"]))
     del model
     gc.collect()
@@ -577,14 +581,17 @@ def measure_mask_output(model, args: argparse.Namespace, device: torch.device) -
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            result, ms = timed(lambda: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
+            result, ms = timed(
+                lambda recognition=recognition: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
             peak_increase = torch.cuda.max_memory_allocated(device) - before
         else:
             with _RssSampler() as rss:
-                result, ms = timed(lambda: model.postprocess(recognition, (h, w), protocol, mask_on=True), device)
+                result, ms = timed(
+                    lambda recognition=recognition: model.postprocess(recognition, (h, w), protocol, mask_on=True),
+                    device)
             peak_increase = rss.peak - rss.start
         masks = result.pred_masks.to("cpu")
-        _, encode_ms = timed(lambda: encode_masks_once(masks), torch.device("cpu"))
+        _, encode_ms = timed(lambda masks=masks: encode_masks_once(masks), torch.device("cpu"))
         cases.append({
             "num_boxes": n, "num_detections": len(result), "distinct_masks": int(masks.bitmaps.shape[0]),
             "mask_bytes": masks.bitmaps.numel() * masks.bitmaps.element_size(),

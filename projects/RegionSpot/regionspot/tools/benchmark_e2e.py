@@ -440,8 +440,8 @@ def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_n
         torch.cuda.reset_peak_memory_stats(device)
     clock = Clock(device)
     loader = TimedLoader(build_batched_test_loader(cfg, dicts, mapper), clock)
-    evaluator = TimedEvaluator(RegionSpotTrainer.build_evaluator(cfg, dataset, output_folder=os.path.join(work_dir, name)),
-                               clock)
+    evaluator = TimedEvaluator(
+        RegionSpotTrainer.build_evaluator(cfg, dataset, output_folder=os.path.join(work_dir, name)), clock)
     quiet = logging.getLogger("detectron2.evaluation.evaluator")
     level = quiet.level
     quiet.setLevel(logging.WARNING if args.quiet else level)

@@ -207,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"batch": args.batch, "boxes_per_image": args.boxes, "classes": args.classes,
                      "image_size": list(args.image_size), "original_size": [480, 640], "precision": args.precision,
                      "iters": args.iters, "warmup": args.warmup, "modes": args.modes,
-                     "what": "one training step (forward, focal loss, backward, clipping, AdamW) on synthetic in-memory "
-                             "inputs; data loading excluded; RANDOM weights: speed only"},
+                     "what": "one training step (forward, focal loss, backward, clipping, AdamW) on synthetic "
+                             "in-memory inputs; data loading excluded; RANDOM weights: speed only"},
         "models": {},
     }
     try:

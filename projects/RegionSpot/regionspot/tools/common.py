@@ -39,7 +39,8 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(value: Optional[str], parser: Optional[argparse.ArgumentParser] = None, option: str = "--device") -> str:
+def resolve_device(value: Optional[str], parser: Optional[argparse.ArgumentParser] = None,
+                   option: str = "--device") -> str:
     """A ``--device`` value through the project's one device policy
     (:func:`regionspot.config.resolve_device`): None or "auto" is CUDA when available, else the CPU.
 

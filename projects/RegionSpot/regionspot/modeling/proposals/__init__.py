@@ -16,8 +16,9 @@ Sources (``MODEL.REGIONSPOT.PROPOSALS``), one module each:
 
 - ``gt`` (:mod:`.gt`): the dataset's ground-truth boxes, score 1 (the paper's main protocol);
 - ``file`` (:mod:`regionspot.data.proposal_files`, read by the data loader): a detector's
-  results on disk (GLIP layout, COCO results list or Detectron2's proposal pickle), attached to the dataset dicts as Detectron2's
-  precomputed-proposal keys and turned into ``proposals`` by the mapper;
+  results on disk (GLIP layout, COCO results list or Detectron2's proposal pickle), attached
+  to the dataset dicts as Detectron2's precomputed-proposal keys and turned into
+  ``proposals`` by the mapper;
 - ``rpn`` (:mod:`.rpn`): Detectron2's RPN with its own weights, in the same forward;
 - ``sam_auto`` (:mod:`.sam_auto`): SAM's automatic mask generator ("recognise everything").
 
