@@ -116,7 +116,8 @@ def test_a_box_with_many_classes_has_one_mask(model):
 
 
 def test_sigmoid_scores_option(sam_path, clip_path, tmp_path):
-    model = build_tiny_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "sigmoid"})).eval()
+    cfg = make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "sigmoid"})
+    model = build_tiny_model(cfg).eval()
     assert len(model([BATCH[2]])[0]["instances"]) == 12
     with pytest.raises(ValueError, match="TEST_SCORE"):
         build_model(make_cfg(sam_path, clip_path, tmp_path, **{"MODEL.REGIONSPOT.TEST_SCORE": "max"}))
