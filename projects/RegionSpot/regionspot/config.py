@@ -16,6 +16,10 @@ def add_regionspot_config(cfg: CN) -> None:
     """
     cfg.MODEL.REGIONSPOT = CN()
     rs = cfg.MODEL.REGIONSPOT
+    # The frozen foundation models' families (modeling/backbones.py registries): the localizer
+    # ("sam") and the vision-language model ("openai_clip").
+    rs.LOCALIZER = "sam"
+    rs.VL_MODEL = "openai_clip"
     # Frozen foundation models: local copies of the official files (never downloaded).
     rs.SAM_WEIGHTS = "weights/sam_vit_b_01ec64.pth"
     rs.CLIP_WEIGHTS = "weights/ViT-B-16.pt"

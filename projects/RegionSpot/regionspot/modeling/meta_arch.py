@@ -42,6 +42,7 @@ from ..config import resolve_config_device
 from ..data.validation import check_images
 from ..filter_report import FilterReport, report_of_input
 from ..structures import ImageFeatures, RegionRecognition
+from .backbones import build_localizer, build_vl_model
 from .head import RegionSpotHead, region_logits
 from .losses import RegionSpotCriterion
 from .position_tokens import BoxPrompts, SamPositionTokens
@@ -50,7 +51,6 @@ from .profiling import STAGE_LABELS, stage  # noqa: F401  (STAGE_LABELS: the lab
 from .proposals.generator import RegionProposalGenerator
 from .semantic_features import ClipSemanticFeatures
 from .text_classifier import TextClassifier, Vocabulary, build_time_vocabulary
-from .weights import load_clip, load_sam
 
 logger = logging.getLogger(__name__)
 
@@ -124,26 +124,16 @@ class RegionSpot(nn.Module):
     def from_config(cls, cfg):
         resolve_config_device(cfg)  # Detectron2's build_model moves the model to cfg.MODEL.DEVICE next
         rs = cfg.MODEL.REGIONSPOT
-        sam = load_sam(rs.SAM_WEIGHTS)
-        if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
-            logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM's input is %d px: the loader's "
-                           "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
-                           rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
-        clip_model = load_clip(rs.CLIP_WEIGHTS)
-        localizer = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
-        semantic_encoder = ClipSemanticFeatures(clip_model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
-                                                rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION)
-        if rs.COMPILE:
-            localizer.compile_encoder()
-            semantic_encoder.compile_encoder()
+        localizer = build_localizer(cfg)  # MODEL.REGIONSPOT.LOCALIZER (modeling/backbones.py)
+        semantic_encoder, text_classifier = build_vl_model(cfg)  # MODEL.REGIONSPOT.VL_MODEL
         head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim,
                               rs.NUM_DECODER_LAYERS, rs.NUM_HEADS, rs.DIM_FEEDFORWARD, rs.DROPOUT)
         return dict(
             localizer=localizer,
             semantic_encoder=semantic_encoder,
             head=head,
-            proposal_generator=RegionProposalGenerator.from_config(cfg, sam),
-            text_classifier=TextClassifier.from_config(cfg, clip_model),
+            proposal_generator=RegionProposalGenerator.from_config(cfg, localizer.sam),
+            text_classifier=text_classifier,
             criterion=RegionSpotCriterion.from_config(cfg),
             protocol=RecognitionProtocol.from_config(cfg),
             mask_on=cfg.MODEL.MASK_ON,

@@ -1,0 +1,142 @@
+"""Which frozen foundation models RegionSpot joins: the localizer and the vision-language model.
+
+The paper calls RegionSpot generic (Fig. 1c, Sec. 1): any promptable localization model and
+any vision-language model, joined by the trained head. Each family is a builder registered in
+one of two Detectron2 registries and chosen by a config key, so that a new family is one
+registered function and a yaml line, and ``RegionSpot.from_config`` never names a model:
+
+- ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` today (SAM ViT-B/L/H
+  from ``SAM_WEIGHTS``, architecture read from the file). A builder takes the config and returns
+  a localizer, an ``nn.Module`` with the interface of
+  :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
+  ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
+  promptable model, also used by the ``sam_auto`` proposal source).
+- ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` today (OpenAI
+  CLIP ViT from ``CLIP_WEIGHTS``). A builder takes the config and returns a
+  :class:`VisionLanguageModel`: the semantic encoder (image -> semantic feature map, with
+  ``width`` and ``embed_dim``) and the text classifier (vocabulary -> text embeddings in the
+  same embedding space), which share the one frozen model.
+
+The head's widths follow what the builders return (token width, feature-map width, text
+embedding width), so a pair of other models gives a head of other shapes.
+"""
+
+import logging
+from typing import NamedTuple
+
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from ..config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOCALIZER_REGISTRY = Registry("REGIONSPOT_LOCALIZER")
+LOCALIZER_REGISTRY.__doc__ = "Localizer builders: fn(cfg) -> localizer module (MODEL.REGIONSPOT.LOCALIZER)."
+
+VL_MODEL_REGISTRY = Registry("REGIONSPOT_VL_MODEL")
+VL_MODEL_REGISTRY.__doc__ = ("Vision-language model builders: fn(cfg) -> VisionLanguageModel "
+                             "(MODEL.REGIONSPOT.VL_MODEL).")
+
+
+class VisionLanguageModel(NamedTuple):
+    """What a vision-language model builder returns: two views of one frozen model.
+
+    Attributes:
+        semantic_encoder: ``nn.Module`` with ``encode(images, clip_inputs) -> (B, L, D)``,
+            ``width`` (D) and ``embed_dim`` (E)
+            (:class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`).
+        text_classifier: ``embed(names) -> (C, E)`` and the rest of
+            :class:`~regionspot.modeling.text_classifier.TextClassifier`.
+    """
+
+    semantic_encoder: nn.Module
+    text_classifier: object
+
+
+def register_localizer(name: str):
+    """Decorator: register ``fn(cfg) -> localizer`` as the ``MODEL.REGIONSPOT.LOCALIZER`` family ``name``."""
+    return _register(LOCALIZER_REGISTRY, name)
+
+
+def register_vl_model(name: str):
+    """Decorator: register ``fn(cfg) -> VisionLanguageModel`` as the ``MODEL.REGIONSPOT.VL_MODEL``
+    family ``name``."""
+    return _register(VL_MODEL_REGISTRY, name)
+
+
+def _register(registry: Registry, name: str):
+    def decorator(fn):
+        # fvcore's Registry.register keys by the function's __name__; families are keyed by the
+        # config value instead ("sam", "openai_clip"), so register under that name.
+        registry._do_register(name, fn)
+        return fn
+
+    return decorator
+
+
+def _lookup(registry: Registry, key: str, name: str):
+    if name not in registry:
+        known = ", ".join(repr(k) for k, _ in sorted(registry))
+        raise ConfigError(f"{key} {name!r} is not a known model family (known: {known})")
+    return registry.get(name)
+
+
+def build_localizer(cfg) -> nn.Module:
+    """The localizer named by ``MODEL.REGIONSPOT.LOCALIZER``, built from the config.
+
+    Raises:
+        ConfigError: an unknown name (the message names the key and the known families).
+    """
+    return _lookup(LOCALIZER_REGISTRY, "MODEL.REGIONSPOT.LOCALIZER", cfg.MODEL.REGIONSPOT.LOCALIZER)(cfg)
+
+
+def build_vl_model(cfg) -> VisionLanguageModel:
+    """The vision-language model named by ``MODEL.REGIONSPOT.VL_MODEL``, built from the config.
+
+    Raises:
+        ConfigError: an unknown name (the message names the key and the known families).
+    """
+    return _lookup(VL_MODEL_REGISTRY, "MODEL.REGIONSPOT.VL_MODEL", cfg.MODEL.REGIONSPOT.VL_MODEL)(cfg)
+
+
+@register_localizer("sam")
+def build_sam_localizer(cfg) -> nn.Module:
+    """SAM (``segment_anything``) from ``SAM_WEIGHTS``: the released RegionSpot's localizer.
+
+    The position-aware token is ``TOKEN_SOURCE`` (mask token 0 after the mask decoder's
+    transformer, as released); ``BOX_CHUNK_SIZE``, ``ENCODER_PRECISION`` and ``SAM_ATTENTION``
+    are the part's speed switches, ``COMPILE`` compiles its image encoder.
+    """
+    from .position_tokens import SamPositionTokens
+    from .weights import load_sam
+
+    rs = cfg.MODEL.REGIONSPOT
+    sam = load_sam(rs.SAM_WEIGHTS)
+    if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
+        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM's input is %d px: the loader's "
+                       "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
+                       rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
+    localizer = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
+    if rs.COMPILE:
+        localizer.compile_encoder()
+    return localizer
+
+
+@register_vl_model("openai_clip")
+def build_openai_clip(cfg) -> VisionLanguageModel:
+    """OpenAI CLIP (``clip`` package, TorchScript or state-dict file) from ``CLIP_WEIGHTS``: the
+    released RegionSpot's vision-language model. Its image tower gives the semantic feature map
+    at ``CLIP_INPUT_SIZE``; its text tower, the text embeddings (prompt ensemble,
+    ``CLASS_NAME_STYLE``, ``TEXT_CACHE_DIR``)."""
+    from .semantic_features import ClipSemanticFeatures
+    from .text_classifier import TextClassifier
+    from .weights import load_clip
+
+    rs = cfg.MODEL.REGIONSPOT
+    clip_model = load_clip(rs.CLIP_WEIGHTS)
+    semantic_encoder = ClipSemanticFeatures(clip_model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                            rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION)
+    if rs.COMPILE:
+        semantic_encoder.compile_encoder()
+    return VisionLanguageModel(semantic_encoder, TextClassifier.from_config(cfg, clip_model))
