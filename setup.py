@@ -76,6 +76,9 @@ setup(
         "setuptools>=77.0.3,<81",
         "segment-anything==1.0",
         "clip-anytorch",
+        # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
+        # the tower attributes read there were checked against 3.3).
+        "open-clip-torch>=3.3,<3.4",
         "ftfy",
         "regex",
         "tqdm",

@@ -93,7 +93,8 @@ def check_inputs(args):
     check_datasets(cfg, args.eval_only)
     check_no_overwrite(cfg, args)
     require_file(cfg.MODEL.REGIONSPOT.SAM_WEIGHTS, "SAM")
-    require_file(cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS, "CLIP")
+    if cfg.MODEL.REGIONSPOT.VL_MODEL == "openai_clip":  # other families' loaders check their own files
+        require_file(cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS, "CLIP")
     if args.eval_only and not cfg.MODEL.WEIGHTS and not args.untrained_head:
         raise ValueError("--eval-only needs the head to evaluate: set MODEL.WEIGHTS to a RegionSpot checkpoint "
                          "(a released one or one written by train_net.py), or pass --untrained-head to evaluate "

@@ -35,6 +35,11 @@ FROZEN_MODULES = ("localizer.", "semantic_encoder.", "proposal_generator.")
 FROZEN_PREFIXES = ("model.sam.", "model.clip_model.") + FROZEN_MODULES + ("position.", "semantic.", "rpn.")
 
 
+# The foundation models of the released checkpoints (and of every checkpoint written before
+# checkpoints recorded their pair): what a checkpoint without "regionspot_pair" was trained on.
+RELEASED_PAIR = {"localizer": "sam", "vl_model": "openai_clip"}
+
+
 def register_head_only_state(model: torch.nn.Module) -> None:
     """Make ``model.state_dict()`` / ``load_state_dict`` speak RegionSpot's checkpoint layout, for
     any checkpointer (Detectron2's ``DetectionCheckpointer`` too):
@@ -110,7 +115,8 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         """Write ``<save_dir>/<name>.pth`` atomically: head weights, checkpointables, ``kwargs``."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()}}
+        data = {"model": {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()},
+                "regionspot_pair": dict(getattr(self.model, "pair", RELEASED_PAIR))}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -149,6 +155,13 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         if not isinstance(state, dict):
             raise CheckpointError("checkpoint has no model state dict under 'model'")
         self._convert_ndarray_to_tensor(state)
+        pair = checkpoint.get("regionspot_pair") or RELEASED_PAIR
+        model_pair = getattr(self.model, "pair", RELEASED_PAIR)
+        if dict(pair) != dict(model_pair):
+            raise CheckpointError(
+                f"{self._source!r} (MODEL.WEIGHTS) is a head trained on {_pair_text(pair)}, but this model is "
+                f"{_pair_text(model_pair)}: its region embeddings live in another space; use a head trained on "
+                f"this pair (MODEL.REGIONSPOT.LOCALIZER / VL_MODEL)")
         given = head_state_from_checkpoint(state)
         expected = {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()}
         wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in given.items()
@@ -220,6 +233,10 @@ def _is_torchscript(path: str) -> bool:
             return any(name.endswith("constants.pkl") for name in archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+def _pair_text(pair) -> str:
+    return f"localizer {pair.get('localizer')!r} + vision-language model {pair.get('vl_model')!r}"
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:

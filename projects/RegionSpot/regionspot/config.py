@@ -17,9 +17,14 @@ def add_regionspot_config(cfg: CN) -> None:
     cfg.MODEL.REGIONSPOT = CN()
     rs = cfg.MODEL.REGIONSPOT
     # The frozen foundation models' families (modeling/backbones.py registries): the localizer
-    # ("sam") and the vision-language model ("openai_clip").
+    # ("sam") and the vision-language model ("openai_clip", "open_clip").
     rs.LOCALIZER = "sam"
     rs.VL_MODEL = "openai_clip"
+    # VL_MODEL open_clip: the built-in OpenCLIP architecture of a CLIP_WEIGHTS file (e.g.
+    # "ViT-B-16"; empty when CLIP_WEIGHTS is a hub-layout folder with open_clip_config.json), and a
+    # local tokenizer folder for models whose tokenizer OpenCLIP would download.
+    rs.OPENCLIP_MODEL = ""
+    rs.OPENCLIP_TOKENIZER = ""
     # Frozen foundation models: local copies of the official files (never downloaded).
     rs.SAM_WEIGHTS = "weights/sam_vit_b_01ec64.pth"
     rs.CLIP_WEIGHTS = "weights/ViT-B-16.pt"

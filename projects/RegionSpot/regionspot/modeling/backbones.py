@@ -11,8 +11,9 @@ registered function and a yaml line, and ``RegionSpot.from_config`` never names 
   :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
   ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
   promptable model, also used by the ``sam_auto`` proposal source).
-- ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` today (OpenAI
-  CLIP ViT from ``CLIP_WEIGHTS``). A builder takes the config and returns a
+- ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` (OpenAI CLIP
+  ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP ViT,
+  :mod:`.open_clip_model`). A builder takes the config and returns a
   :class:`VisionLanguageModel`: the semantic encoder (image -> semantic feature map, with
   ``width`` and ``embed_dim``) and the text classifier (vocabulary -> text embeddings in the
   same embedding space), which share the one frozen model.
@@ -48,10 +49,13 @@ class VisionLanguageModel(NamedTuple):
             (:class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`).
         text_classifier: ``embed(names) -> (C, E)`` and the rest of
             :class:`~regionspot.modeling.text_classifier.TextClassifier`.
+        identity: the family and architecture (``"openai_clip"``, ``"open_clip:<name>"``),
+            recorded in checkpoints: a head trained on one embedding space is refused on another.
     """
 
     semantic_encoder: nn.Module
     text_classifier: object
+    identity: str = "openai_clip"
 
 
 def register_localizer(name: str):
@@ -139,4 +143,31 @@ def build_openai_clip(cfg) -> VisionLanguageModel:
                                             rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION)
     if rs.COMPILE:
         semantic_encoder.compile_encoder()
-    return VisionLanguageModel(semantic_encoder, TextClassifier.from_config(cfg, clip_model))
+    return VisionLanguageModel(semantic_encoder, TextClassifier.from_config(cfg, clip_model), "openai_clip")
+
+
+@register_vl_model("open_clip")
+def build_open_clip(cfg) -> VisionLanguageModel:
+    """An OpenCLIP ViT (``open_clip`` package) from ``CLIP_WEIGHTS`` (a hub-layout folder, or a
+    file with ``OPENCLIP_MODEL``; :mod:`.open_clip_model`). Its image tower gives the semantic
+    feature map at its own input size (``CLIP_INPUT_SIZE`` resizes the positional embedding as
+    for OpenAI CLIP) with its own pixel normalisation; its text tower and tokenizer, the text
+    embeddings (same prompt ensemble, class-name style and cache; the cache identity names the
+    architecture and the weights file)."""
+    from .open_clip_model import load_open_clip
+    from .semantic_features import ClipSemanticFeatures
+    from .text_classifier import TextClassifier
+    from .text_embeddings import weights_fingerprint
+
+    rs = cfg.MODEL.REGIONSPOT
+    loaded = load_open_clip(rs.CLIP_WEIGHTS, rs.OPENCLIP_MODEL, rs.OPENCLIP_TOKENIZER)
+    semantic_encoder = ClipSemanticFeatures(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                            rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
+                                            pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
+    if rs.COMPILE:
+        semantic_encoder.compile_encoder()
+    text_classifier = TextClassifier(
+        loaded.model, f"open_clip:{loaded.name}:{weights_fingerprint(loaded.weights_file)}",
+        class_name_style=rs.CLASS_NAME_STYLE, cache_dir=rs.TEXT_CACHE_DIR or None, batch_size=rs.TEXT_BATCH_SIZE,
+        tokenizer=loaded.tokenizer)
+    return VisionLanguageModel(semantic_encoder, text_classifier, f"open_clip:{loaded.name}")

@@ -37,7 +37,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 from torch import nn
 
-from ..checkpoint import register_head_only_state
+from ..checkpoint import RELEASED_PAIR, register_head_only_state
 from ..config import resolve_config_device
 from ..data.validation import check_images
 from ..filter_report import FilterReport, report_of_input
@@ -92,7 +92,8 @@ class RegionSpot(nn.Module):
                  head: RegionSpotHead, proposal_generator: RegionProposalGenerator,
                  text_classifier: TextClassifier, criterion: RegionSpotCriterion,
                  protocol: Optional[RecognitionProtocol] = None, mask_on: bool = False,
-                 logit_scale: float = 100.0, vocabulary: Optional[Sequence[str]] = None):
+                 logit_scale: float = 100.0, vocabulary: Optional[Sequence[str]] = None,
+                 pair: Optional[Dict[str, str]] = None):
         """
         Args:
             localizer, semantic_encoder, head, proposal_generator, text_classifier, criterion:
@@ -102,6 +103,9 @@ class RegionSpot(nn.Module):
             logit_scale: ``LOGIT_SCALE``, region-text logits = scale x cosine (paper Eq. 3).
             vocabulary: the config's class names; their text embeddings are computed (or read
                 from the cache) on the first inference, so that building stays quick.
+            pair: the foundation models' identities, ``{"localizer": ..., "vl_model": ...}``
+                (default: the released SAM + OpenAI CLIP), recorded in and checked against
+                checkpoints (:class:`~regionspot.checkpoint.RegionSpotCheckpointer`).
         """
         super().__init__()
         self.localizer = localizer
@@ -113,6 +117,7 @@ class RegionSpot(nn.Module):
         self.protocol = protocol or RecognitionProtocol()
         self.mask_on = mask_on
         self.logit_scale = logit_scale
+        self.pair = dict(pair or RELEASED_PAIR)
         # What forward() scores against (set_vocabulary), and one vocabulary per training dataset.
         self.class_names: Optional[List[str]] = None
         self.register_buffer("text_embeddings", None, persistent=False)
@@ -125,7 +130,7 @@ class RegionSpot(nn.Module):
         resolve_config_device(cfg)  # Detectron2's build_model moves the model to cfg.MODEL.DEVICE next
         rs = cfg.MODEL.REGIONSPOT
         localizer = build_localizer(cfg)  # MODEL.REGIONSPOT.LOCALIZER (modeling/backbones.py)
-        semantic_encoder, text_classifier = build_vl_model(cfg)  # MODEL.REGIONSPOT.VL_MODEL
+        semantic_encoder, text_classifier, vl_identity = build_vl_model(cfg)  # MODEL.REGIONSPOT.VL_MODEL
         head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim,
                               rs.NUM_DECODER_LAYERS, rs.NUM_HEADS, rs.DIM_FEEDFORWARD, rs.DROPOUT)
         return dict(
@@ -139,6 +144,7 @@ class RegionSpot(nn.Module):
             mask_on=cfg.MODEL.MASK_ON,
             logit_scale=rs.LOGIT_SCALE,
             vocabulary=build_time_vocabulary(cfg),
+            pair={"localizer": rs.LOCALIZER, "vl_model": vl_identity},
         )
 
     @property

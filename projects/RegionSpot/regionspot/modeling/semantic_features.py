@@ -51,12 +51,16 @@ class ClipSemanticFeatures(nn.Module):
     the last block), at the part's precision (``ENCODER_PRECISION``).
 
     Args:
-        clip_model: an OpenAI ``clip.model.CLIP`` with a ViT image tower.
+        clip_model: an OpenAI ``clip.model.CLIP`` with a ViT image tower, or an OpenCLIP model
+            with OpenCLIP's class-token ViT (:mod:`.open_clip_model`), whose blocks run
+            batch-first.
         input_size: S, the square input side in pixels (224 or 336 in the paper); must be a
             multiple of the patch size.
         use_class_token: keep the class token as the first row of the feature map.
         antialias: antialias the resize to S x S (False reproduces the released weights).
         precision: ``ENCODER_PRECISION`` ("auto": float16 on CUDA, float32 on the CPU).
+        pixel_mean, pixel_std: the model's RGB normalisation of pixels in [0, 1] (OpenAI CLIP's
+            by default; OpenCLIP models bring their own).
 
     Raises:
         ValueError: ``input_size`` is not a positive multiple of the patch size; an unknown
@@ -64,7 +68,8 @@ class ClipSemanticFeatures(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, input_size: int = 224, use_class_token: bool = True,
-                 antialias: bool = False, precision: str = "auto"):
+                 antialias: bool = False, precision: str = "auto",
+                 pixel_mean: Sequence[float] = CLIP_PIXEL_MEAN, pixel_std: Sequence[float] = CLIP_PIXEL_STD):
         super().__init__()
         self.precision = check_encoder_precision(precision)
         self.clip = clip_model.eval().requires_grad_(False)
@@ -78,8 +83,8 @@ class ClipSemanticFeatures(nn.Module):
         self.antialias = antialias
         pos = resize_positional_embedding(visual.positional_embedding.detach(), input_size // patch)
         self.register_buffer("positional_embedding", pos, persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(tuple(pixel_mean)).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(tuple(pixel_std)).view(3, 1, 1), persistent=False)
 
     @property
     def width(self) -> int:
@@ -167,7 +172,10 @@ class ClipSemanticFeatures(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = visual.ln_pre(x)
-        x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's blocks are (L, B, D)
+        if getattr(visual.transformer, "batch_first", False):  # OpenCLIP's blocks are (B, L, D)
+            x = visual.transformer(x)
+        else:
+            x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # OpenAI CLIP's are (L, B, D)
         if not self.use_class_token:
             x = x[:, 1:]
         return x.float()

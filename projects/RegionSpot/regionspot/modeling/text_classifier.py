@@ -14,7 +14,7 @@ with its embeddings, class hierarchy and aliases, is a :class:`Vocabulary`.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -61,6 +61,8 @@ class TextClassifier:
         cache_dir: ``TEXT_CACHE_DIR``, or None for no cache.
         batch_size: ``TEXT_BATCH_SIZE``, prompts per text-tower call on a cache miss.
         templates: the prompt templates (the released 80 ImageNet templates + "{}.").
+        tokenizer: the text model's own tokenizer (OpenCLIP, :mod:`.open_clip_model`); None for
+            OpenAI CLIP's.
 
     Source: the released implementation encodes each class with the template ensemble, averages
     the unnormalised features and L2-normalises (docs/method.md); the cache is ours.
@@ -68,7 +70,7 @@ class TextClassifier:
 
     def __init__(self, clip_model, weights_id: str, *, class_name_style: str = "released",
                  cache_dir: Optional[str] = None, batch_size: int = 256,
-                 templates: Sequence[str] = PROMPT_TEMPLATES):
+                 templates: Sequence[str] = PROMPT_TEMPLATES, tokenizer: Optional[Callable] = None):
         clean_class_name("x", class_name_style)  # checks the style
         self.clip = clip_model
         self.weights_id = weights_id
@@ -76,6 +78,7 @@ class TextClassifier:
         self.cache_dir = cache_dir or None
         self.batch_size = batch_size
         self.templates = list(templates)
+        self.tokenizer = tokenizer
 
     @classmethod
     def from_config(cls, cfg, clip_model) -> "TextClassifier":
@@ -132,7 +135,7 @@ class TextClassifier:
         names = check_vocabulary(class_names, allow_duplicates=True)
         embeddings = load_or_compute_text_embeddings(
             self.clip, self.texts(names), weights_id=self.weights_id, cache_dir=self.cache_dir,
-            templates=self.templates, batch_size=self.batch_size)
+            templates=self.templates, batch_size=self.batch_size, tokenizer=self.tokenizer)
         return embeddings.to(device if device is not None else self.clip.text_projection.device)
 
     def check_embeddings(self, text_embeddings: torch.Tensor, num_classes: int, device=None) -> torch.Tensor:

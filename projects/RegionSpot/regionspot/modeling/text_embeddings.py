@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -356,6 +356,7 @@ def _encode_with_stats(
     batch_size: int = 256,
     fast: Optional[bool] = None,
     progress: Optional[bool] = None,
+    tokenizer: Optional[Callable] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """:func:`encode_class_names` plus figures about the run (for the benchmark tool).
 
@@ -373,11 +374,17 @@ def _encode_with_stats(
     if fast is not None and not isinstance(fast, bool):
         raise TypeError(f"fast must be None, True or False, got {fast!r}")
 
-    import clip  # OpenAI CLIP tokenizer (package "clip-anytorch" / "openai-clip")
-
     device, dtype = _model_device(clip_model), _model_dtype(clip_model)
     context_length = int(getattr(clip_model, "context_length", 77))
-    reason = fast_path_problem(clip_model) if fast is not False else "fast=False"
+    if tokenizer is None:
+        import clip  # OpenAI CLIP tokenizer (package "clip-anytorch" / "openai-clip")
+
+        def tokenizer(texts):
+            return clip.tokenize(texts, context_length=context_length, truncate=True)
+
+        reason = fast_path_problem(clip_model) if fast is not False else "fast=False"
+    else:  # another model's own tokenizer (OpenCLIP): its encode_text, the plain path
+        reason = "the model's own tokenizer (not OpenAI CLIP's)"
     if fast is True and reason is not None:
         raise ValueError(f"fast=True but the truncated text-tower path cannot run: {reason}")
     use_fast = reason is None
@@ -421,7 +428,7 @@ def _encode_with_stats(
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
                 texts = _prompt_texts(cleaned, templates, start, stop)
-                tokens = clip.tokenize(texts, context_length=context_length, truncate=True).to(device)
+                tokens = tokenizer(texts).to(device)
                 feats = clip_model.encode_text(tokens)
                 if feats.dim() != 2 or feats.shape[0] != len(texts):
                     raise RuntimeError(
@@ -474,6 +481,7 @@ def encode_class_names(
     *,
     fast: Optional[bool] = None,
     progress: Optional[bool] = None,
+    tokenizer: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Encode class names into L2-normalized CLIP text embeddings (prompt ensemble).
 
@@ -531,6 +539,9 @@ def encode_class_names(
             ``False``: the plain path (the reference).
         progress: ``None`` (default): a progress bar only when stderr is a terminal and the
             encoding lasts over a second; ``True``: always; ``False``: never.
+        tokenizer: ``fn(list of str) -> (N, context_length) int64`` of a model with its own
+            tokenizer (OpenCLIP); None: OpenAI CLIP's ``clip.tokenize``. With a tokenizer the
+            plain ``encode_text`` path runs.
 
     Returns:
         ``torch.Tensor`` of shape ``(C, E)``, dtype ``torch.float32``, on CPU,
@@ -546,7 +557,7 @@ def encode_class_names(
         RuntimeError: ``encode_text`` returned a wrongly shaped tensor (plain path); a class
             whose mean feature has zero or non-finite norm.
     """
-    return _encode_with_stats(clip_model, class_names, templates, batch_size, fast, progress)[0]
+    return _encode_with_stats(clip_model, class_names, templates, batch_size, fast, progress, tokenizer)[0]
 
 
 def _cache_key(weights_id: str, class_names: List[str], templates: List[str]) -> str:
@@ -618,6 +629,7 @@ def load_or_compute_text_embeddings(
     batch_size: int = 256,
     fast: Optional[bool] = None,
     progress: Optional[bool] = None,
+    tokenizer: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Class-name text embeddings, read from / written to an on-disk cache.
 
@@ -651,7 +663,7 @@ def load_or_compute_text_embeddings(
         cache_dir: cache directory (``~`` expanded; created if missing) or ``None``.
         templates: T prompt templates, each with exactly one ``"{}"``.
         batch_size: prompts run through the text tower at once on a miss.
-        fast, progress: passed to :func:`encode_class_names` on a miss.  The fast and the
+        fast, progress, tokenizer: passed to :func:`encode_class_names` on a miss.  The fast and the
             plain path give the same embeddings up to float32 rounding, so the cache key does
             not include the path.
 
@@ -676,7 +688,7 @@ def load_or_compute_text_embeddings(
         logger.info("Computing CLIP text embeddings for %d classes x %d templates (cache disabled).",
                     len(names), len(templates))
         return encode_class_names(clip_model, names, templates=templates, batch_size=batch_size,
-                                  fast=fast, progress=progress)
+                                  fast=fast, progress=progress, tokenizer=tokenizer)
 
     path = cache_path(os.path.expanduser(os.fspath(cache_dir)), weights_id, names, templates)
     cached = _read_cache(path, weights_id, names, templates)
@@ -687,7 +699,7 @@ def load_or_compute_text_embeddings(
     logger.info("Text-embedding cache miss for %d classes x %d templates; computing and writing %s",
                 len(names), len(templates), path)
     emb = encode_class_names(clip_model, names, templates=templates, batch_size=batch_size,
-                                  fast=fast, progress=progress)
+                                  fast=fast, progress=progress, tokenizer=tokenizer)
     _write_cache(
         path,
         {"embeddings": emb, "class_names": names, "templates": templates, "weights_id": weights_id},

@@ -191,3 +191,41 @@ def write_random_rpn(path: str, cfg, seed: int = 0, fmt: str = "pth") -> str:
         payload = {"model": {k: v.numpy() for k, v in state.items()}, "__author__": "RegionSpot random RPN"}
         atomic_write(path, lambda f: pickle.dump(payload, f))
     return path
+
+
+# OpenCLIP model configs (open_clip.model.CLIP arguments) of small ViTs for CPU tests: widths
+# other than the tiny OpenAI CLIP's, so that a head built for one pair does not fit the other.
+OPEN_CLIP_PRESETS: Dict[str, Dict[str, object]] = {
+    "tiny": {"embed_dim": 24,
+             "vision_cfg": {"image_size": 224, "layers": 2, "width": 48, "patch_size": 16, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2}},
+}
+
+
+def write_random_open_clip(folder: str, preset: str = "tiny", seed: int = 0, model_cfg=None,
+                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> str:
+    """Write a random OpenCLIP model in the layout OpenCLIP publishes on the Hugging Face hub:
+    ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
+    ``open_clip_model.safetensors``, the folder that ``CLIP_WEIGHTS`` names for ``VL_MODEL
+    open_clip``.
+
+    Args:
+        model_cfg: an OpenCLIP model config instead of the preset's (e.g. to write a tower
+            RegionSpot refuses).
+        mean, std: the ``preprocess_cfg`` normalisation (not OpenAI's, so that tests see it used).
+    """
+    import json
+    import os
+
+    from open_clip.model import CLIP
+    from safetensors.torch import save
+
+    cfg = dict(model_cfg or OPEN_CLIP_PRESETS[preset])
+    torch.manual_seed(seed)
+    model = CLIP(**cfg)
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(folder, "open_clip_model.safetensors"), lambda f: f.write(save(state)))
+    config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
+    atomic_write(os.path.join(folder, "open_clip_config.json"), lambda f: f.write(json.dumps(config).encode()))
+    return folder

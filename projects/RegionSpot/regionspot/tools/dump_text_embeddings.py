@@ -112,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from regionspot.cli import setup_logging
+    from regionspot.config import ConfigError
     from regionspot.data.datasets.user import register_from_args
     from regionspot.data.vocabularies import vocabulary_by_name
     from regionspot.io import atomic_write
-    from regionspot.modeling.text_classifier import TextClassifier
-    from regionspot.modeling.weights import WeightsError, load_clip
+    from regionspot.modeling.backbones import build_vl_model
+    from regionspot.modeling.weights import WeightsError
 
     # the text embeddings are the same on any device: a MODEL.DEVICE this machine lacks means the CPU
     cfg = load_config(args.config_file, args.opts, cpu_fallback=True)
@@ -149,11 +150,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(cfg.MODEL.DEVICE)  # resolved by the loader (regionspot.config.resolve_device)
     try:
-        clip_model = load_clip(clip_path)
-        # the model's own text classifier: the same texts, templates, weights identity and cache key
-        classifier = TextClassifier.from_config(cfg, clip_model.to(device))
-    except (WeightsError, FileNotFoundError, IsADirectoryError) as e:
+        # the model's own text classifier (VL_MODEL): the same texts, templates, tokenizer, weights
+        # identity and cache key as the model's
+        classifier = build_vl_model(cfg).text_classifier
+    except (WeightsError, ConfigError, FileNotFoundError, IsADirectoryError) as e:
         raise ToolError(str(e)) from e
+    classifier.clip.to(device)
     classifier.batch_size = batch_size
     templates = classifier.templates
     print(f"vocabulary {args.vocabulary}: {len(names)} classes x {len(templates)} templates = "
