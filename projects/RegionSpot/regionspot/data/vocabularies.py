@@ -82,16 +82,17 @@ def names_for_text(class_names: Sequence[str], style: str = "released") -> List[
     return list(class_names) if style == "released" else [clean_class_name(n, style) for n in class_names]
 
 
-def _text_key(name: str) -> str:
-    """What CLIP reads of a class name: suffixes removed, lower-cased, whitespace collapsed."""
-    return " ".join(clean_class_name(name).lower().split())
+def _text_key(name: str, style: str = "released") -> str:
+    """What CLIP reads of a class name under a style: cleaned, lower-cased, whitespace collapsed."""
+    return " ".join(clean_class_name(name, style).lower().split())
 
 
-def duplicate_groups(class_names: Sequence[str]) -> List[List[int]]:
-    """Groups (of >= 2 indices) of class names that read the same to CLIP (:func:`check_vocabulary`)."""
+def duplicate_groups(class_names: Sequence[str], style: str = "released") -> List[List[int]]:
+    """Groups (of >= 2 indices) of class names that read the same to CLIP under a
+    ``CLASS_NAME_STYLE`` (:func:`check_vocabulary`; the text classifier's aliases)."""
     groups: dict = {}
     for i, name in enumerate(class_names):
-        groups.setdefault(_text_key(name), []).append(i)
+        groups.setdefault(_text_key(name, style), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
 
 

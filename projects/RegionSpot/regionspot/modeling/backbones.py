@@ -166,8 +166,7 @@ def build_open_clip(cfg) -> VisionLanguageModel:
                                             pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
     if rs.COMPILE:
         semantic_encoder.compile_encoder()
-    text_classifier = TextClassifier(
-        loaded.model, f"open_clip:{loaded.name}:{weights_fingerprint(loaded.weights_file)}",
-        class_name_style=rs.CLASS_NAME_STYLE, cache_dir=rs.TEXT_CACHE_DIR or None, batch_size=rs.TEXT_BATCH_SIZE,
+    text_classifier = TextClassifier.from_config(
+        cfg, loaded.model, weights_id=f"open_clip:{loaded.name}:{weights_fingerprint(loaded.weights_file)}",
         tokenizer=loaded.tokenizer)
     return VisionLanguageModel(semantic_encoder, text_classifier, f"open_clip:{loaded.name}")

@@ -18,7 +18,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data.vocabularies import check_vocabulary, clean_class_name, get_vocabulary, names_for_text, vocabulary_by_name
+from ..data.vocabularies import (
+    check_vocabulary,
+    clean_class_name,
+    duplicate_groups,
+    get_vocabulary,
+    names_for_text,
+    vocabulary_by_name,
+)
 from .text_embeddings import PROMPT_TEMPLATES, cache_path, load_or_compute_text_embeddings, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -81,12 +88,15 @@ class TextClassifier:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_config(cls, cfg, clip_model) -> "TextClassifier":
-        """The classifier of a config: ``CLIP_WEIGHTS`` (identity), ``CLASS_NAME_STYLE``,
-        ``TEXT_CACHE_DIR``, ``TEXT_BATCH_SIZE``."""
+    def from_config(cls, cfg, clip_model, *, weights_id: Optional[str] = None,
+                    tokenizer: Optional[Callable] = None) -> "TextClassifier":
+        """The classifier of a config: ``CLASS_NAME_STYLE``, ``TEXT_CACHE_DIR``,
+        ``TEXT_BATCH_SIZE``; the identity is ``weights_id`` (default: the fingerprint of the
+        ``CLIP_WEIGHTS`` file), the tokenizer the model's own (default: OpenAI CLIP's)."""
         rs = cfg.MODEL.REGIONSPOT
-        return cls(clip_model, weights_fingerprint(rs.CLIP_WEIGHTS), class_name_style=rs.CLASS_NAME_STYLE,
-                   cache_dir=rs.TEXT_CACHE_DIR or None, batch_size=rs.TEXT_BATCH_SIZE)
+        return cls(clip_model, weights_id or weights_fingerprint(rs.CLIP_WEIGHTS),
+                   class_name_style=rs.CLASS_NAME_STYLE, cache_dir=rs.TEXT_CACHE_DIR or None,
+                   batch_size=rs.TEXT_BATCH_SIZE, tokenizer=tokenizer)
 
     @property
     def embed_dim(self) -> int:
@@ -111,11 +121,8 @@ class TextClassifier:
         """Per class index, the other classes whose texts CLIP reads the same (lower case,
         collapsed whitespace) under this style: with "natural", LVIS-style "aerosol_can" and
         "aerosol can" are aliases; with "released" they are not (CLIP sees the underscore)."""
-        groups: Dict[str, List[int]] = {}
-        for i, name in enumerate(class_names):
-            text = clean_class_name(name, self.class_name_style)
-            groups.setdefault(" ".join(text.lower().split()), []).append(i)
-        return {i: [j for j in g if j != i] for g in groups.values() if len(g) > 1 for i in g}
+        groups = duplicate_groups(class_names, self.class_name_style)
+        return {i: [j for j in g if j != i] for g in groups for i in g}
 
     @torch.no_grad()
     def embed(self, class_names: Sequence[str], device=None) -> torch.Tensor:

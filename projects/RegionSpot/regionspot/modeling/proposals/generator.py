@@ -12,7 +12,7 @@
 
 The generated sources ("rpn", "sam_auto") are then selected (``PROPOSAL_SCORE_THRESH``,
 ``PROPOSAL_NMS_THRESH``, ``PROPOSAL_TOPK``) as a file's boxes are in the loader, each filter
-recording what it removed in the image's :class:`~.filters.FilterReport`.
+recording what it removed in the image's :class:`~regionspot.filter_report.FilterReport`.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence
