@@ -350,6 +350,29 @@ class SamPositionTokens(nn.Module):
         iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
         return BoxPrompts(token.float(), masks.float(), iou.float())
 
+    def mask_generator(self, settings: Dict[str, object], image_shape: Tuple[int, int], embedding: torch.Tensor,
+                       input_size: Tuple[int, int]):
+        """SAM's automatic mask generator (``sam_auto`` proposals) for one image already encoded.
+
+        A ``segment_anything.SamAutomaticMaskGenerator`` that counts what each of its filters
+        removes (:func:`~.proposals.sam_auto.counting_mask_generator_class`) and whose predictor
+        reuses ``embedding`` instead of running SAM's image encoder again (crops, with
+        ``CROP_N_LAYERS`` > 0, are encoded by SAM itself).
+
+        Args:
+            settings: ``SamAutomaticMaskGenerator`` keyword arguments (``MODEL.REGIONSPOT.SAM_AUTO``).
+            image_shape: (H, W) of the image the generator is given.
+            embedding: (256, g, g), this localizer's embedding of that image.
+            input_size: (h, w) of the image inside SAM's padded input (:meth:`preprocess`).
+        """
+        from segment_anything import SamPredictor
+
+        from .proposals.sam_auto import counting_mask_generator_class, embedded_predictor
+
+        generator = counting_mask_generator_class()(self.sam, output_mode="binary_mask", **settings)
+        generator.predictor = embedded_predictor(SamPredictor, self.sam, image_shape, embedding, input_size)
+        return generator
+
     def paste_masks(
         self,
         low_res_masks: torch.Tensor,

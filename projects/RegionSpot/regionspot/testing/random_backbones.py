@@ -80,7 +80,7 @@ def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = 
     semantic_encoder = ClipSemanticFeatures(clip_model, clip_size, precision=encoder_precision)
     head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim)
     return RegionSpot(localizer=localizer, semantic_encoder=semantic_encoder, head=head,
-                      proposal_generator=RegionProposalGenerator("gt", sam=sam),
+                      proposal_generator=RegionProposalGenerator("gt", localizer=localizer),
                       text_classifier=TextClassifier(clip_model, f"random-{clip_preset}-seed{seed}"),
                       criterion=RegionSpotCriterion(), protocol=protocol, mask_on=mask_on)
 
