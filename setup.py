@@ -79,6 +79,12 @@ setup(
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).
         "open-clip-torch>=3.3,<3.4",
+        # LOCALIZER sam2: the sam2 package itself is installed by scripts/install_deps.py with
+        # --no-deps (its iopath>=0.1.10 clashes with detectron2's iopath<0.1.10; see there); these
+        # are its other runtime requirements (it builds models from yaml with hydra/omegaconf).
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.1",
+        "pillow>=9.4",
         "ftfy",
         "regex",
         "tqdm",

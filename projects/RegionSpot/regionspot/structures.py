@@ -23,7 +23,8 @@ from detectron2.structures import Instances
 from .proposal_sources import logit_to_score
 
 __all__ = ["CLASS_SCORES", "SELECTIONS", "RecognitionProtocol", "SharedMasks", "ImageFeatures",
-           "RegionRecognition", "LocalizerEmbedding", "embedding_at", "stack_embeddings"]
+           "RegionRecognition", "LocalizerEmbedding", "embedding_at", "embedding_batch_size",
+           "stack_embeddings"]
 
 # A localizer's image embedding: one tensor (SAM: (256, g, g) per image), or a dict of tensors for
 # localizers whose decoder also reads other feature maps (SAM-HQ's early ViT features, SAM 2.1's
@@ -36,6 +37,11 @@ def embedding_at(batch: LocalizerEmbedding, i: int) -> LocalizerEmbedding:
     if isinstance(batch, dict):
         return {k: v[i] for k, v in batch.items()}
     return batch[i]
+
+
+def embedding_batch_size(batch: LocalizerEmbedding) -> int:
+    """B, the number of images in a batched localizer embedding."""
+    return int(next(iter(batch.values())).shape[0] if isinstance(batch, dict) else batch.shape[0])
 
 
 def stack_embeddings(items: Sequence[LocalizerEmbedding]) -> LocalizerEmbedding:

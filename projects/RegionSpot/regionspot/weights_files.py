@@ -73,12 +73,23 @@ def _clip_url(file_name: str) -> str:
     )
 
 
+# The localizer families' official files (named when SAM_WEIGHTS is missing): example, where published.
+_LOCALIZER_FILES = {
+    "SAM": ("sam_vit_b_01ec64.pth (or vit_l / vit_h)",
+            "https://github.com/facebookresearch/segment-anything#model-checkpoints"),
+    "SAM-HQ": ("sam_hq_vit_b.pth (or vit_l / vit_h)", "https://huggingface.co/lkeab/hq-sam"),
+    "SAM 2": ("sam2.1_hiera_small.pt (or tiny / base_plus / large)",
+              "https://github.com/facebookresearch/sam2#model-description"),
+}
+
+
 def require_file(path: str, what: str) -> str:
     """Return ``path`` if it is a readable file, else raise a :class:`WeightsError`.
 
     Args:
         path: local path from the config (``~`` is expanded).
-        what: ``"SAM"`` or ``"CLIP"``, used to name the official file and its URL.
+        what: ``"SAM"``, ``"SAM-HQ"``, ``"SAM 2"`` (the localizer families' files, all set by
+            ``SAM_WEIGHTS``) or ``"CLIP"``, used to name the official file and its URL.
 
     Raises:
         WeightsError: the file does not exist; the message names the expected file, the
@@ -88,11 +99,11 @@ def require_file(path: str, what: str) -> str:
     if path and os.path.isfile(path):
         return path
     base = os.path.basename(path)
-    if what == "SAM":
+    if what in _LOCALIZER_FILES:
         key = "MODEL.REGIONSPOT.SAM_WEIGHTS"
-        url = SAM_WEIGHTS_URLS.get(base, "https://github.com/facebookresearch/segment-anything"
-                                         "#model-checkpoints")
-        expected = base if base in SAM_WEIGHTS_URLS else "sam_vit_b_01ec64.pth (or vit_l / vit_h)"
+        default_name, default_url = _LOCALIZER_FILES[what]
+        url = SAM_WEIGHTS_URLS.get(base, default_url)
+        expected = base if base in SAM_WEIGHTS_URLS else default_name
     else:
         key = "MODEL.REGIONSPOT.CLIP_WEIGHTS"
         url = _clip_url(base)

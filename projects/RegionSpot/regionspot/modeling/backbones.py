@@ -5,8 +5,9 @@ any vision-language model, joined by the trained head. Each family is a builder 
 one of two Detectron2 registries and chosen by a config key, so that a new family is one
 registered function and a yaml line, and ``RegionSpot.from_config`` never names a model:
 
-- ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` today (SAM ViT-B/L/H
-  from ``SAM_WEIGHTS``, architecture read from the file). A builder takes the config and returns
+- ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` (SAM ViT-B/L/H from
+  ``SAM_WEIGHTS``, architecture read from the file; the released pair), ``"sam2"`` (SAM 2 / 2.1
+  Hiera models, :mod:`.sam2_localizer`). A builder takes the config and returns
   a localizer, an ``nn.Module`` with the interface of
   :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
   ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
@@ -122,6 +123,24 @@ def build_sam_localizer(cfg) -> nn.Module:
                        "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
                        rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
     localizer = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
+    if rs.COMPILE:
+        localizer.compile_encoder()
+    return localizer
+
+
+@register_localizer("sam2")
+def build_sam2_localizer(cfg) -> nn.Module:
+    """SAM 2 / SAM 2.1 (``sam2`` package) from ``SAM_WEIGHTS`` (an official
+    ``sam2.1_hiera_{tiny,small,base_plus,large}.pt``; the package config chosen from its tensors,
+    or ``SAM2_CONFIG``), :mod:`.sam2_localizer`. Same token sources, box chunks, precision and
+    ``COMPILE`` as SAM; its images are resized to its square input by the localizer itself
+    (the data mapper's ``LOADER_RESIZE`` keeps SAM's aspect ratio and is not used)."""
+    from .sam2_localizer import Sam2PositionTokens, load_sam2
+
+    rs = cfg.MODEL.REGIONSPOT
+    model, arch = load_sam2(rs.SAM_WEIGHTS, rs.SAM2_CONFIG)
+    localizer = Sam2PositionTokens(model, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
+                                   rs.SAM_ATTENTION, identity=arch)
     if rs.COMPILE:
         localizer.compile_encoder()
     return localizer

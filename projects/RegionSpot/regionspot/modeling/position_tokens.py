@@ -24,6 +24,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..structures import embedding_batch_size
 from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
 from ..weights_files import TOKEN_SOURCES  # noqa: F401  (shared with the SAM-token cache's identity)
 from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
@@ -269,7 +270,8 @@ class SamPositionTokens(nn.Module):
         :attr:`box_chunk_size` at a time, each box against its own image's embedding.
 
         Args:
-            image_embeddings: (B, 256, g, g) SAM embeddings.
+            image_embeddings: (B, 256, g, g) SAM embeddings (or the localizer's dict of such
+                batched tensors, :data:`~regionspot.structures.LocalizerEmbedding`).
             boxes: B tensors (N_i, 4) float, XYXY_ABS pixels of image i, of size ``image_sizes[i]``.
             image_sizes: B (H_i, W_i).
             with_masks: also compute low-resolution masks and predicted IoUs (needed for
@@ -282,8 +284,9 @@ class SamPositionTokens(nn.Module):
         Raises:
             ValueError: the numbers of embeddings, box tensors and sizes differ.
         """
-        if not (image_embeddings.shape[0] == len(boxes) == len(image_sizes)):
-            raise ValueError(f"{image_embeddings.shape[0]} image embeddings, {len(boxes)} box tensors and "
+        num_embeddings = embedding_batch_size(image_embeddings)
+        if not (num_embeddings == len(boxes) == len(image_sizes)):
+            raise ValueError(f"{num_embeddings} image embeddings, {len(boxes)} box tensors and "
                              f"{len(image_sizes)} image sizes: expected one of each per image")
         with encoder_autocast(self.device, dtype or self.dtype):
             return self._prompt(image_embeddings, boxes, image_sizes, with_masks)

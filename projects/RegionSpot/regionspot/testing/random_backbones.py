@@ -8,6 +8,7 @@ state dict), an RPN as a Detectron2 checkpoint (``.pth``) or model-zoo pickle (`
 Numbers computed with them measure the pipeline, never accuracy.
 """
 
+import os
 from typing import Dict
 
 import torch
@@ -125,6 +126,35 @@ def _atomic_save(obj, path: str, jit: bool = False) -> None:
 def write_random_sam(path: str, preset: str = "tiny", seed: int = 0) -> str:
     """Write a random SAM as a plain state-dict file, the format of ``sam_vit_b_01ec64.pth``."""
     _atomic_save(random_sam(preset, seed).state_dict(), path)
+    return path
+
+
+SAM2_TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sam2_tiny.yaml")
+# SAM 2 presets: the tiny test model, or the sam2 package's official configs (random weights
+# at the real architecture's size, for benchmarks).
+SAM2_PRESETS = {
+    "tiny": SAM2_TINY_CONFIG,
+    "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+
+
+def random_sam2(preset: str = "tiny", seed: int = 0) -> nn.Module:
+    """A randomly initialised SAM 2.1 (``sam2``'s ``SAM2Base``, eval mode, float32, CPU) of a
+    :data:`SAM2_PRESETS` architecture."""
+    from ..modeling.sam2_localizer import build_sam2_model, sam2_config_path
+
+    torch.manual_seed(seed)
+    return build_sam2_model(sam2_config_path(SAM2_PRESETS[preset]))
+
+
+def write_random_sam2(path: str, preset: str = "tiny", seed: int = 0) -> str:
+    """Write a random SAM 2.1 in the official checkpoint format (``sam2.1_hiera_*.pt``:
+    ``{"model": state_dict}``). The "tiny" preset has no official config: point
+    ``MODEL.REGIONSPOT.SAM2_CONFIG`` at :data:`SAM2_TINY_CONFIG`."""
+    _atomic_save({"model": random_sam2(preset, seed).state_dict()}, path)
     return path
 
 
