@@ -125,12 +125,14 @@ def headline(results: dict) -> dict:
         out["train_images_per_second"] = {f"{model}_{mode}": r.get("images_per_second")
                                           for model, m in train.get("models", {}).items()
                                           for mode, r in m.get("modes", {}).items()}
-        out["train_peak_bytes"] = {f"{model}_{mode}": r.get("peak_bytes") for model, m in train.get("models", {}).items()
+        out["train_peak_bytes"] = {f"{model}_{mode}": r.get("peak_bytes")
+                                   for model, m in train.get("models", {}).items()
                                    for mode, r in m.get("modes", {}).items()}
         out["train_precision"] = train.get("settings", {}).get("precision")
     evaluation = results.get("eval")
     if evaluation:
-        out["eval_seconds"] = {f"{task}_{backend}": t[backend]["seconds"] for task, t in evaluation.get("tasks", {}).items()
+        tasks = evaluation.get("tasks", {})
+        out["eval_seconds"] = {f"{task}_{backend}": t[backend]["seconds"] for task, t in tasks.items()
                                for backend in ("faster_coco_eval", "lvis") if isinstance(t.get(backend), dict)}
         out["eval_images"] = {task: t.get("set", {}).get("images") for task, t in evaluation.get("tasks", {}).items()}
     bl = (results.get("e2e_bl") or {}).get("runs", {})
