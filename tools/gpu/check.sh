@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check (issue 16): one command that, on a bare GPU machine, installs the wheel
 # bundle, verifies every import, runs the CUDA tests and every benchmark, and leaves one JSON and
-# one log. Under 9 minutes on one H100 (the sum of the stage limits below is 535 s).
+# one log. Under 9 minutes on one H100 (the sum of the stage limits below is 530 s).
 #
 #   bash tools/gpu/check.sh              # on the GPU machine (wheels/ built by make_wheelhouse.sh)
 #   bash tools/gpu/check.sh --dry-run    # here, on the CPU: tiny models, a handful of images (CI)
@@ -83,19 +83,19 @@ if [[ $DRY_RUN -eq 1 ]] && "$PY" -c "$IMPORT_PROBE" >/dev/null 2>&1; then
     log "install: skipped (dry run): the packages already import in $PY; the bundle itself is checked by" \
         "tools/gpu/wheelhouse.py verify"
 elif ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    stage install 40 "$PY" -m pip install --no-index --no-deps --no-compile --disable-pip-version-check \
+    stage install 30 "$PY" -m pip install --no-index --no-deps --no-compile --disable-pip-version-check \
         --quiet --target "$SITE" --upgrade "$WHEELS"/*.whl
     export PYTHONPATH="$PYTHONPATH:$SITE"
 else
     log "install: FAILED: no wheels in $WHEELS (build them with tools/gpu/make_wheelhouse.sh where the registry" \
         "is reachable, and carry wheels/ to this machine)"
-    printf 'install\t1\t0\t40\n' >> "$OUT/stages.tsv"
+    printf 'install\t1\t0\t30\n' >> "$OUT/stages.tsv"
     "$PY" tools/gpu/check_report.py summary --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run ) | tee -a "$LOG"
     exit 1
 fi
 
 # ----------------------------------------------------------------------------- imports
-if ! stage imports 40 "$PY" tools/gpu/check_report.py imports --wheels "$WHEELS" --out "$OUT/env.json"; then
+if ! stage imports 30 "$PY" tools/gpu/check_report.py imports --wheels "$WHEELS" --out "$OUT/env.json"; then
     log "the imports failed: nothing else runs"
     "$PY" tools/gpu/check_report.py summary --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run ) | tee -a "$LOG"
     exit 1
@@ -115,18 +115,18 @@ else
     # without torch.compile (its compilation alone would take a stage's budget).
     E2E_BB=(--models bb --images 256 --batch-size 32 --workers 8 --runs plain,fast,fast_bf16,fast_fp16 --no-compile)
     E2E_BL=(--models bl --images 256 --batch-size 32 --workers 8 --runs plain,fast,fast_bf16,fast_fp16 --no-compile
-            --find-max-batch --max-batch 256)
+            --find-max-batch --max-batch 128)
     TRAIN=(--models bl --modes online,cached --batch 16 --precision bfloat16 --iters 20 --warmup 5)
     EVAL=(--skip-reference)
 fi
 
-stage cuda 170 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs --junitxml "$OUT/cuda_tests.xml"
-stage e2e_bb 75 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BB[@]}" --quiet \
+stage cuda 220 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs --junitxml "$OUT/cuda_tests.xml"
+stage e2e_bb 70 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BB[@]}" --quiet \
     --data-dir "$OUT/e2e_data" --output "$OUT/e2e_bb.json"
-stage e2e_bl 100 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BL[@]}" --quiet \
+stage e2e_bl 90 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BL[@]}" --quiet \
     --data-dir "$OUT/e2e_data" --output "$OUT/e2e_bl.json"
-stage train 60 "$PY" tools/benchmark_train.py --device "$DEVICE" "${TRAIN[@]}" --output "$OUT/train.json"
-stage eval 50 "$PY" tools/benchmark_eval.py "${EVAL[@]}" --output "$OUT/eval.json"
+stage train 50 "$PY" tools/benchmark_train.py --device "$DEVICE" "${TRAIN[@]}" --output "$OUT/train.json"
+stage eval 40 "$PY" tools/benchmark_eval.py "${EVAL[@]}" --output "$OUT/eval.json"
 
 "$PY" tools/gpu/check_report.py summary --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run ) | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"
