@@ -312,6 +312,28 @@ def fetch_wheel(req: Requirement, out: Path, work: Path) -> Path:
     return wheel
 
 
+def build_sam2(install_deps, out: Path, work: Path) -> Path:
+    """sam2 (``SAM2_REQ``) as the installer installs it: its sdist built with this environment's
+    torch (``--no-build-isolation``: its build asks for torch, which an isolated build would
+    download) and ``SAM2_BUILD_CUDA=0`` (no CUDA extension, so the wheel is pure Python); its
+    own requirements are not followed (``--no-deps``: its iopath pin clashes with detectron2's,
+    see scripts/install_deps.py), setup.py declares the ones RegionSpot needs."""
+    for old in out.glob("sam2-*.whl"):
+        old.unlink()
+    sdists = work / "sdists"
+    sdists.mkdir(parents=True, exist_ok=True)
+    before_sdists, before = set(sdists.iterdir()), set(out.glob("*.whl"))
+    pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", str(sdists),
+        install_deps.SAM2_REQ)
+    sdist = _new_file(sdists, before_sdists, "*")
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(sdist))
+    wheel = _new_file(out, before, "*.whl")
+    if not wheel.name.endswith("-none-any.whl"):
+        raise BundleError(f"sam2 built a platform wheel ({wheel.name}): SAM2_BUILD_CUDA=0 was not honoured")
+    say(f"built {wheel.name} from its sdist (no CUDA extension)")
+    return wheel
+
+
 def build_detectron2(install_deps, out: Path, work: Path) -> Path:
     """detectron2 as scripts/install_deps.py builds it (patched pb1-detectron2 0.6 sdist, no
     compiled ops), packed as a pure wheel."""
@@ -383,6 +405,7 @@ def build(out: Path, limit_mib: float) -> dict:
     try:
         record(build_detectron2(install_deps, out, work), "scripts/install_deps.py (detectron2)", True)
         record(build_lvis(install_deps, out, work), "scripts/install_deps.py (lvis, --no-deps)", False)
+        record(build_sam2(install_deps, out, work), "scripts/install_deps.py (sam2, --no-deps)", False)
         record(build_project(out), "the project", False)  # its deps are the setup.py requirements
         specs: dict[str, SpecifierSet] = {}
         queue = [(Requirement(r), "setup.py") for r in p["requirements"]]
