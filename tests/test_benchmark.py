@@ -228,3 +228,29 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
         x, y, w, h = ann["bbox"]
         assert w >= 8 and h >= 8 and x >= 0 and y >= 0
         assert x + w <= img["width"] + 0.01 and y + h <= img["height"] + 0.01
+
+
+def test_the_pairs_table_counts_each_encoder_and_prices_each_pair(tmp_path):
+    """benchmark.py --pairs (subprocess): per-model FLOPs and time, a FLOP-bound GPU-hours row per
+    pair, JSON + Markdown written; an unknown model name is one error line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pairs.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--pairs", "--localizers", "SAM 2.1 Hiera-T",
+           "--vl-models", "OpenAI CLIP ViT-B/16", "--repeats", "1", "--threads", "1", "--sustained-tflops", "100",
+           "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    hiera, clip_b = report["models"]["SAM 2.1 Hiera-T"], report["models"]["OpenAI CLIP ViT-B/16"]
+    assert hiera["input_px"] == 1024 and clip_b["input_px"] == 224
+    assert hiera["gflops"] > clip_b["gflops"] > 10  # a 1024-px Hiera costs more than a 224-px ViT-B/16
+    (pair,) = report["pairs"]
+    expected = report["settings"]["schedule_images"] * clip_b["gflops"] * 1e9 / 100e12 / 3600
+    assert abs(pair["train_gpu_hours"] - expected) < 1e-9
+    assert "| SAM 2.1 Hiera-T | OpenAI CLIP ViT-B/16 |" in (tmp_path / "pairs.md").read_text()
+    bad = subprocess.run(cmd[:4] + ["SAM 9"], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown ['SAM 9']" in bad.stderr and "Traceback" not in bad.stderr

@@ -649,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from regionspot.tools import benchmark_eval
 
         return benchmark_eval.main([a for a in argv if a != "--evaluator"])
+    if "--pairs" in argv:  # the pairs table has its own options (regionspot/tools/benchmark_pairs.py)
+        from regionspot.tools import benchmark_pairs
+
+        return benchmark_pairs.main([a for a in argv if a != "--pairs"])
     parser = build_parser()
     setup_logging()  # the console; the log file next to the JSON once its path is resolved
     args = resolve_settings(parser.parse_args(argv), parser)
