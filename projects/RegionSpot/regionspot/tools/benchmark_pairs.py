@@ -52,8 +52,8 @@ VL_MODELS = {
     "OpenAI CLIP ViT-B/16": ("openai_clip", "ViT-B/16", 224),
     "OpenAI CLIP ViT-L/14": ("openai_clip", "ViT-L/14", 224),
     "OpenAI CLIP ViT-L/14@336": ("openai_clip", "ViT-L/14@336px", 336),
-    "OpenCLIP ViT-L-14 (DFN-2B, DataComp, MetaCLIP)": ("open_clip", "ViT-L-14", 224),
-    "OpenCLIP ViT-H-14 (DFN-5B, LAION-2B, MetaCLIP)": ("open_clip", "ViT-H-14", 224),
+    "OpenCLIP ViT-L-14 (DFN-2B / DataComp / MetaCLIP)": ("open_clip", "ViT-L-14", 224),
+    "OpenCLIP ViT-H-14 (DFN-5B / LAION-2B / MetaCLIP)": ("open_clip", "ViT-H-14", 224),
 }
 
 
