@@ -45,7 +45,7 @@ def test_the_defaults_are_the_released_pair(sam_path, clip_path, tmp_path):
     assert isinstance(model.text_classifier, TextClassifier)
     # one frozen CLIP behind both views, one SAM behind the localizer and the sam_auto source
     assert model.text_classifier.clip is model.semantic_encoder.clip
-    assert model.proposal_generator.sam_auto.sam is model.localizer.sam
+    assert model.proposal_generator.sam_auto.localizer is model.localizer
 
 
 def test_a_registered_family_builds_from_keys_alone_and_the_head_follows_its_widths(
@@ -101,5 +101,7 @@ def test_train_net_refuses_an_unknown_localizer_in_one_line(sam_path, clip_path,
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    known = ", ".join(repr(name) for name, _ in sorted(backbones.LOCALIZER_REGISTRY))  # 'sam', 'sam_hq', ...
+    assert "'sam_hq'" in known
     assert errors == ["train_net.py: error: MODEL.REGIONSPOT.LOCALIZER 'sam2.1_hiera_s' is not a known model "
-                      "family (known: 'sam')"], proc.stderr[-2000:]
+                      f"family (known: {known})"], proc.stderr[-2000:]

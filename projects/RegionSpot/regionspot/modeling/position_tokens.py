@@ -35,6 +35,12 @@ from .profiling import stage
 MASK_PASTE_CHUNK = 16
 
 
+def _any_tensor(embeddings) -> torch.Tensor:
+    """A tensor of a batched localizer embedding (SAM's tensor, or one of a dict's tensors,
+    :data:`~regionspot.structures.LocalizerEmbedding`): its batch size and device are the batch's."""
+    return next(iter(embeddings.values())) if isinstance(embeddings, dict) else embeddings
+
+
 class BoxPrompts(NamedTuple):
     """What SAM gives for N box prompts of one image (:meth:`SamPositionTokens.prompt`).
 
@@ -269,7 +275,8 @@ class SamPositionTokens(nn.Module):
         :attr:`box_chunk_size` at a time, each box against its own image's embedding.
 
         Args:
-            image_embeddings: (B, 256, g, g) SAM embeddings.
+            image_embeddings: (B, 256, g, g) SAM embeddings (or the batched dict of another
+                family's :meth:`encode_images`, e.g. SAM-HQ's).
             boxes: B tensors (N_i, 4) float, XYXY_ABS pixels of image i, of size ``image_sizes[i]``.
             image_sizes: B (H_i, W_i).
             with_masks: also compute low-resolution masks and predicted IoUs (needed for
@@ -282,15 +289,16 @@ class SamPositionTokens(nn.Module):
         Raises:
             ValueError: the numbers of embeddings, box tensors and sizes differ.
         """
-        if not (image_embeddings.shape[0] == len(boxes) == len(image_sizes)):
-            raise ValueError(f"{image_embeddings.shape[0]} image embeddings, {len(boxes)} box tensors and "
+        count = _any_tensor(image_embeddings).shape[0]
+        if not (count == len(boxes) == len(image_sizes)):
+            raise ValueError(f"{count} image embeddings, {len(boxes)} box tensors and "
                              f"{len(image_sizes)} image sizes: expected one of each per image")
         with encoder_autocast(self.device, dtype or self.dtype):
             return self._prompt(image_embeddings, boxes, image_sizes, with_masks)
 
     def _prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
                 image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
-        device = image_embeddings.device
+        device = _any_tensor(image_embeddings).device
         counts = [int(b.shape[0]) for b in boxes]
         in_sam = [self.transform.apply_boxes_torch(b.to(device).float(), tuple(size))
                   for b, size in zip(boxes, image_sizes)]
