@@ -263,3 +263,16 @@ def test_the_demo_runs_with_the_sam_hq_head(trained, hq_path, clip_path):
     assert [p["box_xyxy"] for p in predictions] == [[10, 10, 100, 120], [150, 40, 300, 230]]
     assert {p["label"] for p in predictions} <= {"cat", "dog"}
     assert os.path.isfile(tmp / "demo" / "a.jpg")
+
+
+@pytest.mark.parametrize("config", ["regionspot_samhq_b_clip_l.yaml", "regionspot_samhq_b_clip_l_stage1.yaml"])
+def test_the_sam_hq_configs_build_with_its_file(config, hq_path, clip_path, tmp_path):
+    from regionspot.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", config))
+    assert cfg.MODEL.REGIONSPOT.LOCALIZER == "sam_hq" and cfg.MODEL.REGIONSPOT.VL_MODEL == "openai_clip"
+    assert os.path.basename(cfg.MODEL.REGIONSPOT.SAM_WEIGHTS) == "sam_hq_vit_b.pth"
+    cfg.MODEL.REGIONSPOT.SAM_WEIGHTS, cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS = hq_path, clip_path
+    cfg.MODEL.REGIONSPOT.TEXT_CACHE_DIR, cfg.MODEL.DEVICE = str(tmp_path / "cache"), "cpu"
+    model = build_model(cfg)
+    assert isinstance(model.localizer, SamHqPositionTokens) and model.pair["localizer"] == "sam_hq"
