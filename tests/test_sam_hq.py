@@ -276,3 +276,33 @@ def test_the_sam_hq_configs_build_with_its_file(config, hq_path, clip_path, tmp_
     cfg.MODEL.REGIONSPOT.TEXT_CACHE_DIR, cfg.MODEL.DEVICE = str(tmp_path / "cache"), "cpu"
     model = build_model(cfg)
     assert isinstance(model.localizer, SamHqPositionTokens) and model.pair["localizer"] == "sam_hq"
+
+
+def test_the_extraction_tool_fills_a_sam_hq_token_cache_that_sam_does_not_read(hq_path, tmp_path, capsys,
+                                                                              forget_new_datasets):
+    """tools/extract_sam_tokens.py with LOCALIZER sam_hq: the cache holds SAM-HQ's tokens of the
+    boxes and their flips, and is refused to a SAM identity of the same file."""
+    from conftest import load_tool
+    from regionspot.data import token_cache as tc
+    from test_token_cache import image_tensor, make_dataset
+
+    json_path, image_root, records = make_dataset(tmp_path / "data", "hq_synth")
+    args = ["--config-file", os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), "--dataset", "hq_synth",
+            "--output-dir", str(tmp_path / "cache"), "--register", "hq_synth", json_path, image_root,
+            "--num-workers", "0", "--opts", "MODEL.REGIONSPOT.LOCALIZER", "sam_hq",
+            "MODEL.REGIONSPOT.SAM_WEIGHTS", hq_path]
+    assert load_tool("extract_sam_tokens").main(args) == 0
+    assert "; complete" in capsys.readouterr().out
+    identity = tc.make_identity(hq_path, "transformer", "float32", localizer="sam_hq")
+    cache = tc.SamTokenCache(str(tmp_path / "cache"), "hq_synth", identity)
+    assert cache.complete and len(cache) == len(records)
+    localizer = SamHqPositionTokens(load_sam_hq(hq_path))
+    for r in records:
+        expected = tc.compute_image_tokens(localizer, image_tensor(r), tc.annotation_boxes(r))
+        for flip, key in ((False, ""), (True, "_flip")):
+            tokens, boxes = cache.lookup_record(r, flip)
+            assert torch.equal(boxes, expected["boxes" + key])
+            torch.testing.assert_close(tokens, expected["tokens" + key], rtol=0, atol=1e-5)
+    with pytest.raises(tc.TokenCacheError, match="localizer 'sam_hq' != expected 'sam'"):
+        tc.SamTokenCache(str(tmp_path / "cache"), "hq_synth",
+                         tc.make_identity(hq_path, "transformer", "float32", localizer="sam"))
