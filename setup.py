@@ -75,6 +75,12 @@ setup(
         # pkg_resources, and torch 2.14 declares setuptools>=77.0.3.
         "setuptools>=77.0.3,<81",
         "segment-anything==1.0",
+        # LOCALIZER sam_hq (regionspot/modeling/sam_hq.py builds SAM-HQ from this package's modules
+        # and its predictor/generator are the parity references; its MaskDecoderHQ steps are
+        # restated there for batched boxes, checked against 0.3). Its light-model module imports
+        # timm without declaring it: timm is named here for that.
+        "segment-anything-hq==0.3",
+        "timm",
         "clip-anytorch",
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).

@@ -101,6 +101,7 @@ def test_train_net_refuses_an_unknown_localizer_in_one_line(sam_path, clip_path,
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(
-        "train_net.py: error: MODEL.REGIONSPOT.LOCALIZER 'sam2.1_hiera_s' is not a known model family (known: 'sam', "
-        "'sam2'"), proc.stderr[-2000:]
+    known = ", ".join(repr(name) for name, _ in sorted(backbones.LOCALIZER_REGISTRY))  # 'sam', 'sam_hq', ...
+    assert "'sam_hq'" in known and "'sam2'" in known
+    assert errors == ["train_net.py: error: MODEL.REGIONSPOT.LOCALIZER 'sam2.1_hiera_s' is not a known model "
+                      f"family (known: {known})"], proc.stderr[-2000:]

@@ -6,8 +6,9 @@ one of two Detectron2 registries and chosen by a config key, so that a new famil
 registered function and a yaml line, and ``RegionSpot.from_config`` never names a model:
 
 - ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` (SAM ViT-B/L/H from
-  ``SAM_WEIGHTS``, architecture read from the file; the released pair), ``"sam2"`` (SAM 2 / 2.1
-  Hiera models, :mod:`.sam2_localizer`). A builder takes the config and returns
+  ``SAM_WEIGHTS``, architecture read from the file; the released pair), ``"sam_hq"`` (SAM-HQ
+  ViT-B/L/H from its official files, :mod:`.sam_hq`) or ``"sam2"`` (SAM 2 / 2.1 Hiera models,
+  :mod:`.sam2_localizer`). A builder takes the config and returns
   a localizer, an ``nn.Module`` with the interface of
   :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
   ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
@@ -141,6 +142,26 @@ def build_sam2_localizer(cfg) -> nn.Module:
     model, arch = load_sam2(rs.SAM_WEIGHTS, rs.SAM2_CONFIG)
     localizer = Sam2PositionTokens(model, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
                                    rs.SAM_ATTENTION, identity=arch)
+    if rs.COMPILE:
+        localizer.compile_encoder()
+    return localizer
+
+
+@register_localizer("sam_hq")
+def build_sam_hq_localizer(cfg) -> nn.Module:
+    """SAM-HQ (``segment_anything_hq``) from ``SAM_WEIGHTS`` (``sam_hq_vit_{b,l,h}.pth``, loaded
+    strictly, architecture read from the file; :mod:`.sam_hq`). The token is mask token 0 after
+    the HQ decoder's two-way transformer (``TOKEN_SOURCE`` as for SAM); masks are SAM's mask
+    plus the HQ mask; the speed switches are SAM's (its image encoder is SAM's ViT)."""
+    from .sam_hq import SamHqPositionTokens, load_sam_hq
+
+    rs = cfg.MODEL.REGIONSPOT
+    sam = load_sam_hq(rs.SAM_WEIGHTS)
+    if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
+        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM-HQ's input is %d px: the loader's "
+                       "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
+                       rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
+    localizer = SamHqPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
     if rs.COMPILE:
         localizer.compile_encoder()
     return localizer

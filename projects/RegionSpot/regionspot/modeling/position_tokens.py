@@ -36,6 +36,12 @@ from .profiling import stage
 MASK_PASTE_CHUNK = 16
 
 
+def _any_tensor(embeddings) -> torch.Tensor:
+    """A tensor of a batched localizer embedding (SAM's tensor, or one of a dict's tensors,
+    :data:`~regionspot.structures.LocalizerEmbedding`): its batch size and device are the batch's."""
+    return next(iter(embeddings.values())) if isinstance(embeddings, dict) else embeddings
+
+
 class BoxPrompts(NamedTuple):
     """What SAM gives for N box prompts of one image (:meth:`SamPositionTokens.prompt`).
 
@@ -293,7 +299,7 @@ class SamPositionTokens(nn.Module):
 
     def _prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
                 image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
-        device = image_embeddings.device
+        device = _any_tensor(image_embeddings).device
         counts = [int(b.shape[0]) for b in boxes]
         in_sam = [self.transform.apply_boxes_torch(b.to(device).float(), tuple(size))
                   for b, size in zip(boxes, image_sizes)]

@@ -95,12 +95,16 @@ def load_sam(path: str) -> nn.Module:
         path: an official ``sam_vit_{b,l,h}_*.pth`` or a file in the same format.
 
     Raises:
-        WeightsError: missing, unreadable, or not a SAM state dict (keys or shapes differ).
+        WeightsError: missing, unreadable, or not a SAM state dict (keys or shapes differ); a
+            SAM-HQ file (one line saying to set ``LOCALIZER sam_hq``).
     """
     path = require_file(path, "SAM")
     state = _torch_load(path, "SAM")
     if not isinstance(state, dict):
         raise WeightsError(f"SAM weights file {path!r} does not hold a state dict")
+    if "mask_decoder.hf_token.weight" in state:
+        raise WeightsError(f"{path} (MODEL.REGIONSPOT.SAM_WEIGHTS) is a SAM-HQ file (its mask decoder has the HQ "
+                           "token mask_decoder.hf_token), not a plain SAM file: set MODEL.REGIONSPOT.LOCALIZER sam_hq")
     arch = sam_architecture(state)
     sam = build_sam(arch)
     try:

@@ -1,9 +1,9 @@
-"""Randomly initialised SAM, CLIP and RPN, in memory or written in the official file formats.
+"""Randomly initialised SAM, SAM-HQ, CLIP and RPN, in memory or written in the official file formats.
 
 No pretrained weights can be downloaded where this project is tested, so the tests, the CPU
 sample job and the benchmark use randomly initialised backbones. They go through exactly the
-loading code of the official files (:mod:`regionspot.modeling.weights`): SAM as a plain
-state-dict ``.pth``, CLIP as a TorchScript archive like OpenAI's ``ViT-*.pt`` (or a plain
+loading code of the official files (:mod:`regionspot.modeling.weights`): SAM and SAM-HQ as
+plain state-dict ``.pth`` files, CLIP as a TorchScript archive like OpenAI's ``ViT-*.pt`` (or a plain
 state dict), an RPN as a Detectron2 checkpoint (``.pth``) or model-zoo pickle (``.pkl``).
 Numbers computed with them measure the pipeline, never accuracy.
 """
@@ -155,6 +155,34 @@ def write_random_sam2(path: str, preset: str = "tiny", seed: int = 0) -> str:
     ``{"model": state_dict}``). The "tiny" preset has no official config: point
     ``MODEL.REGIONSPOT.SAM2_CONFIG`` at :data:`SAM2_TINY_CONFIG`."""
     _atomic_save({"model": random_sam2(preset, seed).state_dict()}, path)
+def random_sam_hq(preset: str = "tiny", seed: int = 0) -> nn.Module:
+    """A randomly initialised SAM-HQ (``segment_anything_hq.modeling.Sam`` with ``MaskDecoderHQ``,
+    eval mode, float32, CPU) of a :data:`SAM_PRESETS` image encoder; the HQ decoder reads the
+    encoder's width (``vit_dim`` = ``embed_dim``), as ``segment_anything_hq.build_sam`` builds it.
+
+    Its SAM part (image encoder, prompt encoder, SAM's decoder tensors) equals :func:`random_sam`
+    of the same preset and seed, tensor for tensor, so that the two families can be compared on
+    the same SAM weights; the HQ tensors are drawn after them.
+    """
+    from ..modeling.sam_hq import build_sam_hq
+
+    sam = random_sam(preset, seed)
+    arch = dict(window_size=14, img_size=1024, patch_size=16, out_chans=256)
+    arch.update(SAM_PRESETS[preset])
+    arch["vit_dim"] = arch["embed_dim"]
+    torch.manual_seed(seed + 1)
+    hq = build_sam_hq(arch)
+    result = hq.load_state_dict(sam.state_dict(), strict=False)
+    if result.unexpected_keys or not all(k.startswith("mask_decoder.") for k in result.missing_keys):
+        raise RuntimeError(f"SAM-HQ does not hold SAM's tensors: {result}")  # only the HQ decoder's are new
+    return hq
+
+
+def write_random_sam_hq(path: str, preset: str = "tiny", seed: int = 0) -> str:
+    """Write a random SAM-HQ as a plain state-dict file, the format of ``sam_hq_vit_b.pth``
+    (SAM's keys plus ``mask_decoder.hf_token``, ``hf_mlp``, ``compress_vit_feat``,
+    ``embedding_encoder``, ``embedding_maskfeature``)."""
+    _atomic_save(random_sam_hq(preset, seed).state_dict(), path)
     return path
 
 

@@ -84,16 +84,17 @@ class FilterCounting:
         self.counts[counter] += int((~keep_mask).sum())
         data.filter(keep_mask)
 
-    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):
+    # ``*args``: SAM-HQ's generator passes ``multimask_output`` on to these steps
+    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size, *args):
         before = self._batch_kept
-        data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
+        data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size, *args)
         self.counts["box_nms"] += (self._batch_kept - before) - len(data["rles"])
         self._crop_kept += len(data["rles"])
         return data
 
-    def _generate_masks(self, image):
+    def _generate_masks(self, image, *args):
         before = self._crop_kept
-        data = super()._generate_masks(image)
+        data = super()._generate_masks(image, *args)
         self.counts["crop_nms"] += (self._crop_kept - before) - len(data["rles"])
         return data
 
@@ -118,7 +119,8 @@ def counting_mask_generator_class(base=None):
     ``min_mask_region_area``'s clean-up). ``generated`` minus all removals is the number of
     regions ``generate`` returns.
 
-    ``_process_batch`` is segment_anything 1.0's, step for step, with the counts added (its
+    ``_process_batch`` is segment_anything 1.0's (and segment_anything_hq 0.3's, which only adds
+    its ``multimask_output`` argument), step for step, with the counts added (its
     filters are inside one method, so it is restated here from the package's public
     ``utils.amg`` pieces); the other steps are counted around segment_anything's own methods.
     A test checks that the regions equal those of SAM's own generator.
@@ -138,13 +140,13 @@ def counting_mask_generator_class(base=None):
     )
 
     class CountingMaskGenerator(FilterCounting, base):
-        def _process_batch(self, points, im_size, crop_box, orig_size):
+        def _process_batch(self, points, im_size, crop_box, orig_size, multimask_output=True):
             orig_h, orig_w = orig_size
             transformed_points = self.predictor.transform.apply_coords(points, im_size)
             in_points = torch.as_tensor(transformed_points, device=self.predictor.device)
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
             masks, iou_preds, _ = self.predictor.predict_torch(
-                in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True)
+                in_points[:, None, :], in_labels[:, None], multimask_output=multimask_output, return_logits=True)
             data = MaskData(masks=masks.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
                             points=torch.as_tensor(points.repeat(masks.shape[1], axis=0)))
             del masks
