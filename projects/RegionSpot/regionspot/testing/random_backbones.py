@@ -155,6 +155,9 @@ def write_random_sam2(path: str, preset: str = "tiny", seed: int = 0) -> str:
     ``{"model": state_dict}``). The "tiny" preset has no official config: point
     ``MODEL.REGIONSPOT.SAM2_CONFIG`` at :data:`SAM2_TINY_CONFIG`."""
     _atomic_save({"model": random_sam2(preset, seed).state_dict()}, path)
+    return path
+
+
 def random_sam_hq(preset: str = "tiny", seed: int = 0) -> nn.Module:
     """A randomly initialised SAM-HQ (``segment_anything_hq.modeling.Sam`` with ``MaskDecoderHQ``,
     eval mode, float32, CPU) of a :data:`SAM_PRESETS` image encoder; the HQ decoder reads the
