@@ -167,6 +167,12 @@ class SamHqPositionTokens(SamPositionTokens):
     switches its blocks); the image embedding is a dict (see :meth:`encode_images`), and
     :meth:`_decode` runs ``MaskDecoderHQ``'s steps for boxes of several images at once.
 
+    Memory: tokens alone (training, the SAM-token cache) cost what SAM's do. With masks, each box
+    also holds its copy of its image's HQ features and ``embedding_maskfeature``'s maps, at 4g x 4g
+    like SAM's upscaled embedding. That is 32 + 64 + 32 channels more than SAM's 32, about 4x
+    SAM's per-box mask memory (8 MB per box and map of 32 channels at g = 64 in float32), as in
+    the package's own decoder: lower ``BOX_CHUNK_SIZE`` if masks of many boxes do not fit.
+
     Args:
         sam: a ``segment_anything_hq.modeling.Sam`` with ``MaskDecoderHQ`` (:func:`load_sam_hq`).
         other arguments: as :class:`SamPositionTokens`.
