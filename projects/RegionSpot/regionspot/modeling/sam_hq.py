@@ -32,7 +32,6 @@ mask 0 plus the HQ mask, as logits), and the predicted IoU is SAM's IoU head on 
 
 import logging
 import warnings
-from functools import partial
 from typing import Dict, Tuple
 
 import torch
@@ -65,50 +64,10 @@ def build_sam_hq(arch: Dict[str, object]) -> nn.Module:
     encoder and two-way transformer: depth 2, 8 heads, MLP 2048), the image encoder's read from
     the file (:func:`regionspot.weights_files.sam_hq_architecture`, with ``vit_dim``).
     """
-    hq_package()
-    from segment_anything_hq.modeling import (
-        ImageEncoderViT,
-        MaskDecoderHQ,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+    from .weights import build_sam
 
-    img_size, patch_size, dim = arch["img_size"], arch["patch_size"], arch["out_chans"]
-    grid = img_size // patch_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=arch["depth"],
-            embed_dim=arch["embed_dim"],
-            img_size=img_size,
-            mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=arch["num_heads"],
-            patch_size=patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=tuple(arch["global_attn_indexes"]),
-            window_size=arch["window_size"],
-            out_chans=dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoderHQ(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048, num_heads=8),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-            vit_dim=arch["vit_dim"],
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
+    hq_package()
+    return build_sam(arch, hq=True)
 
 
 def _names(keys, limit: int = 4) -> str:
