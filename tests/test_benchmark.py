@@ -254,3 +254,21 @@ def test_the_pairs_table_counts_each_encoder_and_prices_each_pair(tmp_path):
     assert "| SAM 2.1 Hiera-T | OpenAI CLIP ViT-B/16 |" in (tmp_path / "pairs.md").read_text()
     bad = subprocess.run(cmd[:4] + ["SAM 9"], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown ['SAM 9']" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pairs_flops_include_fused_attention():
+    """The FLOP count sees attention that runs in fused kernels elsewhere (SDPA's flash path,
+    nn.MultiheadAttention's batch-first fast path): otherwise Hiera and OpenCLIP are undercounted."""
+    import torch.nn.functional as F
+
+    from regionspot.tools.benchmark_pairs import measure
+
+    q = torch.randn(1, 4, 64, 16)
+    assert measure(lambda: F.scaled_dot_product_attention(q, q, q), torch.device("cpu"), 1)["gflops"] * 1e9 == \
+        2 * 2 * 4 * 64 * 64 * 16  # QK^T and AV, 2 FLOPs per multiply-add
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(1, 10, 32)
+    with torch.no_grad():
+        counted = measure(lambda: mha(x, x, x, need_weights=False), torch.device("cpu"), 1)["gflops"] * 1e9
+    projections = 2 * 10 * 32 * 32 * 4  # q, k, v and out projections
+    assert counted == projections + 2 * 2 * 10 * 10 * 32

@@ -7,7 +7,8 @@ For every supported localizer and vision-language model, at the input size Regio
   image (resize and normalisation included), median of ``--repeats`` after a warm-up, float32 on
   the chosen device;
 - FLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` over the same call (matmuls,
-  convolutions and fused attention; 2 FLOPs per multiply-add);
+  convolutions and attention; 2 FLOPs per multiply-add). The counter does not see inside the
+  fused CPU attention kernels, so that pass runs attention on PyTorch's math path;
 - parameters of the image encoder.
 
 Models are randomly initialised at the real architectures (no weights are needed: cost does not
@@ -114,10 +115,19 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> Dic
     """Median seconds of ``fn`` after one warm-up call, and its FLOPs (counted once)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
-        with counter:
-            fn()  # also the warm-up
+        # FlopCounterMode sees no FLOPs in the fused CPU attention kernels (scaled_dot_product_attention's
+        # flash path, nn.MultiheadAttention's batch-first fast path): count on the math path, whose matmuls it sees
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with counter, sdpa_kernel(SDPBackend.MATH):
+                fn()  # also the warm-up
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
