@@ -113,9 +113,8 @@ def build_semantic_encoder(family: str, arch: str, size: int):
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> Dict[str, float]:
     """Median seconds of ``fn`` after one warm-up call, and its FLOPs (counted once)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
