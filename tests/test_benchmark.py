@@ -272,3 +272,30 @@ def test_pairs_flops_include_fused_attention():
         counted = measure(lambda: mha(x, x, x, need_weights=False), torch.device("cpu"), 1)["gflops"] * 1e9
     projections = 2 * 10 * 32 * 32 * 4  # q, k, v and out projections
     assert counted == projections + 2 * 2 * 10 * 10 * 32
+
+
+def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
+    """benchmark_train.py and benchmark.py (subprocesses) on the small variants of the other pairs
+    (SAM-HQ, SAM 2.1, OpenCLIP): the same commands as for the released pair, with each pair's head."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    variants = "small_samhq,small_sam2,small_openclip"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark_train.py"), "--models", variants,
+                            "--iters", "1", "--warmup", "0", "--image-size", "160x200", "--device", "cpu",
+                            "--output", str(tmp_path / "train.json")],
+                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    models = json.loads((tmp_path / "train.json").read_text())["models"]
+    assert [models[v]["sam"] for v in variants.split(",")] == ["sam_hq:tiny", "sam2:tiny", "tiny"]
+    assert all(m["modes"][mode]["images_per_second"] > 0 for m in models.values() for mode in ("online", "cached"))
+    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--models", "small_sam2",
+                             "--num-boxes", "2", "--repeats", "1", "--warmup", "0", "--image-size", "160x200",
+                             "--original-size", "160x200", "--mask-image-size", "160x200", "--text-classes", "4",
+                             "--device", "cpu", "--output", str(tmp_path / "stages.json")],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert stages.returncode == 0, stages.stdout[-2000:] + stages.stderr[-2000:]
+    assert "small_sam2" in stages.stdout and (tmp_path / "stages.json").is_file()

@@ -50,13 +50,75 @@ CLIP_PRESETS: Dict[str, Dict[str, int]] = {
 }
 
 
-# The variants of the paper (and a small one for CPU tests): SAM preset, CLIP preset, CLIP input side.
+# The variants of the paper (and a small one for CPU tests), and other pairs of foundation models:
+# (localizer, VL model, CLIP input side). A localizer is a SAM preset ("vit_b", SAM_PRESETS) or
+# "<family>:<preset>" for SAM-HQ ("sam_hq:vit_b", SAM_PRESETS) and SAM 2.1 ("sam2:hiera_s",
+# SAM2_PRESETS); a VL model is an OpenAI CLIP preset (CLIP_PRESETS) or "open_clip:<architecture>"
+# (an OpenCLIP built-in architecture, or "tiny": OPEN_CLIP_PRESETS).
 VARIANTS: Dict[str, tuple] = {
     "small": ("tiny", "tiny", 224),
     "bb": ("vit_b", "ViT-B/16", 224),
     "bl": ("vit_b", "ViT-L/14", 224),
     "bl336": ("vit_b", "ViT-L/14@336px", 336),
+    "samhq_bl": ("sam_hq:vit_b", "ViT-L/14", 224),
+    "sam2s_bl": ("sam2:hiera_s", "ViT-L/14", 224),
+    "sam2s_openclip_l": ("sam2:hiera_s", "open_clip:ViT-L-14", 224),
+    "small_samhq": ("sam_hq:tiny", "tiny", 224),
+    "small_sam2": ("sam2:tiny", "tiny", 224),
+    "small_openclip": ("tiny", "open_clip:tiny", 224),
 }
+
+
+def localizer_family(spec: str) -> tuple:
+    """(family, preset) of a :data:`VARIANTS` localizer spec ("vit_b" -> ("sam", "vit_b"))."""
+    family, _, preset = spec.rpartition(":")
+    return family or "sam", preset
+
+
+def random_localizer(spec: str, seed: int = 0, *, token_source: str = "transformer", box_chunk_size: int = 64,
+                     precision: str = "auto", attention: str = "sdpa") -> nn.Module:
+    """The localizer module of a :data:`VARIANTS` localizer spec around a RANDOM model."""
+    family, preset = localizer_family(spec)
+    if family == "sam":
+        from ..modeling.position_tokens import SamPositionTokens
+
+        return SamPositionTokens(random_sam(preset, seed=seed), token_source, box_chunk_size, precision, attention)
+    if family == "sam_hq":
+        from ..modeling.sam_hq import SamHqPositionTokens
+
+        return SamHqPositionTokens(random_sam_hq(preset, seed=seed), token_source, box_chunk_size, precision,
+                                   attention)
+    if family == "sam2":
+        from ..modeling.sam2_localizer import Sam2PositionTokens
+
+        return Sam2PositionTokens(random_sam2(preset, seed=seed), token_source, box_chunk_size, precision, attention)
+    raise ValueError(f"unknown localizer family {family!r} in {spec!r}")
+
+
+def random_vl_model(spec: str, input_size: int, seed: int = 0, *, precision: str = "auto"):
+    """(semantic encoder, text classifier) of a :data:`VARIANTS` VL spec around a RANDOM model."""
+    from ..modeling.semantic_features import ClipSemanticFeatures
+    from ..modeling.text_classifier import TextClassifier
+
+    if not spec.startswith("open_clip:"):
+        clip_model = random_clip(spec, seed=seed)
+        return (ClipSemanticFeatures(clip_model, input_size, precision=precision),
+                TextClassifier(clip_model, f"random-{spec}-seed{seed}"))
+    import open_clip
+
+    arch = spec.split(":", 1)[1]
+    torch.manual_seed(seed)
+    if arch in OPEN_CLIP_PRESETS:
+        from open_clip.model import CLIP
+
+        model, tokenizer = CLIP(**OPEN_CLIP_PRESETS[arch]).eval(), open_clip.get_tokenizer("ViT-B-16")
+    else:
+        model, tokenizer = open_clip.create_model(arch, pretrained=None).eval(), open_clip.get_tokenizer(arch)
+    model.requires_grad_(False)
+    mean, std = getattr(model.visual, "image_mean", None), getattr(model.visual, "image_std", None)
+    semantic = ClipSemanticFeatures(model, input_size, precision=precision,
+                                    **({"pixel_mean": mean, "pixel_std": std} if mean and std else {}))
+    return semantic, TextClassifier(model, f"random-open_clip-{arch}-seed{seed}", tokenizer=tokenizer)
 
 
 def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = False, protocol=None,
@@ -69,21 +131,19 @@ def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = 
     from ..modeling.head import RegionSpotHead
     from ..modeling.losses import RegionSpotCriterion
     from ..modeling.meta_arch import RegionSpot
-    from ..modeling.position_tokens import SamPositionTokens
     from ..modeling.proposals.generator import RegionProposalGenerator
-    from ..modeling.semantic_features import ClipSemanticFeatures
-    from ..modeling.text_classifier import TextClassifier
 
-    sam_preset, clip_preset, clip_size = VARIANTS[variant]
-    sam, clip_model = random_sam(sam_preset, seed=seed), random_clip(clip_preset, seed=seed)
+    localizer_spec, vl_spec, clip_size = VARIANTS[variant]
+    localizer = random_localizer(localizer_spec, seed, token_source=token_source, box_chunk_size=box_chunk_size,
+                                 precision=encoder_precision, attention=sam_attention)
+    semantic_encoder, text_classifier = random_vl_model(vl_spec, clip_size, seed, precision=encoder_precision)
     torch.manual_seed(seed)
-    localizer = SamPositionTokens(sam, token_source, box_chunk_size, encoder_precision, sam_attention)
-    semantic_encoder = ClipSemanticFeatures(clip_model, clip_size, precision=encoder_precision)
     head = RegionSpotHead(localizer.token_dim, semantic_encoder.width, semantic_encoder.embed_dim)
     return RegionSpot(localizer=localizer, semantic_encoder=semantic_encoder, head=head,
                       proposal_generator=RegionProposalGenerator("gt", localizer=localizer),
-                      text_classifier=TextClassifier(clip_model, f"random-{clip_preset}-seed{seed}"),
-                      criterion=RegionSpotCriterion(), protocol=protocol, mask_on=mask_on)
+                      text_classifier=text_classifier, criterion=RegionSpotCriterion(), protocol=protocol,
+                      mask_on=mask_on, pair={"localizer": localizer_family(localizer_spec)[0],
+                                             "vl_model": vl_spec.split(":")[0] if ":" in vl_spec else "openai_clip"})
 
 
 def random_sam(preset: str = "tiny", seed: int = 0) -> nn.Module:

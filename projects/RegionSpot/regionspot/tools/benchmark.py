@@ -320,8 +320,9 @@ def parameter_counts(model) -> Dict[str, int]:
         "head": count_params(model.head),
         "head_trainable": sum(p.numel() for p in model.head.parameters() if p.requires_grad),
         "sam_image_encoder": count_params(sam.image_encoder),
-        "sam_prompt_encoder": count_params(sam.prompt_encoder),
-        "sam_mask_decoder": count_params(sam.mask_decoder),
+        # SAM 2 names them sam_prompt_encoder / sam_mask_decoder
+        "sam_prompt_encoder": count_params(getattr(sam, "prompt_encoder", None) or sam.sam_prompt_encoder),
+        "sam_mask_decoder": count_params(getattr(sam, "mask_decoder", None) or sam.sam_mask_decoder),
         "sam_total": count_params(sam),
         "clip_visual": count_params(clip_model.visual),
         "clip_total": count_params(clip_model),
