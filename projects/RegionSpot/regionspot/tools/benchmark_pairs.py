@@ -140,10 +140,11 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> Dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from regionspot.environment import device_name, git_commit
+    from regionspot.environment import device_name, git_commit, load_average
     from regionspot.io import atomic_write, write_json_atomic
 
     device = torch.device(args.device)
+    load_before = load_average()
     localizers = _names(args.localizers, LOCALIZERS, "--localizers")
     vl_models = _names(args.vl_models, VL_MODELS, "--vl-models")
     image = torch.randint(0, 256, (3, 800, 1066), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count()},
         "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "load_average_before": load_before, "load_average_after": load_average(),
         "python_version": platform.python_version(), "git_commit": git_commit(os.getcwd()),
         "settings": {"image": [800, 1066], "dtype": "float32", "repeats": args.repeats,
                      "schedule_images": args.schedule_images, "cache_images": args.cache_images,
@@ -202,7 +204,8 @@ def format_table(report: Dict[str, object]) -> str:
     """The report as Markdown: models (time, GFLOPs, parameters) and pairs (GPU-hours)."""
     device = report["device"]
     lines = [f"Image encoders per image ({device['name']}, {report['threads']} threads, float32, 800 x 1066 "
-             f"input resized by each model; random weights at the real architectures):", "",
+             f"input resized by each model; random weights at the real architectures; load average "
+             f"{report['load_average_before']} before, {report['load_average_after']} after):", "",
              "| model | family | input px | params (M) | GFLOPs | seconds |", "|---|---|---|---|---|---|"]
     for name, r in report["models"].items():
         same = f" (= {r['same_encoder_as']})" if r.get("same_encoder_as") else ""
