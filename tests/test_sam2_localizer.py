@@ -126,8 +126,13 @@ def test_the_predictor_recognises_boxes_and_sam_auto_regions_with_sam2(sam2_path
 
 
 def test_bad_sam2_inputs_are_clear_errors(sam2_path, sam_path, tmp_path):
+    from regionspot.modeling.weights import load_sam
+
     with pytest.raises(WeightsError, match=r"is a SAM \(LOCALIZER sam\) file, not SAM 2"):
         load_sam2(sam_path)
+    with pytest.raises(WeightsError, match=r"is a SAM 2 file \(a Hiera image encoder\), not a SAM file: set "
+                                           r"MODEL.REGIONSPOT.LOCALIZER sam2"):
+        load_sam(sam2_path)
     with pytest.raises(WeightsError, match=r"has no official config; set MODEL.REGIONSPOT.SAM2_CONFIG"):
         load_sam2(sam2_path)
     with pytest.raises(WeightsError, match=r"does not fit the config .*sam2.1_hiera_t.yaml: \d+ tensors of other "):

@@ -101,7 +101,7 @@ def load_sam(path: str) -> nn.Module:
 
     Raises:
         WeightsError: missing, unreadable, or not a SAM state dict (keys or shapes differ); a
-            SAM-HQ file (one line saying to set ``LOCALIZER sam_hq``).
+            SAM-HQ or SAM 2 file (one line saying to set ``LOCALIZER sam_hq`` / ``sam2``).
     """
     path = require_file(path, "SAM")
     state = _torch_load(path, "SAM")
@@ -110,6 +110,10 @@ def load_sam(path: str) -> nn.Module:
     if "mask_decoder.hf_token.weight" in state:
         raise WeightsError(f"{path} (MODEL.REGIONSPOT.SAM_WEIGHTS) is a SAM-HQ file (its mask decoder has the HQ "
                            "token mask_decoder.hf_token), not a plain SAM file: set MODEL.REGIONSPOT.LOCALIZER sam_hq")
+    inner = state.get("model") if isinstance(state.get("model"), dict) else state
+    if any(k.startswith("image_encoder.trunk.") for k in inner):
+        raise WeightsError(f"{path} (MODEL.REGIONSPOT.SAM_WEIGHTS) is a SAM 2 file (a Hiera image encoder), not a "
+                           "SAM file: set MODEL.REGIONSPOT.LOCALIZER sam2")
     arch = sam_architecture(state)
     sam = build_sam(arch)
     try:
