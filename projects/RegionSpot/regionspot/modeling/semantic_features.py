@@ -1,5 +1,8 @@
 """The semantic feature map of the whole image from frozen CLIP (paper Sec. 3, "ViL model").
 
+:class:`ClipSemanticFeatures` serves OpenAI CLIP's and OpenCLIP's own ViTs;
+:class:`TimmSemanticFeatures` serves OpenCLIP models with timm ViT towers (EVA02, SigLIP).
+
 The released implementation feeds the full image to OpenAI CLIP's ViT and keeps the output
 tokens of the last residual block: class token included (switchable, paper Table 4a),
 without ``ln_post`` and without the ``proj`` projection. Shapes: ViT-B/16 at 224 px ->
@@ -207,6 +210,10 @@ class TimmSemanticFeatures(_SemanticEncoder):
     blocks run unchanged; pushing the map through ``trunk.norm``, ``trunk.forward_head`` and
     ``visual.head`` gives OpenCLIP's ``encode_image`` (tests/test_open_clip_timm.py).
 
+    Other OpenCLIP towers of these two timm classes take the same path: timm ViTs with a CNN
+    stem (``HybridEmbed``: ViTamin, MobileCLIP-B; "patch" below is then the stem's stride),
+    average-pooled ViTs, Perception Encoder (``Eva``).
+
     Rows: the trunk's prefix tokens first (its class token, and register tokens where it has
     them) when ``use_class_token`` and the trunk has a class token, then the (S / patch)^2 patch
     tokens in raster order. A trunk without a class token (SigLIP: attention-pooled) gives its
@@ -237,19 +244,24 @@ class TimmSemanticFeatures(_SemanticEncoder):
         super().__init__()
         visual = clip_model.visual
         trunk = visual.trunk
-        patch_h, patch_w = trunk.patch_embed.patch_size
         native = tuple(trunk.patch_embed.img_size)
-        if patch_h != patch_w or native[0] != native[1]:
+        grid = tuple(trunk.patch_embed.grid_size)
+        # the input pixels per token: the patch size (timm PatchEmbed), or the CNN stem's stride
+        # (HybridEmbed: ViTamin, MobileCLIP), read as input size / token grid
+        stride = (native[0] // grid[0], native[1] // grid[1])
+        if stride[0] != stride[1] or native[0] != native[1]:
             raise ValueError(f"MODEL.REGIONSPOT.CLIP_INPUT_SIZE: this timm tower is not square (patch "
-                             f"{patch_h}x{patch_w}, input {native[0]}x{native[1]}); RegionSpot feeds S x S images")
-        if input_size <= 0 or input_size % patch_h:
+                             f"{stride[0]}x{stride[1]}, input {native[0]}x{native[1]}); RegionSpot feeds S x S images")
+        patch = stride[0]
+        if input_size <= 0 or input_size % patch:
             raise ValueError(f"MODEL.REGIONSPOT.CLIP_INPUT_SIZE must be a positive multiple of the tower's patch size "
-                             f"{patch_h}, got {input_size}")
+                             f"{patch}, got {input_size}")
         if native != (input_size, input_size):
             logger.info("OpenCLIP timm tower %s: input set from %d to %d px (CLIP_INPUT_SIZE; timm's set_input_size)",
                         type(trunk).__name__, native[0], input_size)
             visual.set_input_size(input_size)
-            if tuple(trunk.patch_embed.img_size) != (input_size, input_size):
+            if (tuple(trunk.patch_embed.img_size) != (input_size, input_size)
+                    or tuple(trunk.patch_embed.grid_size) != (input_size // patch,) * 2):
                 raise ValueError(f"MODEL.REGIONSPOT.CLIP_INPUT_SIZE {input_size}: this timm tower "
                                  f"({type(trunk).__name__}) stays at its own {native[0]} px; set CLIP_INPUT_SIZE "
                                  f"{native[0]}")
@@ -259,8 +271,8 @@ class TimmSemanticFeatures(_SemanticEncoder):
         if use_class_token and not self.has_class_token:
             logger.info("OpenCLIP timm tower %s has no class token (it pools with %r): USE_CLASS_TOKEN has nothing to "
                         "keep, the semantic feature map is its %d patch tokens", type(trunk).__name__,
-                        getattr(trunk, "global_pool", "?"), (input_size // patch_h) ** 2)
-        self._grid = input_size // patch_h
+                        getattr(trunk, "global_pool", "?"), (input_size // patch) ** 2)
+        self._grid = input_size // patch
 
     @property
     def width(self) -> int:
@@ -292,7 +304,7 @@ class TimmSemanticFeatures(_SemanticEncoder):
             tokens first when kept).
         """
         trunk = self.clip.visual.trunk
-        dtype = trunk.patch_embed.proj.weight.dtype
+        dtype = next(trunk.parameters()).dtype
         (last,) = trunk.forward_intermediates(pixels.to(dtype), indices=1, norm=False, output_fmt="NLC",
                                               intermediates_only=True, return_prefix_tokens=self.keep_prefix)
         if self.keep_prefix:
