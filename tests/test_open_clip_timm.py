@@ -170,3 +170,24 @@ def test_train_net_trains_and_evaluates_on_the_sample_with_a_siglip_tower(sam_pa
     saved = torch.load(out / "model_final.pth", weights_only=False)
     assert saved["regionspot_pair"] == {"localizer": "sam", "vl_model": "open_clip:tiny-siglip"}
     assert "bbox AP on regionspot_sample:" in proc.stdout
+
+
+def test_a_local_hub_tokenizer_gets_the_configs_tokenizer_kwargs(timm_dirs, tmp_path, monkeypatch):
+    """SigLIP's config asks for clean="canonicalize": the OPENCLIP_TOKENIZER folder is opened
+    with it (and the config's context length), as open_clip.get_tokenizer would open the hub's."""
+    import open_clip
+
+    folder = tmp_path / "siglip-hub-tokenizer"
+    folder.mkdir()
+    config = json.loads((open(os.path.join(timm_dirs["siglip"], "open_clip_config.json"))).read())
+    config["model_cfg"]["text_cfg"].update(hf_tokenizer_name="timm/ViT-B-16-SigLIP",
+                                           tokenizer_kwargs={"clean": "canonicalize"})
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with open(os.path.join(timm_dirs["siglip"], "open_clip_model.safetensors"), "rb") as f:
+        (folder / "open_clip_model.safetensors").write_bytes(f.read())
+    calls = []
+    monkeypatch.setattr(open_clip.tokenizer, "HFTokenizer", lambda *a, **k: calls.append((a, k)) or "tok")
+    loaded = load_open_clip(str(folder), tokenizer_dir=str(tmp_path / "tokenizer"))
+    assert loaded.tokenizer == "tok"
+    assert calls == [((str(tmp_path / "tokenizer"),), {"context_length": 77, "tokenizer_mode": None,
+                                                        "clean": "canonicalize"})]

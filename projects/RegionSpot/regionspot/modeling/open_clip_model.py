@@ -168,8 +168,15 @@ def load_open_clip(weights: str, model_name: str = "", tokenizer_dir: str = "") 
                            f"{' '.join(str(e).split())[:300]}") from None
     tower = check_image_tower(model, f"MODEL.REGIONSPOT.CLIP_WEIGHTS {weights!r} (OpenCLIP {name})")
     if hub_tokenizer:
-        tokenizer = open_clip.tokenizer.HFTokenizer(os.path.expanduser(tokenizer_dir),
-                                                    context_length=model.context_length)
+        # as open_clip.get_tokenizer builds it, with the config's tokenizer_kwargs (SigLIP's
+        # clean="canonicalize") and tokenizer_mode, from the local folder instead of the hub
+        try:
+            tokenizer = open_clip.tokenizer.HFTokenizer(
+                os.path.expanduser(tokenizer_dir), context_length=model.context_length,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+        except ImportError as e:
+            raise WeightsError(f"MODEL.REGIONSPOT.OPENCLIP_TOKENIZER {tokenizer_dir!r}: a Hugging Face tokenizer "
+                               f"needs the transformers package ({e})") from None
     else:
         tokenizer = open_clip.get_tokenizer(spec if spec.startswith("local-dir:") else model_name)
     normalize = [t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"]
