@@ -80,7 +80,11 @@ setup(
         # restated there for batched boxes, checked against 0.3). Its light-model module imports
         # timm without declaring it: timm is named here for that.
         "segment-anything-hq==0.3",
-        "timm",
+        # timm: also OpenCLIP's timm image towers (SigLIP, EVA02) for VL_MODEL open_clip
+        # (regionspot/modeling/semantic_features.py TimmSemanticFeatures: VisionTransformer / Eva
+        # forward_intermediates(return_prefix_tokens=...), set_input_size; the test models use
+        # create_model("local-dir:...")), checked against 1.0.31.
+        "timm>=1.0.31,<1.1",
         "clip-anytorch",
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).

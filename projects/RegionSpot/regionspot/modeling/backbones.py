@@ -14,7 +14,8 @@ registered function and a yaml line, and ``RegionSpot.from_config`` never names 
   ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
   promptable model, also used by the ``sam_auto`` proposal source).
 - ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` (OpenAI CLIP
-  ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP ViT,
+  ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP model with
+  OpenCLIP's own ViT or a timm ViT / Eva image tower such as SigLIP or EVA02,
   :mod:`.open_clip_model`). A builder takes the config and returns a
   :class:`VisionLanguageModel`: the semantic encoder (image -> semantic feature map, with
   ``width`` and ``embed_dim``) and the text classifier (vocabulary -> text embeddings in the
@@ -188,22 +189,25 @@ def build_openai_clip(cfg) -> VisionLanguageModel:
 
 @register_vl_model("open_clip")
 def build_open_clip(cfg) -> VisionLanguageModel:
-    """An OpenCLIP ViT (``open_clip`` package) from ``CLIP_WEIGHTS`` (a hub-layout folder, or a
-    file with ``OPENCLIP_MODEL``; :mod:`.open_clip_model`). Its image tower gives the semantic
-    feature map at its own input size (``CLIP_INPUT_SIZE`` resizes the positional embedding as
-    for OpenAI CLIP) with its own pixel normalisation; its text tower and tokenizer, the text
-    embeddings (same prompt ensemble, class-name style and cache; the cache identity names the
-    architecture and the weights file)."""
+    """An OpenCLIP model with a ViT image tower (``open_clip`` package) from ``CLIP_WEIGHTS`` (a
+    hub-layout folder, or a file with ``OPENCLIP_MODEL``; :mod:`.open_clip_model`): OpenCLIP's
+    own ViT (:class:`.ClipSemanticFeatures`) or a timm ViT / Eva tower such as SigLIP or EVA02
+    (:class:`.TimmSemanticFeatures`). Its image tower gives the semantic feature map at
+    ``CLIP_INPUT_SIZE`` (OpenCLIP's ViT: the positional embedding resized as for OpenAI CLIP;
+    timm: timm's ``set_input_size``) with its own pixel normalisation; its text tower and
+    tokenizer, the text embeddings (same prompt ensemble, class-name style and cache; the cache
+    identity names the architecture and the weights file)."""
     from .open_clip_model import load_open_clip
-    from .semantic_features import ClipSemanticFeatures
+    from .semantic_features import ClipSemanticFeatures, TimmSemanticFeatures
     from .text_classifier import TextClassifier
     from .text_embeddings import weights_fingerprint
 
     rs = cfg.MODEL.REGIONSPOT
     loaded = load_open_clip(rs.CLIP_WEIGHTS, rs.OPENCLIP_MODEL, rs.OPENCLIP_TOKENIZER)
-    semantic_encoder = ClipSemanticFeatures(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
-                                            rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
-                                            pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
+    encoder_class = TimmSemanticFeatures if loaded.tower == "timm" else ClipSemanticFeatures
+    semantic_encoder = encoder_class(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                     rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
+                                     pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
     if rs.COMPILE:
         semantic_encoder.compile_encoder()
     text_classifier = TextClassifier.from_config(

@@ -316,10 +316,37 @@ def write_random_rpn(path: str, cfg, seed: int = 0, fmt: str = "pth") -> str:
 
 # OpenCLIP model configs (open_clip.model.CLIP arguments) of small ViTs for CPU tests: widths
 # other than the tiny OpenAI CLIP's, so that a head built for one pair does not fit the other.
+# "tiny-eva" and "tiny-siglip" have timm image towers as OpenCLIP's EVA02-*-CLIP and *-SigLIP
+# configs do ("timm_model_name", "timm_pool", "timm_proj", custom text tower); their trunk is the
+# real timm architecture (EVA02-B-16's ``eva02_base_patch16_clip_224``, ViT-B-16-SigLIP's
+# ``vit_base_patch16_siglip_224``) made small by the ``model_args`` of TIMM_TRUNKS, which
+# write_random_open_clip puts in a timm ``config.json`` that the OpenCLIP config names as
+# ``local-dir:<folder>`` (timm's own way to create a model from a local folder). The text towers
+# use OpenCLIP's bundled tokenizer (real SigLIP models take theirs from the hub:
+# OPENCLIP_TOKENIZER).
 OPEN_CLIP_PRESETS: Dict[str, Dict[str, object]] = {
     "tiny": {"embed_dim": 24,
              "vision_cfg": {"image_size": 224, "layers": 2, "width": 48, "patch_size": 16, "head_width": 16},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2}},
+    "tiny-eva": {"embed_dim": 40, "custom_text": True,
+                 "vision_cfg": {"image_size": 224, "timm_model_name": "eva", "timm_model_pretrained": False,
+                                "timm_pool": "token", "timm_proj": None},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+    "tiny-siglip": {"embed_dim": 56, "custom_text": True, "init_logit_bias": -10,
+                    "vision_cfg": {"image_size": 224, "timm_model_name": "siglip", "timm_model_pretrained": False,
+                                   "timm_pool": "map", "timm_proj": "none"},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                                 "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                                 "norm_kwargs": {"eps": 1e-6}}},
+}
+
+# timm trunks of the timm-tower presets: the architecture and the arguments that shrink it.
+# SigLIP's trunk has no class token and pools with attention ("map"); its width is the model's
+# embed_dim (timm_proj "none", as in ViT-B-16-SigLIP).
+TIMM_TRUNKS: Dict[str, Dict[str, object]] = {
+    "eva": {"architecture": "eva02_base_patch16_clip_224", "model_args": {"embed_dim": 48, "depth": 2, "num_heads": 2}},
+    "siglip": {"architecture": "vit_base_patch16_siglip_224",
+               "model_args": {"embed_dim": 56, "depth": 2, "num_heads": 2}},
 }
 
 
@@ -330,21 +357,44 @@ def write_random_open_clip(folder: str, preset: str = "tiny", seed: int = 0, mod
     ``open_clip_model.safetensors``, the folder that ``CLIP_WEIGHTS`` names for ``VL_MODEL
     open_clip``.
 
+    A preset with a timm tower (``vision_cfg.timm_model_name`` a key of :data:`TIMM_TRUNKS`)
+    also gets ``<folder>/timm_trunk/config.json`` (timm's hub config: ``architecture``,
+    ``model_args``), and its config names the trunk ``local-dir:<absolute folder>/timm_trunk``:
+    the folder is not relocatable, which a test fixture need not be.
+
     Args:
         model_cfg: an OpenCLIP model config instead of the preset's (e.g. to write a tower
-            RegionSpot refuses).
+            RegionSpot refuses); its ``timm_model_name`` may name any timm architecture.
         mean, std: the ``preprocess_cfg`` normalisation (not OpenAI's, so that tests see it used).
     """
     import json
     import os
 
-    from open_clip.model import CLIP
+    from open_clip.model import CLIP, CustomTextCLIP
     from safetensors.torch import save
 
-    cfg = dict(model_cfg or OPEN_CLIP_PRESETS[preset])
-    torch.manual_seed(seed)
-    model = CLIP(**cfg)
+    cfg = json.loads(json.dumps(model_cfg or OPEN_CLIP_PRESETS[preset]))
     os.makedirs(folder, exist_ok=True)
+    trunk = TIMM_TRUNKS.get(cfg["vision_cfg"].get("timm_model_name") or "")
+    if trunk is not None:
+        trunk_dir = os.path.join(os.path.abspath(folder), "timm_trunk")
+        os.makedirs(trunk_dir, exist_ok=True)
+        timm_config = dict(trunk, pretrained_cfg={})
+        atomic_write(os.path.join(trunk_dir, "config.json"), lambda f: f.write(json.dumps(timm_config).encode()))
+        cfg["vision_cfg"]["timm_model_name"] = f"local-dir:{trunk_dir}"
+    torch.manual_seed(seed)
+    model_kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
+    model = (CustomTextCLIP if cfg.get("custom_text") else CLIP)(**model_kwargs)
+    if trunk is not None:
+        # timm initialises norms to weight 1, bias 0, where a LayerNorm is nearly idempotent: a
+        # feature map taken after the trunk's final norm would then pass the parity test. Random
+        # affine norms make every norm count.
+        with torch.no_grad():
+            for module in model.visual.modules():
+                if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                    module.weight.copy_(1 + 0.5 * torch.randn_like(module.weight))
+                    if module.bias is not None:
+                        module.bias.copy_(0.1 * torch.randn_like(module.bias))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(folder, "open_clip_model.safetensors"), lambda f: f.write(save(state)))
     config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
