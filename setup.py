@@ -89,6 +89,9 @@ setup(
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).
         "open-clip-torch>=3.3,<3.4",
+        # OpenCLIP models whose tokenizer lives on the Hugging Face hub (SigLIP): open_clip's
+        # HFTokenizer reads the local OPENCLIP_TOKENIZER folder with transformers' AutoTokenizer.
+        "transformers>=4.40",
         # LOCALIZER sam2: the sam2 package itself is installed by scripts/install_deps.py with
         # --no-deps (its iopath>=0.1.10 clashes with detectron2's iopath<0.1.10; see there); these
         # are its other runtime requirements (it builds models from yaml with hydra/omegaconf).

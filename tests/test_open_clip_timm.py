@@ -191,3 +191,35 @@ def test_a_local_hub_tokenizer_gets_the_configs_tokenizer_kwargs(timm_dirs, tmp_
     assert loaded.tokenizer == "tok"
     assert calls == [((str(tmp_path / "tokenizer"),), {"context_length": 77, "tokenizer_mode": None,
                                                         "clean": "canonicalize"})]
+
+
+def test_a_local_hub_tokenizer_folder_tokenizes_the_text_embeddings(sam_path, timm_dirs, tmp_path):
+    """SigLIP-style: the config names a hub tokenizer, OPENCLIP_TOKENIZER a local folder holding one
+    (a real Hugging Face tokenizer saved with save_pretrained, as downloaded from the hub); the text
+    classifier tokenizes with it and its embeddings equal encode_text of those tokens."""
+    import open_clip
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "the", "cat", "dog", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer_dir = str(tmp_path / "tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tokenizer_dir)
+    folder = tmp_path / "siglip-with-hub-tokenizer"
+    folder.mkdir()
+    config = json.loads(open(os.path.join(timm_dirs["siglip"], "open_clip_config.json")).read())
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with open(os.path.join(timm_dirs["siglip"], "open_clip_model.safetensors"), "rb") as f:
+        (folder / "open_clip_model.safetensors").write_bytes(f.read())
+    model = build_model(_cfg(sam_path, str(folder), tmp_path, **{"MODEL.REGIONSPOT.OPENCLIP_TOKENIZER": tokenizer_dir}))
+    ids = model.text_classifier.tokenizer(["a photo of the cat ."])
+    assert ids[0, :6].tolist() == [3, 4, 5, 6, 7, 9]  # the folder's vocabulary, not CLIP's BPE
+    reference = open_clip.tokenizer.HFTokenizer(tokenizer_dir, context_length=ids.shape[1])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.text_classifier.clip.encode_text(
+            reference([t.format("cat") for t in PROMPT_TEMPLATES])), dim=-1).mean(0)
+    torch.testing.assert_close(model.text_classifier.embed(["cat"])[0],
+                               torch.nn.functional.normalize(expected, dim=-1), rtol=0, atol=1e-4)

@@ -95,8 +95,9 @@ def random_localizer(spec: str, seed: int = 0, *, token_source: str = "transform
     raise ValueError(f"unknown localizer family {family!r} in {spec!r}")
 
 
-def random_vl_model(spec: str, input_size: int, seed: int = 0, *, precision: str = "auto"):
-    """(semantic encoder, text classifier) of a :data:`VARIANTS` VL spec around a RANDOM model."""
+def random_vl_model(spec: str, input_size: int, seed: int = 0, *, precision: str = "auto", with_text: bool = True):
+    """(semantic encoder, text classifier) of a :data:`VARIANTS` VL spec around a RANDOM model
+    (text classifier None without ``with_text``: a hub tokenizer, e.g. SigLIP's, is not fetched)."""
     from ..modeling.semantic_features import ClipSemanticFeatures
     from ..modeling.text_classifier import TextClassifier
 
@@ -111,14 +112,21 @@ def random_vl_model(spec: str, input_size: int, seed: int = 0, *, precision: str
     if arch in OPEN_CLIP_PRESETS:
         from open_clip.model import CLIP
 
-        model, tokenizer = CLIP(**OPEN_CLIP_PRESETS[arch]).eval(), open_clip.get_tokenizer("ViT-B-16")
+        model, tokenizer_name = CLIP(**OPEN_CLIP_PRESETS[arch]).eval(), "ViT-B-16"
     else:
-        model, tokenizer = open_clip.create_model(arch, pretrained=None).eval(), open_clip.get_tokenizer(arch)
+        model, tokenizer_name = open_clip.create_model(arch, pretrained=None).eval(), arch
     model.requires_grad_(False)
+    from ..modeling.open_clip_model import check_image_tower
+    from ..modeling.semantic_features import TimmSemanticFeatures
+
+    encoder_class = TimmSemanticFeatures if check_image_tower(model, arch) == "timm" else ClipSemanticFeatures
     mean, std = getattr(model.visual, "image_mean", None), getattr(model.visual, "image_std", None)
-    semantic = ClipSemanticFeatures(model, input_size, precision=precision,
-                                    **({"pixel_mean": mean, "pixel_std": std} if mean and std else {}))
-    return semantic, TextClassifier(model, f"random-open_clip-{arch}-seed{seed}", tokenizer=tokenizer)
+    semantic = encoder_class(model, input_size, precision=precision,
+                             **({"pixel_mean": mean, "pixel_std": std} if mean and std else {}))
+    if not with_text:
+        return semantic, None
+    return semantic, TextClassifier(model, f"random-open_clip-{arch}-seed{seed}",
+                                    tokenizer=open_clip.get_tokenizer(tokenizer_name))
 
 
 def random_regionspot(variant: str = "small", seed: int = 0, *, mask_on: bool = False, protocol=None,

@@ -578,7 +578,7 @@ def run_end_to_end(args) -> int:
     from regionspot.testing.random_backbones import VARIANTS, random_vl_model
 
     _, vl_spec, clip_size = VARIANTS[args.model]
-    embed_dim = random_vl_model(vl_spec, clip_size)[0].embed_dim
+    embed_dim = random_vl_model(vl_spec, clip_size, with_text=False)[0].embed_dim
     text_embeddings = torch.nn.functional.normalize(torch.randn(len(class_names), embed_dim, generator=g), dim=-1)
 
     report = {

@@ -55,6 +55,8 @@ VL_MODELS = {
     "OpenAI CLIP ViT-L/14@336": ("openai_clip", "ViT-L/14@336px", 336),
     "OpenCLIP ViT-L-14 (DFN-2B / DataComp / MetaCLIP)": ("open_clip", "ViT-L-14", 224),
     "OpenCLIP ViT-H-14 (DFN-5B / LAION-2B / MetaCLIP)": ("open_clip", "ViT-H-14", 224),
+    "OpenCLIP EVA02-L-14 (timm Eva)": ("open_clip", "EVA02-L-14", 224),
+    "OpenCLIP ViT-SO400M-14-SigLIP (timm ViT)": ("open_clip", "ViT-SO400M-14-SigLIP", 224),
 }
 
 
@@ -99,16 +101,10 @@ def build_localizer(family: str, key: str):
 
 def build_semantic_encoder(family: str, arch: str, size: int):
     """Our semantic encoder around a random VL model of that architecture (float32, eval)."""
-    from regionspot.modeling.semantic_features import ClipSemanticFeatures
-    from regionspot.testing.random_backbones import random_clip
+    from regionspot.testing.random_backbones import random_vl_model
 
-    if family == "openai_clip":
-        return ClipSemanticFeatures(random_clip(arch), size, precision="float32")
-    import open_clip
-
-    model = open_clip.create_model(arch, pretrained=None).eval()
-    return ClipSemanticFeatures(model, size, precision="float32", pixel_mean=(0.48145466, 0.4578275, 0.40821073),
-                                pixel_std=(0.26862954, 0.26130258, 0.27577711))
+    spec = arch if family == "openai_clip" else f"open_clip:{arch}"
+    return random_vl_model(spec, size, precision="float32", with_text=False)[0]
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> Dict[str, float]:
