@@ -393,16 +393,15 @@ def write_random_open_clip(folder: str, preset: str = "tiny", seed: int = 0, mod
     torch.manual_seed(seed)
     model_kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
     model = (CustomTextCLIP if cfg.get("custom_text") else CLIP)(**model_kwargs)
-    if trunk is not None:
-        # timm initialises norms to weight 1, bias 0, where a LayerNorm is nearly idempotent: a
-        # feature map taken after the trunk's final norm would then pass the parity test. Random
-        # affine norms make every norm count.
-        with torch.no_grad():
-            for module in model.visual.modules():
-                if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-                    module.weight.copy_(1 + 0.5 * torch.randn_like(module.weight))
-                    if module.bias is not None:
-                        module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    # Norms start at weight 1, bias 0, where a LayerNorm is nearly idempotent: a feature map taken
+    # after the tower's final norm (ln_post, timm's trunk.norm) would then pass the parity tests.
+    # Random affine norms (every tower, OpenCLIP's own ViT too) make every norm count.
+    with torch.no_grad():
+        for module in model.visual.modules():
+            if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                module.weight.copy_(1 + 0.5 * torch.randn_like(module.weight))
+                if module.bias is not None:
+                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(folder, "open_clip_model.safetensors"), lambda f: f.write(save(state)))
     config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
