@@ -363,7 +363,8 @@ class RegionSpotPredictor:
                                                return_attention=return_attention)[0]
             result = self.model.postprocess(recognition, (h, w), self.protocol, mask_on=True, report=report)
         result = result.to("cpu")
-        where = ("predict(points)" if clicked else f"predict(proposals={proposals!r})" if proposals else "predict(boxes)")
+        where = ("predict(points)" if clicked else
+                 f"predict(proposals={proposals!r})" if proposals else "predict(boxes)")
         message = report.warning(f"{where} on a {w}x{h} (WxH) image")
         if message:
             logger.warning(message)
