@@ -54,6 +54,7 @@ TOOLS = {
     "regionspot-extract-sam-tokens": "extract_sam_tokens",
     "regionspot-convert-openimages": "convert_openimages",
     "regionspot-run-sample": "run_sample",
+    "regionspot-export-region-embeddings": "export_region_embeddings",
 }
 CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
 
