@@ -208,3 +208,25 @@ def _run_file(tmp_path, sam_path, clip_path, inputs, boxes_file):
                       "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
                       "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR",
                       str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD])
+
+
+def test_points_and_attention_figure(tmp_path, images, sam_path, clip_path):
+    """--points: one region per image from SAM's mask of the clicks; --attention: the Fig.-4 figure."""
+    argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+            "--points", "100,80", "20,200,0", "--attention", "--vocabulary", "custom", "--custom-vocabulary",
+            "cat,dog", "--output", str(tmp_path / "out"),
+            "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD]
+    assert demo.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert len(result["predictions"]) <= 1 and result["filters"]["steps"][0]["stage"].startswith("point prompt")
+    if result["predictions"]:
+        figure = np.asarray(Image.open(tmp_path / "out" / "a_attention.png"))
+        assert figure.shape[1] == 240 and figure.shape[0] == 4 * (240 + 22)  # the box + 3 layers, one column
+
+
+def test_bad_point_is_refused(tmp_path, images, sam_path, clip_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+                   "--points", "100", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "X,Y or X,Y,LABEL" in capsys.readouterr().err
