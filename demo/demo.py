@@ -53,9 +53,6 @@ import sys
 import time
 
 import numpy as np
-from detectron2.data.catalog import Metadata
-from detectron2.structures import Boxes, Instances
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from regionspot import RegionSpotPredictor
 from regionspot.attention_maps import attention_figure
@@ -64,6 +61,7 @@ from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.validation import InputError, check_boxes, image_size, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
+from regionspot.drawing import draw_predictions
 from regionspot.engine.trainer import head_weights_record
 from regionspot.io import atomic_write, write_json_atomic
 from regionspot.predictor import PREDICTOR_SOURCES
@@ -246,17 +244,9 @@ def check_writable_folder(folder: str, what: str) -> None:
 
 
 def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
-    """Draw predictions with Detectron2's Visualizer; returns an (H, W, 3) uint8 RGB array."""
-    h, w = image.shape[:2]
-    instances = Instances((h, w))
-    instances.pred_boxes = Boxes(predictions.boxes)
-    instances.scores = predictions.scores
-    instances.pred_classes = predictions.classes
-    if draw_masks:
-        instances.pred_masks = predictions.masks
-    metadata = Metadata(name="regionspot_demo", thing_classes=list(predictions.vocabulary))
-    visualizer = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
-    return visualizer.draw_instance_predictions(instances).get_image()
+    """Draw predictions with Detectron2's Visualizer; returns an (H, W, 3) uint8 RGB array
+    (:func:`regionspot.drawing.draw_predictions`)."""
+    return draw_predictions(image, predictions, draw_masks)
 
 
 def main(argv=None) -> int:
