@@ -215,3 +215,19 @@ def test_a_mask_prompt_and_a_localizer_without_prompt_points(predictor, image, m
     monkeypatch.delattr(type(predictor.model.localizer), "prompt_points")
     with pytest.raises(NotImplementedError, match="prompt_points"):
         predictor.predict(points=[[10, 10]])
+
+
+def test_sam_auto_runs_once_per_image(tiny_model, image, monkeypatch):
+    """A new vocabulary (the web app's vocabulary change) reuses the image's automatic proposals."""
+    predictor = RegionSpotPredictor(tiny_model, 256, 512, vocabulary=["cat", "dog"])
+    predictor.set_image(image)
+    calls = []
+    generate = tiny_model.generate_proposals
+    monkeypatch.setattr(tiny_model, "generate_proposals", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    a = predictor.predict(proposals="sam_auto")
+    b = predictor.predict(proposals="sam_auto", vocabulary=["car", "tree"])
+    assert calls == [1] and torch.equal(a.boxes, b.boxes) and b.vocabulary == ["car", "tree"]
+    assert a.filters.as_dict() == b.filters.as_dict()
+    predictor.set_image(image)
+    predictor.predict(proposals="sam_auto")
+    assert calls == [1, 1]

@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -253,6 +253,7 @@ class RegionSpotPredictor:
         self._image_size = None
         self._transform = None
         self._features = None
+        self._proposals: Dict[str, tuple] = {}  # source -> (proposals, their filter report), for this image
 
     @property
     def is_image_set(self) -> bool:
@@ -302,7 +303,8 @@ class RegionSpotPredictor:
             proposals: instead of ``boxes``, regions the model finds itself: "sam_auto" (SAM's
                 automatic masks, "recognise everything") or "rpn" (needs a model built with
                 ``MODEL.REGIONSPOT.RPN_WEIGHTS``); regions are sorted by decreasing proposal
-                score and selected with the ``PROPOSAL_*`` settings.
+                score and selected with the ``PROPOSAL_*`` settings; computed once per image
+                (another vocabulary or ``return_attention`` reuses them).
             points: (K, 2) array-like XY pixels of the image: clicks on one object
                 (``SamPredictor.predict``'s ``point_coords``).
             point_labels: (K,) 1 for a positive click, 0 for a negative one (default: all 1).
@@ -351,7 +353,12 @@ class RegionSpotPredictor:
         elif proposals is not None:
             if proposals not in PREDICTOR_SOURCES:
                 raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
-            regions = self.model.generate_proposals(proposals, features, reports=[report])
+            if proposals not in self._proposals:  # computed once per image: a new vocabulary reuses them
+                found = FilterReport()
+                self._proposals[proposals] = (self.model.generate_proposals(proposals, features, reports=[found]),
+                                              found)
+            regions, found = self._proposals[proposals]
+            report = found.copy()
         else:
             regions, prompts, prompt_iou = self._clicked_region(points, point_labels, mask, report)
             if region_token == "mask_box":
