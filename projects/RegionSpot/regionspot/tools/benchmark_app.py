@@ -16,6 +16,10 @@ about speed only), on a bundled photo (scikit-image's astronaut, 512 x 512):
    ``/usr/bin/chromium``): the app started as its own process, upload -> "Encoded" status,
    Recognise -> result status, vocabulary change -> new result status (what a person waits).
 
+``--screenshots DIR`` writes the page's screenshot (with ``--browser``) and a Fig.-4-style
+attention figure of three boxes on the photo (:func:`regionspot.attention_maps.attention_figure`),
+both reduced to small palette PNGs: the files in docs/.
+
 The figures and the machine (CPU count, threads, torch version) go to ``--output``; docs/app.md
 and docs/speed.md quote them.
 """
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-dir", default=os.path.join(REPO, "output", "app_sample"),
                         help="where the sample's random weights are (written once)")
     parser.add_argument("--browser", action="store_true", help="also time the page in headless Chromium")
+    parser.add_argument("--screenshots", metavar="DIR", default=None,
+                        help="also write DIR/app.png (the page, with --browser) and DIR/attention_fig4.png (a "
+                             "Fig.-4-style attention figure), small PNGs (the ones in docs/)")
     return parser
 
 
@@ -122,7 +129,8 @@ def show(app, key: str, vocabulary: str) -> None:
     app.attention_image(key, choices[0] if choices else None)
 
 
-def browser_timings(photo_path: str, sample_dir: str, repeats: int, threads: int) -> Dict[str, float]:
+def browser_timings(photo_path: str, sample_dir: str, repeats: int, threads: int,
+                    screenshot: Optional[str] = None) -> Dict[str, float]:
     """The page in headless Chromium: upload -> encoded, Recognise -> result, vocabulary change -> result."""
     import socket
     import urllib.request
@@ -173,6 +181,8 @@ def browser_timings(photo_path: str, sample_dir: str, repeats: int, threads: int
                     page.click("#recognise")
                     wait(r"region\(s\), 3 classes")
                     times["vocabulary"].append(time.perf_counter() - start)
+                    if screenshot and r == repeats - 1:
+                        app_screenshot(page, wait, screenshot)
                     page.close()
             finally:
                 context.close()
@@ -185,6 +195,56 @@ def browser_timings(photo_path: str, sample_dir: str, repeats: int, threads: int
             "browser_note": "upload and Recognise pressed at once; includes HTTP, Gradio's queue and rendering"}
 
 
+ATTENTION_BOXES = [[160, 20, 340, 230], [50, 190, 470, 512], [360, 0, 512, 180]]  # head, suit, flag (pixels)
+
+
+def small_png(rgb, path: str, width: int = 900) -> str:
+    """Write an RGB array as a palette PNG at most ``width`` pixels wide (docs/ images stay small)."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    if image.width > width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def app_screenshot(page, wait, path: str) -> None:
+    """Two boxes clicked on the photo, recognised, the page's screenshot."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    page.locator("#vocabulary textarea").fill(VOCABULARY)
+    page.get_by_label("Boxes (click two corners)").check()
+    image = page.locator("#prompt-image img")
+    box = image.bounding_box()
+    for (x0, y0, x1, y1), count in zip(([0.31, 0.04, 0.66, 0.45], [0.7, 0.0, 1.0, 0.35]), (1, 2)):
+        image.click(position={"x": box["width"] * x0, "y": box["height"] * y0})
+        wait("opposite corner")
+        image.click(position={"x": box["width"] * x1 - 1, "y": box["height"] * y1 + 1})
+        wait(rf"{count} box\(es\)")
+    page.click("#recognise")
+    wait(r"2 region\(s\)")
+    page.wait_for_selector("#attention img", timeout=120_000)
+    time.sleep(1.0)
+    shot = page.screenshot(full_page=True)
+    small_png(np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")), path)
+
+
+def attention_screenshot(app, image, path: str) -> None:
+    """A Fig.-4-style figure: three boxes, each with its token's cross-attention per decoder layer."""
+    from regionspot.attention_maps import attention_figure
+
+    predictor = app.session("benchmark-figure").predictor
+    predictor.set_image(image)
+    out = predictor.predict(ATTENTION_BOXES, [n.strip() for n in VOCABULARY.split(",")], return_attention=True)
+    figure = attention_figure(image, out.boxes, out.attention, [f"box {i + 1}" for i in range(len(out.boxes))],
+                              panel_side=200)
+    small_png(figure, path, width=figure.shape[1])
+
+
 def run(args) -> int:
     import torch
     from PIL import Image
@@ -194,6 +254,8 @@ def run(args) -> int:
     from regionspot.webapp import BUNDLED, RegionSpotApp
 
     torch.set_num_threads(args.threads)
+    if args.screenshots:
+        os.makedirs(args.screenshots, exist_ok=True)
     app = RegionSpotApp.from_args(argparse.Namespace(sample=True, config_file="", sample_dir=args.sample_dir,
                                                      opts=[], untrained_head=False, max_pixels=40_000_000,
                                                      max_sessions=16))
@@ -207,7 +269,11 @@ def run(args) -> int:
         figures["app_handlers"] = app_handlers(app, photo_path, args.repeats)
         if args.browser:
             print("the page in headless Chromium ...", flush=True)
-            figures["browser"] = browser_timings(photo_path, args.sample_dir, args.repeats, args.threads)
+            figures["browser"] = browser_timings(photo_path, args.sample_dir, args.repeats, args.threads,
+                                                 os.path.join(args.screenshots, "app.png") if args.screenshots
+                                                 else None)
+        if args.screenshots:
+            attention_screenshot(app, image, os.path.join(args.screenshots, "attention_fig4.png"))
     figures["setup"] = {"photo": f"{PHOTO} {image.shape[1]}x{image.shape[0]}", "weights": "bundled sample, RANDOM",
                         "device": "cpu", "threads": args.threads, "cpu_count": os.cpu_count(),
                         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
