@@ -16,7 +16,8 @@ Everything in the photo, with no detector and no box file (SAM's automatic masks
         --opts MODEL.WEIGHTS regionspot_bl.pth
 
 Click an object instead (SAM turns the clicks into a mask, the mask's box is recognised; X,Y
-pixels, with ",0" for a negative click), and draw where the head looked (paper Fig. 4):
+pixels, with ",0" for a negative click; ``--mask IMAGE`` adds a mask of the object as SAM's mask
+prompt, or is the prompt alone), and draw where the head looked (paper Fig. 4):
 
     python demo/demo.py --config-file configs/regionspot_bl.yaml --input photo.jpg \
         --points 320,240 330,100,0 --attention --vocabulary coco --output out/ \
@@ -74,7 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="RegionSpot demo: label regions with any vocabulary")
     parser.add_argument("--config-file", default="configs/regionspot_bl.yaml", metavar="FILE")
     parser.add_argument("--input", nargs="+", required=True, help="image paths or glob patterns")
-    regions = parser.add_mutually_exclusive_group(required=True)
+    regions = parser.add_mutually_exclusive_group()
     regions.add_argument("--boxes", help="JSON file: {image: [[x0, y0, x1, y1], ...]}")
     regions.add_argument("--proposals", choices=PREDICTOR_SOURCES,
                          help="find the regions instead: sam_auto (SAM's automatic masks) or rpn "
@@ -82,6 +83,9 @@ def get_parser() -> argparse.ArgumentParser:
     regions.add_argument("--points", nargs="+", metavar="X,Y[,LABEL]", type=parse_point,
                          help="clicks on one object in every input (pixels; LABEL 1 positive (default), 0 negative): "
                               "SAM's mask of the clicks, its box recognised")
+    parser.add_argument("--mask", metavar="IMAGE",
+                        help="a mask of one object as SAM's mask prompt (an image file, non-zero = object, any size "
+                             "covering the photo), alone or with --points")
     parser.add_argument("--attention", action="store_true",
                         help="also write <name>_attention.png: each region's cross-attention maps (paper Fig. 4)")
     parser.add_argument("--attention-regions", type=int, default=4,
@@ -113,6 +117,22 @@ def parse_point(text: str):
     if len(values) not in (2, 3) or (len(values) == 3 and values[2] not in (0, 1)):
         raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y or X,Y,LABEL with LABEL 1 or 0")
     return values[0], values[1], int(values[2]) if len(values) == 3 else 1
+
+
+def read_mask(path: str) -> np.ndarray:
+    """``--mask``: (H, W) bool, True where the image file is non-zero."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except FileNotFoundError:
+        raise InputError(f"--mask file not found: {path!r}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"--mask {path!r} is not an image: {e}") from None
+    if not mask.any():
+        raise InputError(f"--mask {path!r} is empty (no non-zero pixel)")
+    return mask
 
 
 def setup_cfg(args):
@@ -259,6 +279,12 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """Check every input, load the model, then recognise and draw each image."""
+    if not (args.boxes or args.proposals or args.points or args.mask):
+        raise InputError("give the regions: --boxes FILE, --proposals sam_auto|rpn, --points X,Y ... or --mask IMAGE")
+    if args.mask and (args.boxes or args.proposals):
+        raise InputError("--mask is a prompt of one object: use it alone or with --points, not with "
+                         "--boxes or --proposals")
+    mask = read_mask(args.mask) if args.mask else None
     register_from_args(args.register)
     box_table = read_boxes_file(args.boxes) if args.boxes else None
     vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
@@ -285,9 +311,11 @@ def run(args) -> int:
             attention = args.attention
             if box_table is not None:
                 predictions = predictor.predict(given_boxes[path], return_attention=attention)
-            elif args.points:
-                predictions = predictor.predict(points=[p[:2] for p in args.points],
-                                                point_labels=[p[2] for p in args.points], return_attention=attention)
+            elif args.points or mask is not None:
+                points = [p[:2] for p in args.points] if args.points else None
+                labels = [p[2] for p in args.points] if args.points else None
+                predictions = predictor.predict(points=points, point_labels=labels, mask=mask,
+                                                return_attention=attention)
             else:
                 predictions = predictor.predict(proposals=args.proposals, return_attention=attention)
             predictions = predictions.above_score(args.min_score, key="--min-score", where=path)

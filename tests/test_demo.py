@@ -230,3 +230,19 @@ def test_bad_point_is_refused(tmp_path, images, sam_path, clip_path, capsys):
         demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
                    "--points", "100", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "X,Y or X,Y,LABEL" in capsys.readouterr().err
+
+
+def test_mask_prompt_and_missing_regions(tmp_path, images, sam_path, clip_path, capsys):
+    """--mask (SAM's mask prompt, alone here); no way to give regions is a one-line error."""
+    mask = np.zeros((240, 320), np.uint8)
+    mask[40:200, 60:260] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+            "--vocabulary", "custom", "--custom-vocabulary", "cat,dog", "--output", str(tmp_path / "out")]
+    opts = ["--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD]
+    assert demo.main(base + ["--mask", str(tmp_path / "mask.png")] + opts) == 0
+    result = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert result["filters"]["steps"][0]["stage"].startswith("point prompt")
+    assert demo.main(base + opts) == 2
+    assert "give the regions" in _error_line(capsys)
