@@ -77,10 +77,29 @@ setup(
         # pkg_resources, and torch 2.14 declares setuptools>=77.0.3.
         "setuptools>=77.0.3,<81",
         "segment-anything==1.0",
+        # LOCALIZER sam_hq (regionspot/modeling/sam_hq.py builds SAM-HQ from this package's modules
+        # and its predictor/generator are the parity references; its MaskDecoderHQ steps are
+        # restated there for batched boxes, checked against 0.3). Its light-model module imports
+        # timm without declaring it: timm is named here for that.
+        "segment-anything-hq==0.3",
+        # timm: also OpenCLIP's timm image towers (SigLIP, EVA02) for VL_MODEL open_clip
+        # (regionspot/modeling/semantic_features.py TimmSemanticFeatures: VisionTransformer / Eva
+        # forward_intermediates(return_prefix_tokens=...), set_input_size; the test models use
+        # create_model("local-dir:...")), checked against 1.0.31.
+        "timm>=1.0.31,<1.1",
         "clip-anytorch",
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).
         "open-clip-torch>=3.3,<3.4",
+        # OpenCLIP models whose tokenizer lives on the Hugging Face hub (SigLIP): open_clip's
+        # HFTokenizer reads the local OPENCLIP_TOKENIZER folder with transformers' AutoTokenizer.
+        "transformers>=4.40",
+        # LOCALIZER sam2: the sam2 package itself is installed by scripts/install_deps.py with
+        # --no-deps (its iopath>=0.1.10 clashes with detectron2's iopath<0.1.10; see there); these
+        # are its other runtime requirements (it builds models from yaml with hydra/omegaconf).
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.1",
+        "pillow>=9.4",
         "ftfy",
         "regex",
         "tqdm",

@@ -122,7 +122,7 @@ print("lvis", lvis.__file__)
 
 FAST_CHECK = f"""
 import importlib.util, re
-import torch, torchvision, detectron2.data, detectron2.evaluation, segment_anything, clip, lvis
+import torch, torchvision, detectron2.data, detectron2.evaluation, segment_anything, clip, lvis, sam2.build_sam
 import lvis.eval
 with open(lvis.eval.__file__, encoding="utf-8") as f:
     assert not re.search({NP_ALIAS_RE.pattern!r}, f.read()), "lvis/eval.py is not patched"
@@ -649,6 +649,23 @@ def project_location() -> Path | None:
     return Path(line).resolve() if ok and line else None
 
 
+SAM2_REQ = "sam2==1.1.0"
+
+
+def ensure_sam2() -> None:
+    step = "sam2"
+    ok, out = python_check("import importlib.metadata as m; print(m.version('sam2'))")
+    if ok and last_line(out) == SAM2_REQ.split("==")[1]:
+        say(step, f"sam2 {last_line(out)} already installed")
+    else:
+        os.environ["SAM2_BUILD_CUDA"] = "0"  # no CUDA extension (see the module docstring)
+        pip(step, "--no-deps", "--no-build-isolation", SAM2_REQ)
+        say(step, f"installed {SAM2_REQ} with --no-deps, without its CUDA extension")
+    ok, out = python_check("import sam2.build_sam, sam2.sam2_image_predictor, sam2.automatic_mask_generator")
+    if not ok:
+        raise StepError(step, "sam2 does not import", [sys.executable, "-c", "import sam2..."], out)
+
+
 def ensure_lvis() -> None:
     step = "lvis"
     ok, out = python_check("import importlib.metadata as m; print(m.version('lvis'))")
@@ -727,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_project()
         ensure_chromium()
         ensure_lvis()
+        ensure_sam2()
         ok, out = python_check(FAST_CHECK)
         if not ok:
             raise StepError("final check", "the installed stack does not import",

@@ -43,9 +43,9 @@ def test_the_defaults_are_the_released_pair(sam_path, clip_path, tmp_path):
     assert isinstance(model.localizer, SamPositionTokens)
     assert isinstance(model.semantic_encoder, ClipSemanticFeatures)
     assert isinstance(model.text_classifier, TextClassifier)
-    # one frozen CLIP behind both views, one SAM behind the localizer and the sam_auto source
+    # one frozen CLIP behind both views, one localizer behind the boxes and the sam_auto source
     assert model.text_classifier.clip is model.semantic_encoder.clip
-    assert model.proposal_generator.sam_auto.sam is model.localizer.sam
+    assert model.proposal_generator.sam_auto.localizer is model.localizer
 
 
 def test_a_registered_family_builds_from_keys_alone_and_the_head_follows_its_widths(
@@ -101,5 +101,56 @@ def test_train_net_refuses_an_unknown_localizer_in_one_line(sam_path, clip_path,
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    known = ", ".join(repr(name) for name, _ in sorted(backbones.LOCALIZER_REGISTRY))  # 'sam', 'sam_hq', ...
+    assert "'sam_hq'" in known and "'sam2'" in known
     assert errors == ["train_net.py: error: MODEL.REGIONSPOT.LOCALIZER 'sam2.1_hiera_s' is not a known model "
-                      "family (known: 'sam')"], proc.stderr[-2000:]
+                      f"family (known: {known})"], proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def family_files(sam_path, clip_path, tmp_path_factory):
+    """One small random model per family, in its official file format."""
+    from regionspot.testing.random_backbones import (
+        SAM2_TINY_CONFIG,
+        write_random_open_clip,
+        write_random_sam2,
+        write_random_sam_hq,
+    )
+
+    folder = tmp_path_factory.mktemp("families")
+    return {
+        "sam": {"MODEL.REGIONSPOT.SAM_WEIGHTS": sam_path},
+        "sam_hq": {"MODEL.REGIONSPOT.SAM_WEIGHTS": write_random_sam_hq(str(folder / "sam_hq.pth"))},
+        "sam2": {"MODEL.REGIONSPOT.SAM_WEIGHTS": write_random_sam2(str(folder / "sam2.pt")),
+                 "MODEL.REGIONSPOT.SAM2_CONFIG": SAM2_TINY_CONFIG},
+        "openai_clip": {"MODEL.REGIONSPOT.CLIP_WEIGHTS": clip_path},
+        "open_clip": {"MODEL.REGIONSPOT.CLIP_WEIGHTS": write_random_open_clip(str(folder / "tiny-vit"))},
+    }
+
+
+@pytest.mark.parametrize("vl_model", ["openai_clip", "open_clip"])
+@pytest.mark.parametrize("localizer", ["sam", "sam_hq", "sam2"])
+def test_every_localizer_and_vl_model_pair_builds_from_keys_alone(localizer, vl_model, family_files, sam_path,
+                                                                  clip_path, tmp_path):
+    """Each of the 3 x 2 pairs is two config keys (and its files); the head's widths follow the pair
+    and the model records it; a box is recognised end to end."""
+    cfg = make_cfg(sam_path, clip_path, tmp_path, **family_files[localizer], **family_files[vl_model],
+                   **{"MODEL.REGIONSPOT.LOCALIZER": localizer, "MODEL.REGIONSPOT.VL_MODEL": vl_model})
+    model = build_model(cfg).eval()
+    assert model.pair["localizer"].split(":")[0] == localizer and model.pair["vl_model"].split(":")[0] == vl_model
+    assert model.head.to_clip.in_features == model.localizer.token_dim
+    assert model.head.to_clip.out_features == model.semantic_encoder.width
+    assert model.head.projector.out_features == model.semantic_encoder.embed_dim == model.text_classifier.embed_dim
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    from detectron2.structures import Boxes, Instances
+
+    with torch.no_grad():
+        features = model.encode_images([image])
+        proposals = Instances((96, 128))
+        proposals.proposal_boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 80.0]]))
+        proposals.objectness_logits = torch.ones(1)
+        text = model.text_classifier.embed(["cat", "dog"])
+        (recognition,) = model.recognize(features, [proposals], text, with_masks=True)
+    assert recognition.logits.shape == (1, 2) and torch.isfinite(recognition.logits).all()
+    assert model.localizer.paste_masks(recognition.low_res_masks, features[0].sam_input_size, (96, 128)).shape == \
+        (1, 96, 128)

@@ -228,3 +228,74 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
         x, y, w, h = ann["bbox"]
         assert w >= 8 and h >= 8 and x >= 0 and y >= 0
         assert x + w <= img["width"] + 0.01 and y + h <= img["height"] + 0.01
+
+
+def test_the_pairs_table_counts_each_encoder_and_prices_each_pair(tmp_path):
+    """benchmark.py --pairs (subprocess): per-model FLOPs and time, a FLOP-bound GPU-hours row per
+    pair, JSON + Markdown written; an unknown model name is one error line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pairs.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--pairs", "--localizers", "SAM 2.1 Hiera-T",
+           "--vl-models", "OpenAI CLIP ViT-B/16", "--repeats", "1", "--threads", "1", "--sustained-tflops", "100",
+           "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    hiera, clip_b = report["models"]["SAM 2.1 Hiera-T"], report["models"]["OpenAI CLIP ViT-B/16"]
+    assert hiera["input_px"] == 1024 and clip_b["input_px"] == 224
+    assert hiera["gflops"] > clip_b["gflops"] > 10  # a 1024-px Hiera costs more than a 224-px ViT-B/16
+    (pair,) = report["pairs"]
+    expected = report["settings"]["schedule_images"] * clip_b["gflops"] * 1e9 / 100e12 / 3600
+    assert abs(pair["train_gpu_hours"] - expected) < 1e-9
+    assert "| SAM 2.1 Hiera-T | OpenAI CLIP ViT-B/16 |" in (tmp_path / "pairs.md").read_text()
+    bad = subprocess.run(cmd[:4] + ["SAM 9"], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown ['SAM 9']" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pairs_flops_include_fused_attention():
+    """The FLOP count sees attention that runs in fused kernels elsewhere (SDPA's flash path,
+    nn.MultiheadAttention's batch-first fast path): otherwise Hiera and OpenCLIP are undercounted."""
+    import torch.nn.functional as F
+
+    from regionspot.tools.benchmark_pairs import measure
+
+    q = torch.randn(1, 4, 64, 16)
+    assert measure(lambda: F.scaled_dot_product_attention(q, q, q), torch.device("cpu"), 1)["gflops"] * 1e9 == \
+        2 * 2 * 4 * 64 * 64 * 16  # QK^T and AV, 2 FLOPs per multiply-add
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(1, 10, 32)
+    with torch.no_grad():
+        counted = measure(lambda: mha(x, x, x, need_weights=False), torch.device("cpu"), 1)["gflops"] * 1e9
+    projections = 2 * 10 * 32 * 32 * 4  # q, k, v and out projections
+    assert counted == projections + 2 * 2 * 10 * 10 * 32
+
+
+def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
+    """benchmark_train.py and benchmark.py (subprocesses) on the small variants of the other pairs
+    (SAM-HQ, SAM 2.1, OpenCLIP): the same commands as for the released pair, with each pair's head."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    variants = "small_samhq,small_sam2,small_openclip"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark_train.py"), "--models", variants,
+                            "--iters", "1", "--warmup", "0", "--image-size", "160x200", "--device", "cpu",
+                            "--output", str(tmp_path / "train.json")],
+                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    models = json.loads((tmp_path / "train.json").read_text())["models"]
+    assert [models[v]["sam"] for v in variants.split(",")] == ["sam_hq:tiny", "sam2:tiny", "tiny"]
+    assert all(m["modes"][mode]["images_per_second"] > 0 for m in models.values() for mode in ("online", "cached"))
+    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--models", "small_sam2",
+                             "--num-boxes", "2", "--repeats", "1", "--warmup", "0", "--image-size", "160x200",
+                             "--original-size", "160x200", "--mask-image-size", "160x200", "--text-classes", "4",
+                             "--device", "cpu", "--output", str(tmp_path / "stages.json")],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert stages.returncode == 0, stages.stdout[-2000:] + stages.stderr[-2000:]
+    assert "small_sam2" in stages.stdout and (tmp_path / "stages.json").is_file()

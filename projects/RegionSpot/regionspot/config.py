@@ -17,7 +17,7 @@ def add_regionspot_config(cfg: CN) -> None:
     cfg.MODEL.REGIONSPOT = CN()
     rs = cfg.MODEL.REGIONSPOT
     # The frozen foundation models' families (modeling/backbones.py registries): the localizer
-    # ("sam") and the vision-language model ("openai_clip", "open_clip").
+    # ("sam", "sam_hq", "sam2") and the vision-language model ("openai_clip", "open_clip").
     rs.LOCALIZER = "sam"
     rs.VL_MODEL = "openai_clip"
     # VL_MODEL open_clip: the built-in OpenCLIP architecture of a CLIP_WEIGHTS file (e.g.
@@ -25,6 +25,10 @@ def add_regionspot_config(cfg: CN) -> None:
     # local tokenizer folder for models whose tokenizer OpenCLIP would download.
     rs.OPENCLIP_MODEL = ""
     rs.OPENCLIP_TOKENIZER = ""
+    # LOCALIZER sam2: the sam2 package's config yaml of SAM_WEIGHTS (a path, or one inside the
+    # package such as "configs/sam2.1/sam2.1_hiera_s.yaml"); empty: chosen from the checkpoint's
+    # tensors among the official SAM 2 / 2.1 models (modeling/sam2_localizer.py).
+    rs.SAM2_CONFIG = ""
     # Frozen foundation models: local copies of the official files (never downloaded).
     rs.SAM_WEIGHTS = "weights/sam_vit_b_01ec64.pth"
     rs.CLIP_WEIGHTS = "weights/ViT-B-16.pt"

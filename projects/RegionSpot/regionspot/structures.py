@@ -23,7 +23,32 @@ from detectron2.structures import Instances
 from .proposal_sources import logit_to_score
 
 __all__ = ["CLASS_SCORES", "SELECTIONS", "RecognitionProtocol", "SharedMasks", "ImageFeatures",
-           "RegionRecognition"]
+           "RegionRecognition", "LocalizerEmbedding", "embedding_at", "embedding_batch_size",
+           "stack_embeddings"]
+
+# A localizer's image embedding: one tensor (SAM: (256, g, g) per image), or a dict of tensors for
+# localizers whose decoder also reads other feature maps (SAM-HQ's early ViT features, SAM 2.1's
+# high-resolution features). Batched, every tensor has the batch dimension first.
+LocalizerEmbedding = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def embedding_at(batch: LocalizerEmbedding, i: int) -> LocalizerEmbedding:
+    """Image ``i`` of a batched localizer embedding (a tensor or a dict of tensors)."""
+    if isinstance(batch, dict):
+        return {k: v[i] for k, v in batch.items()}
+    return batch[i]
+
+
+def embedding_batch_size(batch: LocalizerEmbedding) -> int:
+    """B, the number of images in a batched localizer embedding."""
+    return int(next(iter(batch.values())).shape[0] if isinstance(batch, dict) else batch.shape[0])
+
+
+def stack_embeddings(items: Sequence[LocalizerEmbedding]) -> LocalizerEmbedding:
+    """Per-image localizer embeddings (tensors or dicts of tensors) stacked into a batch."""
+    if items and isinstance(items[0], dict):
+        return {k: torch.stack([e[k] for e in items]) for k in items[0]}
+    return torch.stack(list(items))
 
 CLASS_SCORES = ("softmax", "sigmoid")
 SELECTIONS = ("topk", "tap", "per_box")
@@ -205,13 +230,14 @@ class ImageFeatures:
 
     Attributes:
         image: (3, H, W) uint8 RGB, the image as given (the mapper's resized image).
-        sam_embedding: (256, g, g) SAM image embedding (float32, or the encoder precision).
+        sam_embedding: the localizer's image embedding (:data:`LocalizerEmbedding`; SAM's is
+            (256, g, g)), float32 or the encoder precision.
         sam_input_size: (h, w) of the image inside SAM's padded S x S input.
         semantic: (L, D) float32 CLIP semantic feature map.
     """
 
     image: torch.Tensor
-    sam_embedding: torch.Tensor
+    sam_embedding: LocalizerEmbedding
     sam_input_size: Tuple[int, int]
     semantic: torch.Tensor
 
@@ -221,11 +247,12 @@ class ImageFeatures:
         return tuple(self.image.shape[-2:])
 
     @classmethod
-    def from_batch(cls, images: Sequence[torch.Tensor], sam_embeddings: torch.Tensor,
+    def from_batch(cls, images: Sequence[torch.Tensor], sam_embeddings: LocalizerEmbedding,
                    sam_input_sizes: Sequence[Tuple[int, int]], semantic: torch.Tensor) -> List["ImageFeatures"]:
         """Split the batched outputs of the localizer's and the semantic encoder's ``encode``
         into one :class:`ImageFeatures` per image."""
-        return [cls(image, sam_embeddings[i], tuple(sam_input_sizes[i]), semantic[i]) for i, image in enumerate(images)]
+        return [cls(image, embedding_at(sam_embeddings, i), tuple(sam_input_sizes[i]), semantic[i])
+                for i, image in enumerate(images)]
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 from .io import write_json_atomic
 
 __all__ = ["CLIP_WEIGHTS_NAMES", "SAM_WEIGHTS_URLS", "TOKEN_SOURCES", "WeightsError", "require_file",
-           "sam_architecture", "token_dim", "weights_content_hash", "CONTENT_HASH_SIDECAR"]
+           "sam_architecture", "sam2_architecture", "sam_hq_architecture", "localizer_architecture",
+           "localizer_state_dict", "token_dim", "weights_content_hash", "CONTENT_HASH_SIDECAR"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,16 @@ SAM_WEIGHTS_URLS: Dict[str, str] = {
     "sam_vit_b_01ec64.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
     "sam_vit_l_0b3195.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "sam_vit_h_4b8939.pth": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    # SAM-HQ (LOCALIZER sam_hq): the authors' files on the Hugging Face hub (lkeab/hq-sam)
+    "sam_hq_vit_b.pth": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth",
+    "sam_hq_vit_l.pth": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_l.pth",
+    "sam_hq_vit_h.pth": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_h.pth",
+    # SAM 2.1 (LOCALIZER sam2)
+    "sam2.1_hiera_tiny.pt": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt",
+    "sam2.1_hiera_small.pt": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt",
+    "sam2.1_hiera_base_plus.pt":
+        "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt",
+    "sam2.1_hiera_large.pt": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt",
 }
 CLIP_WEIGHTS_NAMES: Dict[str, str] = {
     "ViT-B-16.pt": "ViT-B/16",
@@ -62,12 +73,23 @@ def _clip_url(file_name: str) -> str:
     )
 
 
+# The localizer families' official files (named when SAM_WEIGHTS is missing): example, where published.
+_LOCALIZER_FILES = {
+    "SAM": ("sam_vit_b_01ec64.pth (or vit_l / vit_h)",
+            "https://github.com/facebookresearch/segment-anything#model-checkpoints"),
+    "SAM-HQ": ("sam_hq_vit_b.pth (or vit_l / vit_h)", "https://huggingface.co/lkeab/hq-sam"),
+    "SAM 2": ("sam2.1_hiera_small.pt (or tiny / base_plus / large)",
+              "https://github.com/facebookresearch/sam2#model-description"),
+}
+
+
 def require_file(path: str, what: str) -> str:
     """Return ``path`` if it is a readable file, else raise a :class:`WeightsError`.
 
     Args:
         path: local path from the config (``~`` is expanded).
-        what: ``"SAM"`` or ``"CLIP"``, used to name the official file and its URL.
+        what: ``"SAM"``, ``"SAM-HQ"``, ``"SAM 2"`` (the localizer families' files, all set by
+            ``SAM_WEIGHTS``) or ``"CLIP"``, used to name the official file and its URL.
 
     Raises:
         WeightsError: the file does not exist; the message names the expected file, the
@@ -77,11 +99,11 @@ def require_file(path: str, what: str) -> str:
     if path and os.path.isfile(path):
         return path
     base = os.path.basename(path)
-    if what == "SAM":
+    if what in _LOCALIZER_FILES:
         key = "MODEL.REGIONSPOT.SAM_WEIGHTS"
-        url = SAM_WEIGHTS_URLS.get(base, "https://github.com/facebookresearch/segment-anything"
-                                         "#model-checkpoints")
-        expected = base if base in SAM_WEIGHTS_URLS else "sam_vit_b_01ec64.pth (or vit_l / vit_h)"
+        default_name, default_url = _LOCALIZER_FILES[what]
+        url = SAM_WEIGHTS_URLS.get(base, default_url)
+        expected = base if base in SAM_WEIGHTS_URLS else default_name
     else:
         key = "MODEL.REGIONSPOT.CLIP_WEIGHTS"
         url = _clip_url(base)
@@ -136,6 +158,90 @@ def sam_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
         patch_size=patch_size,
         out_chans=out_chans,
     )
+
+
+def sam_hq_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """SAM-HQ's hyper-parameters from its state dict (``sam_hq_vit_{b,l,h}.pth``): SAM's
+    (:func:`sam_architecture`) plus ``vit_dim``, the width of the early ViT features its HQ decoder
+    reads (``mask_decoder.compress_vit_feat.0``, a 2x2 transposed convolution from ``vit_dim``).
+
+    Raises:
+        WeightsError: not a SAM-HQ state dict (a plain SAM file has no HQ decoder).
+    """
+    arch = sam_architecture(state_dict)
+    key = "mask_decoder.compress_vit_feat.0.weight"
+    if key not in state_dict or "mask_decoder.hf_token.weight" not in state_dict:
+        raise WeightsError("not a SAM-HQ state dict: its HQ decoder (mask_decoder.hf_token, "
+                           "mask_decoder.compress_vit_feat) is missing; a plain SAM file is LOCALIZER sam")
+    arch["vit_dim"] = int(state_dict[key].shape[0])
+    return arch
+
+
+# SAM 2 / 2.1 image encoders (Hiera trunk width, blocks per stage) -> the package's config; the
+# heads, window sizes and global-attention blocks are not in the tensors, only in these configs.
+SAM2_CONFIGS = {
+    ("2.1", 96, (1, 2, 7, 2)): "configs/sam2.1/sam2.1_hiera_t.yaml",
+    ("2.1", 96, (1, 2, 11, 2)): "configs/sam2.1/sam2.1_hiera_s.yaml",
+    ("2.1", 112, (2, 3, 16, 3)): "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    ("2.1", 144, (2, 6, 36, 4)): "configs/sam2.1/sam2.1_hiera_l.yaml",
+    ("2.0", 96, (1, 2, 7, 2)): "configs/sam2/sam2_hiera_t.yaml",
+    ("2.0", 96, (1, 2, 11, 2)): "configs/sam2/sam2_hiera_s.yaml",
+    ("2.0", 112, (2, 3, 16, 3)): "configs/sam2/sam2_hiera_b+.yaml",
+    ("2.0", 144, (2, 6, 36, 4)): "configs/sam2/sam2_hiera_l.yaml",
+}
+
+
+def localizer_state_dict(obj) -> Dict[str, torch.Tensor]:
+    """The state dict inside a loaded localizer file: SAM 2's official files hold it under
+    ``"model"``; SAM's and SAM-HQ's are the state dict itself."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    return obj
+
+
+def sam2_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """SAM 2's image-encoder hyper-parameters read from a state dict's tensors.
+
+    Hiera's width from the patch embedding, its blocks per stage from the blocks that change
+    width (``trunk.blocks.<i>.proj``: the first block of stages 2-4), the version from
+    ``no_obj_embed_spatial`` (added in 2.1), the mask decoder's transformer width
+    (``out_chans``, 256 in every official model); ``config`` is the ``sam2`` package's config of
+    that encoder (:data:`SAM2_CONFIGS`), or None for another shape (then
+    ``MODEL.REGIONSPOT.SAM2_CONFIG`` must name one).
+
+    Raises:
+        WeightsError: not a SAM 2 state dict.
+    """
+    try:
+        embed_dim = int(state_dict["image_encoder.trunk.patch_embed.proj.weight"].shape[0])
+        out_chans = int(state_dict["sam_mask_decoder.transformer.layers.0.self_attn.q_proj.weight"].shape[0])
+    except KeyError as e:
+        raise WeightsError(f"not a SAM 2 state dict: key {e} is missing") from e
+    blocks = {int(k.split(".")[3]) for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
+    starts = sorted(i for i in blocks if f"image_encoder.trunk.blocks.{i}.proj.weight" in state_dict)
+    bounds = [0] + starts + [len(blocks)]
+    stages = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    version = "2.1" if "no_obj_embed_spatial" in state_dict else "2.0"
+    return dict(version=version, embed_dim=embed_dim, stages=list(stages), out_chans=out_chans,
+                config=SAM2_CONFIGS.get((version, embed_dim, stages)))
+
+
+def localizer_architecture(family: str, state_dict: Dict[str, torch.Tensor], path: str = "") -> Dict[str, object]:
+    """The architecture of a localizer family (``MODEL.REGIONSPOT.LOCALIZER``) read from its
+    weights (the state dict, or the whole loaded file of SAM 2's format).
+
+    Raises:
+        WeightsError: an unknown family, or a file that is not of that family (the message
+            names the file).
+    """
+    readers = {"sam": sam_architecture, "sam_hq": sam_hq_architecture, "sam2": sam2_architecture}
+    if family not in readers:
+        raise WeightsError(f"unknown localizer family {family!r} (known: {', '.join(sorted(readers))})")
+    try:
+        return readers[family](localizer_state_dict(state_dict))
+    except WeightsError as e:
+        raise WeightsError(f"{path or 'the weights file'} (MODEL.REGIONSPOT.SAM_WEIGHTS, LOCALIZER {family}): "
+                           f"{e}") from e
 
 
 def token_dim(architecture: Dict[str, object], token_source: str) -> int:

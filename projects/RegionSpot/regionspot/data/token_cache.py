@@ -111,7 +111,15 @@ import torch
 
 from ..io import atomic_write, write_json_atomic
 from ..transforms import annotation_boxes_xyxy, flip_boxes  # noqa: F401  (flip_boxes: part of this module's API)
-from ..weights_files import TOKEN_SOURCES, WeightsError, require_file, sam_architecture, token_dim, weights_content_hash
+from ..weights_files import (
+    TOKEN_SOURCES,
+    WeightsError,
+    localizer_architecture,
+    require_file,
+    sam_architecture,
+    token_dim,
+    weights_content_hash,
+)
 from .validation import check_boxes
 
 __all__ = [
@@ -170,6 +178,8 @@ class CacheIdentity:
         token_dim: T, channels of one token (256, or 32 for "mlp").
         dtype: stored token dtype, "float32" or "bfloat16"; ``None`` in an *expected* identity
             means "any dtype" (the reader then takes the manifest's).
+        localizer: the localizer family (``MODEL.REGIONSPOT.LOCALIZER``: "sam", "sam_hq",
+            "sam2"); caches written before families existed are SAM's.
     """
 
     sam_weights: str
@@ -177,6 +187,7 @@ class CacheIdentity:
     token_source: str
     token_dim: int
     dtype: Optional[str] = "float32"
+    localizer: str = "sam"
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -192,7 +203,7 @@ class CacheIdentity:
         arch = d["sam_architecture"]
         arch = arch if isinstance(arch, str) else json.dumps(arch, sort_keys=True, separators=(",", ":"))
         return cls(str(d["sam_weights"]), arch, str(d["token_source"]), int(d["token_dim"]),
-                   None if d.get("dtype") is None else str(d["dtype"]))
+                   None if d.get("dtype") is None else str(d["dtype"]), str(d.get("localizer", "sam")))
 
     def with_dtype(self, dtype: Optional[str]) -> "CacheIdentity":
         return dataclasses.replace(self, dtype=dtype)
@@ -201,6 +212,8 @@ class CacheIdentity:
         """Human-readable differences between this (expected) identity and a ``stored`` one;
         empty when they match (an expected ``dtype`` of ``None`` matches any dtype)."""
         out = []
+        if self.localizer != stored.localizer:
+            out.append(f"localizer {stored.localizer!r} != expected {self.localizer!r} (MODEL.REGIONSPOT.LOCALIZER)")
         if self.sam_weights != stored.sam_weights:
             out.append(f"SAM weights content hash {stored.sam_weights[:28]}... != expected {self.sam_weights[:28]}... "
                        f"(other SAM weights: a tensor of the SAM file differs)")
@@ -219,7 +232,7 @@ def _canonical_arch(arch: Mapping[str, Any]) -> str:
     return json.dumps(dict(arch), sort_keys=True, separators=(",", ":"))
 
 
-def _arch_from_file(path: str) -> Dict[str, Any]:
+def _arch_from_file(path: str, localizer: str = "sam") -> Dict[str, Any]:
     try:  # mmap: only the zip directory and the header are read, not the ~0.4-2.5 GB of weights
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -229,24 +242,27 @@ def _arch_from_file(path: str) -> Dict[str, Any]:
             raise WeightsError(f"cannot read SAM weights file {path!r}: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict):
         raise WeightsError(f"SAM weights file {path!r} does not hold a state dict")
-    return sam_architecture(state)
+    return localizer_architecture(localizer, state, path)
 
 
 def make_identity(sam_weights: str, token_source: str, dtype: Optional[str] = "float32",
-                  sam: Optional[torch.nn.Module] = None, *, hash_dir: Optional[str] = None) -> CacheIdentity:
-    """The :class:`CacheIdentity` of tokens computed with a SAM weights file.
+                  sam: Optional[torch.nn.Module] = None, *, hash_dir: Optional[str] = None,
+                  localizer: str = "sam") -> CacheIdentity:
+    """The :class:`CacheIdentity` of tokens computed with a localizer's weights file.
 
     Args:
         sam_weights: path of the SAM file (``MODEL.REGIONSPOT.SAM_WEIGHTS``, ``~`` expanded).
         token_source: one of ``TOKEN_SOURCES``.
         dtype: "float32", "bfloat16", or ``None`` (any; only for an expected identity).
-        sam: the loaded ``Sam`` module, if at hand (its architecture is read from it instead
-            of the file's tensor shapes; the result is the same).
+        sam: the loaded ``Sam`` module of the "sam" family, if at hand (its architecture is
+            read from it instead of the file's tensor shapes; the result is the same).
         hash_dir: optional folder (the cache root) where the weights' content hash is
             remembered across processes (:func:`regionspot.weights_files.weights_content_hash`).
+        localizer: the family (``MODEL.REGIONSPOT.LOCALIZER``), which reads the architecture
+            from its own file format (:func:`regionspot.weights_files.localizer_architecture`).
 
     Raises:
-        WeightsError: the file is missing or not a SAM state dict.
+        WeightsError: the file is missing or not a state dict of that family.
         ValueError: unknown ``token_source`` or ``dtype``.
     """
     if token_source not in TOKEN_SOURCES:
@@ -254,9 +270,12 @@ def make_identity(sam_weights: str, token_source: str, dtype: Optional[str] = "f
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     path = require_file(sam_weights, "SAM")
-    arch = sam_architecture(sam.state_dict()) if sam is not None else _arch_from_file(path)
+    if sam is not None and localizer == "sam":
+        arch = sam_architecture(sam.state_dict())
+    else:
+        arch = _arch_from_file(path, localizer)
     return CacheIdentity(weights_content_hash(path, hash_dir), _canonical_arch(arch), token_source,
-                         token_dim(arch, token_source), dtype)
+                         token_dim(arch, token_source), dtype, localizer)
 
 
 def identity_from_config(cfg, dtype: Optional[str] = None) -> CacheIdentity:
@@ -265,7 +284,7 @@ def identity_from_config(cfg, dtype: Optional[str] = None) -> CacheIdentity:
     accepts the cache's dtype. Raises ``WeightsError`` (see :func:`make_identity`)."""
     rs = cfg.MODEL.REGIONSPOT
     return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype,
-                         hash_dir=rs.TOKEN_CACHE_DIR or None)
+                         hash_dir=rs.TOKEN_CACHE_DIR or None, localizer=rs.LOCALIZER)
 
 
 # ----------------------------------------------------------------------------- computing tokens

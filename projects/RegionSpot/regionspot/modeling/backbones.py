@@ -5,14 +5,17 @@ any vision-language model, joined by the trained head. Each family is a builder 
 one of two Detectron2 registries and chosen by a config key, so that a new family is one
 registered function and a yaml line, and ``RegionSpot.from_config`` never names a model:
 
-- ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` today (SAM ViT-B/L/H
-  from ``SAM_WEIGHTS``, architecture read from the file). A builder takes the config and returns
+- ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` (SAM ViT-B/L/H from
+  ``SAM_WEIGHTS``, architecture read from the file; the released pair), ``"sam_hq"`` (SAM-HQ
+  ViT-B/L/H from its official files, :mod:`.sam_hq`) or ``"sam2"`` (SAM 2 / 2.1 Hiera models,
+  :mod:`.sam2_localizer`). A builder takes the config and returns
   a localizer, an ``nn.Module`` with the interface of
   :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
   ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
   promptable model, also used by the ``sam_auto`` proposal source).
 - ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` (OpenAI CLIP
-  ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP ViT,
+  ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP model with
+  OpenCLIP's own ViT or a timm ViT / Eva image tower such as SigLIP or EVA02,
   :mod:`.open_clip_model`). A builder takes the config and returns a
   :class:`VisionLanguageModel`: the semantic encoder (image -> semantic feature map, with
   ``width`` and ``embed_dim``) and the text classifier (vocabulary -> text embeddings in the
@@ -127,6 +130,44 @@ def build_sam_localizer(cfg) -> nn.Module:
     return localizer
 
 
+@register_localizer("sam2")
+def build_sam2_localizer(cfg) -> nn.Module:
+    """SAM 2 / SAM 2.1 (``sam2`` package) from ``SAM_WEIGHTS`` (an official
+    ``sam2.1_hiera_{tiny,small,base_plus,large}.pt``; the package config chosen from its tensors,
+    or ``SAM2_CONFIG``), :mod:`.sam2_localizer`. Same token sources, box chunks, precision and
+    ``COMPILE`` as SAM; its images are resized to its square input by the localizer itself
+    (the data mapper's ``LOADER_RESIZE`` keeps SAM's aspect ratio and is not used)."""
+    from .sam2_localizer import Sam2PositionTokens, load_sam2
+
+    rs = cfg.MODEL.REGIONSPOT
+    model, arch = load_sam2(rs.SAM_WEIGHTS, rs.SAM2_CONFIG)
+    localizer = Sam2PositionTokens(model, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
+                                   rs.SAM_ATTENTION, identity=arch)
+    if rs.COMPILE:
+        localizer.compile_encoder()
+    return localizer
+
+
+@register_localizer("sam_hq")
+def build_sam_hq_localizer(cfg) -> nn.Module:
+    """SAM-HQ (``segment_anything_hq``) from ``SAM_WEIGHTS`` (``sam_hq_vit_{b,l,h}.pth``, loaded
+    strictly, architecture read from the file; :mod:`.sam_hq`). The token is mask token 0 after
+    the HQ decoder's two-way transformer (``TOKEN_SOURCE`` as for SAM); masks are SAM's mask
+    plus the HQ mask; the speed switches are SAM's (its image encoder is SAM's ViT)."""
+    from .sam_hq import SamHqPositionTokens, load_sam_hq
+
+    rs = cfg.MODEL.REGIONSPOT
+    sam = load_sam_hq(rs.SAM_WEIGHTS)
+    if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
+        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM-HQ's input is %d px: the loader's "
+                       "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
+                       rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
+    localizer = SamHqPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
+    if rs.COMPILE:
+        localizer.compile_encoder()
+    return localizer
+
+
 @register_vl_model("openai_clip")
 def build_openai_clip(cfg) -> VisionLanguageModel:
     """OpenAI CLIP (``clip`` package, TorchScript or state-dict file) from ``CLIP_WEIGHTS``: the
@@ -148,22 +189,25 @@ def build_openai_clip(cfg) -> VisionLanguageModel:
 
 @register_vl_model("open_clip")
 def build_open_clip(cfg) -> VisionLanguageModel:
-    """An OpenCLIP ViT (``open_clip`` package) from ``CLIP_WEIGHTS`` (a hub-layout folder, or a
-    file with ``OPENCLIP_MODEL``; :mod:`.open_clip_model`). Its image tower gives the semantic
-    feature map at its own input size (``CLIP_INPUT_SIZE`` resizes the positional embedding as
-    for OpenAI CLIP) with its own pixel normalisation; its text tower and tokenizer, the text
-    embeddings (same prompt ensemble, class-name style and cache; the cache identity names the
-    architecture and the weights file)."""
+    """An OpenCLIP model with a ViT image tower (``open_clip`` package) from ``CLIP_WEIGHTS`` (a
+    hub-layout folder, or a file with ``OPENCLIP_MODEL``; :mod:`.open_clip_model`): OpenCLIP's
+    own ViT (:class:`.ClipSemanticFeatures`) or a timm ViT / Eva tower such as SigLIP or EVA02
+    (:class:`.TimmSemanticFeatures`). Its image tower gives the semantic feature map at
+    ``CLIP_INPUT_SIZE`` (OpenCLIP's ViT: the positional embedding resized as for OpenAI CLIP;
+    timm: timm's ``set_input_size``) with its own pixel normalisation; its text tower and
+    tokenizer, the text embeddings (same prompt ensemble, class-name style and cache; the cache
+    identity names the architecture and the weights file)."""
     from .open_clip_model import load_open_clip
-    from .semantic_features import ClipSemanticFeatures
+    from .semantic_features import ClipSemanticFeatures, TimmSemanticFeatures
     from .text_classifier import TextClassifier
     from .text_embeddings import weights_fingerprint
 
     rs = cfg.MODEL.REGIONSPOT
     loaded = load_open_clip(rs.CLIP_WEIGHTS, rs.OPENCLIP_MODEL, rs.OPENCLIP_TOKENIZER)
-    semantic_encoder = ClipSemanticFeatures(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
-                                            rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
-                                            pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
+    encoder_class = TimmSemanticFeatures if loaded.tower == "timm" else ClipSemanticFeatures
+    semantic_encoder = encoder_class(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                     rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
+                                     pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
     if rs.COMPILE:
         semantic_encoder.compile_encoder()
     text_classifier = TextClassifier.from_config(

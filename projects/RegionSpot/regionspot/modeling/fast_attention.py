@@ -15,6 +15,7 @@ from the official forward by float rounding only (measured: <= 3e-6 on SAM ViT-B
 in float32; ``tools/benchmark.py --end-to-end`` records it per run).
 """
 
+import sys
 import types
 from typing import Tuple
 
@@ -175,11 +176,27 @@ def sdpa_block_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + self.mlp(self.norm2(x))
 
 
+def _sam_vit_classes() -> Tuple[tuple, tuple]:
+    """The ``Attention`` and ``Block`` classes of SAM's ViT: ``segment_anything``'s, and
+    ``segment_anything_hq``'s when that package is installed (SAM-HQ's image encoder is SAM's ViT,
+    module for module: same attributes, same forwards; only its encoder's loop also returns the
+    global blocks' outputs, which the forwards here do not touch)."""
+    from segment_anything.modeling import image_encoder as sam_vit
+
+    attention, block = [sam_vit.Attention], [sam_vit.Block]
+    # a SAM-HQ encoder exists only once its package is imported: SAM alone never imports it
+    hq_vit = sys.modules.get("segment_anything_hq.modeling.image_encoder")
+    if hq_vit is not None:
+        attention.append(hq_vit.Attention)
+        block.append(hq_vit.Block)
+    return tuple(attention), tuple(block)
+
+
 def set_sam_attention(image_encoder: nn.Module, kind: str) -> int:
     """Choose the attention forward of every attention layer (and block) of a SAM image encoder.
 
     Args:
-        image_encoder: ``segment_anything``'s ``ImageEncoderViT``.
+        image_encoder: ``segment_anything``'s ``ImageEncoderViT`` (or SAM-HQ's, the same ViT).
         kind: "official" (segment_anything's own forwards) or "sdpa"
             (:func:`sdpa_attention_forward` for the attention layers, :func:`sdpa_block_forward`
             for the blocks that hold them).
@@ -190,8 +207,7 @@ def set_sam_attention(image_encoder: nn.Module, kind: str) -> int:
     Raises:
         ValueError: an unknown ``kind``, or an encoder without segment_anything attention layers.
     """
-    from segment_anything.modeling.image_encoder import Attention, Block
-
+    Attention, Block = _sam_vit_classes()
     if kind not in SAM_ATTENTION_KINDS:
         raise ValueError(f"SAM attention must be one of {SAM_ATTENTION_KINDS}, got {kind!r}")
     layers = [m for m in image_encoder.modules() if isinstance(m, Attention)]
@@ -208,7 +224,7 @@ def set_sam_attention(image_encoder: nn.Module, kind: str) -> int:
 
 def sam_attention_kind(image_encoder: nn.Module) -> str:
     """Which forward the attention layers of ``image_encoder`` run: "official" or "sdpa"."""
-    from segment_anything.modeling.image_encoder import Attention
+    Attention, _ = _sam_vit_classes()
 
     kinds = {"sdpa" if "forward" in m.__dict__ else "official"
              for m in image_encoder.modules() if isinstance(m, Attention)}

@@ -42,7 +42,7 @@ from ..checkpoint import RELEASED_PAIR, register_head_only_state
 from ..config import resolve_config_device
 from ..data.validation import check_images
 from ..filter_report import FilterReport, report_of_input
-from ..structures import ImageFeatures, RegionRecognition
+from ..structures import ImageFeatures, RegionRecognition, stack_embeddings
 from .backbones import build_localizer, build_vl_model
 from .head import RegionSpotHead, region_logits
 from .losses import RegionSpotCriterion
@@ -138,14 +138,14 @@ class RegionSpot(nn.Module):
             localizer=localizer,
             semantic_encoder=semantic_encoder,
             head=head,
-            proposal_generator=RegionProposalGenerator.from_config(cfg, localizer.sam),
+            proposal_generator=RegionProposalGenerator.from_config(cfg, localizer),
             text_classifier=text_classifier,
             criterion=RegionSpotCriterion.from_config(cfg),
             protocol=RecognitionProtocol.from_config(cfg),
             mask_on=cfg.MODEL.MASK_ON,
             logit_scale=rs.LOGIT_SCALE,
             vocabulary=build_time_vocabulary(cfg),
-            pair={"localizer": rs.LOCALIZER, "vl_model": vl_identity},
+            pair={"localizer": getattr(localizer, "pair_name", rs.LOCALIZER), "vl_model": vl_identity},
         )
 
     @property
@@ -251,7 +251,7 @@ class RegionSpot(nn.Module):
         position-aware tokens and, with ``with_masks``, masks and predicted IoUs."""
         if not features:
             return []
-        return self.localizer.prompt(torch.stack([f.sam_embedding for f in features]),
+        return self.localizer.prompt(stack_embeddings([f.sam_embedding for f in features]),
                                      [p.proposal_boxes.tensor for p in proposals],
                                      [f.image_size for f in features], with_masks)
 

@@ -1,11 +1,20 @@
 """OpenCLIP (``open_clip`` package) as RegionSpot's vision-language model (``VL_MODEL open_clip``).
 
-Only OpenCLIP models whose image tower is OpenCLIP's own ViT (``open_clip.transformer.
-VisionTransformer``: patch embedding, class token, positional embedding, pre-LayerNorm,
-transformer, token pooling) are accepted: their last block's tokens form the semantic feature
-map exactly as for OpenAI CLIP (class token first, before ``ln_post``/``proj``), so
-:class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures` serves both. Towers from
-timm (EVA, SigLIP via timm), attention-pooled towers and ResNets are refused with the reason.
+Two kinds of image tower are accepted (:func:`check_image_tower`):
+
+- OpenCLIP's own ViT (``open_clip.transformer.VisionTransformer``: patch embedding, class
+  token, positional embedding, pre-LayerNorm, transformer, token pooling): its last block's
+  tokens form the semantic feature map exactly as for OpenAI CLIP (class token first, before
+  ``ln_post``/``proj``), so :class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`
+  serves both;
+- a timm ViT-family trunk in OpenCLIP's ``TimmModel`` (timm ``VisionTransformer``: SigLIP /
+  SigLIP 2, attention-pooled (``global_pool='map'``) without a class token; timm ``Eva``:
+  EVA02-CLIP, with a class token and rotary positions): the trunk's last block's tokens before
+  its final norm (:class:`~regionspot.modeling.semantic_features.TimmSemanticFeatures`).
+
+Refused with the reason: ResNets (``ModifiedResNet``), timm towers that are not ViTs (ConvNeXt,
+ResNet, ...) or use OpenCLIP's 2-D attention pools, and OpenCLIP's own ViTs that pool by
+attention or average instead of their class token.
 
 Weights (``CLIP_WEIGHTS``), never downloaded:
 
@@ -42,6 +51,8 @@ class OpenClipModel(NamedTuple):
         pixel_mean, pixel_std: the model's image normalisation (RGB, for pixels in [0, 1]).
         weights_file: the weights file loaded (for the cache identity).
         name: the architecture (built-in name, or the folder's).
+        tower: the image tower's kind, ``"vit"`` (OpenCLIP's own ViT) or ``"timm"`` (a timm
+            ViT / Eva trunk); :func:`check_image_tower`.
     """
 
     model: nn.Module
@@ -50,6 +61,7 @@ class OpenClipModel(NamedTuple):
     pixel_std: Tuple[float, float, float]
     weights_file: str
     name: str
+    tower: str = "vit"
 
 
 def _find_weights(folder: str) -> Optional[str]:
@@ -61,18 +73,45 @@ def _find_weights(folder: str) -> Optional[str]:
     return None
 
 
-def check_vit_tower(model: nn.Module, where: str) -> None:
-    """Raise :class:`WeightsError` unless the image tower is OpenCLIP's token-pooled ViT."""
+def check_image_tower(model: nn.Module, where: str) -> str:
+    """Which semantic encoder an OpenCLIP model's image tower takes, or a refusal.
+
+    Returns:
+        ``"vit"``: OpenCLIP's own class-token ViT (``open_clip.transformer.VisionTransformer``,
+        :class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`); ``"timm"``: a timm
+        ViT-family trunk in OpenCLIP's ``TimmModel`` (timm ``VisionTransformer``, e.g. SigLIP, or
+        ``Eva``, e.g. EVA02; :class:`~regionspot.modeling.semantic_features.TimmSemanticFeatures`).
+
+    Raises:
+        WeightsError: (one line naming ``where`` and ``CLIP_WEIGHTS``) a ResNet (``ModifiedResNet``),
+            a timm tower that is not a ViT (ConvNeXt, ResNet, ...) or has OpenCLIP's 2-D attention
+            pool, an OpenCLIP ViT that pools with attention or an average instead of its class token.
+    """
     visual = getattr(model, "visual", None)
+    kind = type(visual).__name__
+    if hasattr(visual, "trunk"):  # open_clip.timm_model.TimmModel
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+
+        trunk = visual.trunk
+        if not isinstance(trunk, (VisionTransformer, Eva)):
+            raise WeightsError(f"{where}: its timm image tower is {type(trunk).__name__}, not a ViT: MODEL.REGIONSPOT."
+                               "VL_MODEL open_clip takes OpenCLIP's own ViT or a timm VisionTransformer / Eva tower "
+                               "(e.g. ViT-B-16-SigLIP, EVA02-L-14)")
+        if "pool" in getattr(visual, "head", {}):
+            raise WeightsError(f"{where}: its timm tower pools with OpenCLIP's 2-D attention pool (timm_pool "
+                               "abs_attn / rot_attn), a CNN head RegionSpot's semantic feature map does not support")
+        return "timm"
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
     missing = [name for name in needed if not hasattr(visual, name)]
     if missing:
-        raise WeightsError(f"{where}: an OpenCLIP model without a ViT image tower ({type(visual).__name__}; "
+        raise WeightsError(f"{where}: an OpenCLIP model without a ViT image tower ({kind}; "
                            f"lacks {', '.join(missing)}): MODEL.REGIONSPOT.VL_MODEL open_clip needs OpenCLIP's "
-                           "own ViT (e.g. ViT-B-16, ViT-L-14)")
+                           "own ViT (e.g. ViT-B-16, ViT-L-14) or a timm ViT tower (SigLIP, EVA02)")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise WeightsError(f"{where}: this OpenCLIP ViT pools with {getattr(visual, 'pool_type', 'attn_pool')!r}, "
                            "not its class token; RegionSpot's semantic feature map needs a class-token ViT")
+    return "vit"
 
 
 def load_open_clip(weights: str, model_name: str = "", tokenizer_dir: str = "") -> OpenClipModel:
@@ -127,14 +166,21 @@ def load_open_clip(weights: str, model_name: str = "", tokenizer_dir: str = "") 
     except (RuntimeError, ValueError, KeyError) as e:
         raise WeightsError(f"MODEL.REGIONSPOT.CLIP_WEIGHTS {weights!r} could not be loaded as OpenCLIP {name}: "
                            f"{' '.join(str(e).split())[:300]}") from None
-    check_vit_tower(model, name)
+    tower = check_image_tower(model, f"MODEL.REGIONSPOT.CLIP_WEIGHTS {weights!r} (OpenCLIP {name})")
     if hub_tokenizer:
-        tokenizer = open_clip.tokenizer.HFTokenizer(os.path.expanduser(tokenizer_dir),
-                                                    context_length=model.context_length)
+        # as open_clip.get_tokenizer builds it, with the config's tokenizer_kwargs (SigLIP's
+        # clean="canonicalize") and tokenizer_mode, from the local folder instead of the hub
+        try:
+            tokenizer = open_clip.tokenizer.HFTokenizer(
+                os.path.expanduser(tokenizer_dir), context_length=model.context_length,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+        except ImportError as e:
+            raise WeightsError(f"MODEL.REGIONSPOT.OPENCLIP_TOKENIZER {tokenizer_dir!r}: a Hugging Face tokenizer "
+                               f"needs the transformers package ({e})") from None
     else:
         tokenizer = open_clip.get_tokenizer(spec if spec.startswith("local-dir:") else model_name)
     normalize = [t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"]
     mean = tuple(float(v) for v in (normalize[0].mean if normalize else open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in (normalize[0].std if normalize else open_clip.OPENAI_DATASET_STD))
     model = model.float().eval().requires_grad_(False)
-    return OpenClipModel(model, tokenizer, mean, std, weights_file, name)
+    return OpenClipModel(model, tokenizer, mean, std, weights_file, name, tower)

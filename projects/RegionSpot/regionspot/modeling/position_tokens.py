@@ -24,6 +24,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..structures import embedding_batch_size
 from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
 from ..weights_files import TOKEN_SOURCES  # noqa: F401  (shared with the SAM-token cache's identity)
 from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
@@ -36,6 +37,12 @@ MASK_PASTE_CHUNK = 16
 # The mask logit given to SAM for a binary mask prompt (+ inside, - outside): SAM's own
 # low-resolution logits of a confident mask are of this order.
 MASK_PROMPT_LOGIT = 10.0
+
+
+def _any_tensor(embeddings) -> torch.Tensor:
+    """A tensor of a batched localizer embedding (SAM's tensor, or one of a dict's tensors,
+    :data:`~regionspot.structures.LocalizerEmbedding`): its batch size and device are the batch's."""
+    return next(iter(embeddings.values())) if isinstance(embeddings, dict) else embeddings
 
 
 class BoxPrompts(NamedTuple):
@@ -272,7 +279,8 @@ class SamPositionTokens(nn.Module):
         :attr:`box_chunk_size` at a time, each box against its own image's embedding.
 
         Args:
-            image_embeddings: (B, 256, g, g) SAM embeddings.
+            image_embeddings: (B, 256, g, g) SAM embeddings (or the localizer's dict of such
+                batched tensors, :data:`~regionspot.structures.LocalizerEmbedding`).
             boxes: B tensors (N_i, 4) float, XYXY_ABS pixels of image i, of size ``image_sizes[i]``.
             image_sizes: B (H_i, W_i).
             with_masks: also compute low-resolution masks and predicted IoUs (needed for
@@ -285,15 +293,16 @@ class SamPositionTokens(nn.Module):
         Raises:
             ValueError: the numbers of embeddings, box tensors and sizes differ.
         """
-        if not (image_embeddings.shape[0] == len(boxes) == len(image_sizes)):
-            raise ValueError(f"{image_embeddings.shape[0]} image embeddings, {len(boxes)} box tensors and "
+        num_embeddings = embedding_batch_size(image_embeddings)
+        if not (num_embeddings == len(boxes) == len(image_sizes)):
+            raise ValueError(f"{num_embeddings} image embeddings, {len(boxes)} box tensors and "
                              f"{len(image_sizes)} image sizes: expected one of each per image")
         with encoder_autocast(self.device, dtype or self.dtype):
             return self._prompt(image_embeddings, boxes, image_sizes, with_masks)
 
     def _prompt(self, image_embeddings: torch.Tensor, boxes: Sequence[torch.Tensor],
                 image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
-        device = image_embeddings.device
+        device = _any_tensor(image_embeddings).device
         counts = [int(b.shape[0]) for b in boxes]
         in_sam = [self.transform.apply_boxes_torch(b.to(device).float(), tuple(size))
                   for b, size in zip(boxes, image_sizes)]
@@ -444,6 +453,29 @@ class SamPositionTokens(nn.Module):
         low = self.sam.prompt_encoder.mask_input_size
         low_res = torch.nn.functional.interpolate(padded, size=tuple(low), mode="bilinear", align_corners=False)
         return torch.where(low_res > 0.5, logit, -logit).float()
+
+    def mask_generator(self, settings: Dict[str, object], image_shape: Tuple[int, int], embedding: torch.Tensor,
+                       input_size: Tuple[int, int]):
+        """SAM's automatic mask generator (``sam_auto`` proposals) for one image already encoded.
+
+        A ``segment_anything.SamAutomaticMaskGenerator`` that counts what each of its filters
+        removes (:func:`~.proposals.sam_auto.counting_mask_generator_class`) and whose predictor
+        reuses ``embedding`` instead of running SAM's image encoder again (crops, with
+        ``CROP_N_LAYERS`` > 0, are encoded by SAM itself).
+
+        Args:
+            settings: ``SamAutomaticMaskGenerator`` keyword arguments (``MODEL.REGIONSPOT.SAM_AUTO``).
+            image_shape: (H, W) of the image the generator is given.
+            embedding: (256, g, g), this localizer's embedding of that image.
+            input_size: (h, w) of the image inside SAM's padded input (:meth:`preprocess`).
+        """
+        from segment_anything import SamPredictor
+
+        from .proposals.sam_auto import counting_mask_generator_class, embedded_predictor
+
+        generator = counting_mask_generator_class()(self.sam, output_mode="binary_mask", **settings)
+        generator.predictor = embedded_predictor(SamPredictor, self.sam, image_shape, embedding, input_size)
+        return generator
 
     def paste_masks(
         self,

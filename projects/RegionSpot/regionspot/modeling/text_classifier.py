@@ -31,6 +31,42 @@ from .text_embeddings import PROMPT_TEMPLATES, cache_path, load_or_compute_text_
 logger = logging.getLogger(__name__)
 
 
+def _text_projection(clip_model):
+    """The text tower's output projection: ``clip_model.text_projection`` (OpenAI CLIP, OpenCLIP's
+    ``CLIP``), else ``clip_model.text.text_projection`` (OpenCLIP's ``CustomTextCLIP``: EVA02,
+    SigLIP); a (width, E) tensor or an ``nn.Linear``, or None."""
+    proj = getattr(clip_model, "text_projection", None)
+    if proj is None:
+        proj = getattr(getattr(clip_model, "text", None), "text_projection", None)
+    return proj
+
+
+def text_embed_dim(clip_model) -> int:
+    """E, the width of a CLIP model's joint embedding space (its text tower's output width).
+
+    Raises:
+        ValueError: the model has no text projection to read it from.
+    """
+    proj = _text_projection(clip_model)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    if torch.is_tensor(proj) and proj.dim() == 2:
+        return int(proj.shape[1])
+    output_dim = getattr(getattr(clip_model, "text", None), "output_dim", None)
+    if isinstance(output_dim, int):
+        return output_dim
+    raise ValueError(f"{type(clip_model).__name__}: no text projection to read the embedding width from")
+
+
+def _model_device(clip_model) -> torch.device:
+    proj = _text_projection(clip_model)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.weight.device
+    if torch.is_tensor(proj):
+        return proj.device
+    return next(clip_model.parameters()).device
+
+
 @dataclass
 class Vocabulary:
     """A vocabulary with its text embeddings (one per training dataset, and the one evaluation
@@ -101,7 +137,7 @@ class TextClassifier:
     @property
     def embed_dim(self) -> int:
         """E, the width of CLIP's joint embedding space."""
-        return self.clip.text_projection.shape[1]
+        return text_embed_dim(self.clip)
 
     def texts(self, class_names: Sequence[str]) -> List[str]:
         """The names handed to the text encoder under the classifier's style
@@ -143,7 +179,7 @@ class TextClassifier:
         embeddings = load_or_compute_text_embeddings(
             self.clip, self.texts(names), weights_id=self.weights_id, cache_dir=self.cache_dir,
             templates=self.templates, batch_size=self.batch_size, tokenizer=self.tokenizer)
-        return embeddings.to(device if device is not None else self.clip.text_projection.device)
+        return embeddings.to(device if device is not None else _model_device(self.clip))
 
     def check_embeddings(self, text_embeddings: torch.Tensor, num_classes: int, device=None) -> torch.Tensor:
         """``text_embeddings`` as float32 on ``device`` if they are (C, E) for this CLIP.
@@ -155,7 +191,7 @@ class TextClassifier:
         if not torch.is_tensor(text_embeddings) or tuple(text_embeddings.shape) != expected:
             got = tuple(text_embeddings.shape) if torch.is_tensor(text_embeddings) else type(text_embeddings).__name__
             raise ValueError(f"text_embeddings must have shape {expected} for this vocabulary and CLIP, got {got}")
-        return text_embeddings.float().to(device if device is not None else self.clip.text_projection.device)
+        return text_embeddings.float().to(device if device is not None else _model_device(self.clip))
 
     def vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None, *,
                    ancestors: Optional[Dict[int, List[int]]] = None, allow_duplicates: bool = False,

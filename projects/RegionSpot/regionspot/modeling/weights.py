@@ -38,20 +38,24 @@ def _torch_load(path: str, what: str):
         raise WeightsError(f"cannot read {what} weights file {path!r}: {type(e).__name__}: {e}") from e
 
 
-def build_sam(arch: Dict[str, object]) -> nn.Module:
+def build_sam(arch: Dict[str, object], hq: bool = False) -> nn.Module:
     """Build an (untrained) ``segment_anything.modeling.Sam`` for the given encoder hyper-parameters.
 
     The prompt encoder and mask decoder are SAM's standard ones (prompt dim ``out_chans``,
     two-way transformer depth 2, 8 heads, MLP 2048), as in ``segment_anything.build_sam``.
+    With ``hq``, SAM-HQ's: ``segment_anything_hq``'s modules and its ``MaskDecoderHQ`` reading
+    ViT features of width ``arch["vit_dim"]``, as ``segment_anything_hq.build_sam`` builds it
+    (import the package through :func:`regionspot.modeling.sam_hq.hq_package` first).
     """
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+    if hq:
+        from segment_anything_hq.modeling import ImageEncoderViT, PromptEncoder, Sam, TwoWayTransformer
+        from segment_anything_hq.modeling import MaskDecoderHQ as MaskDecoder
 
+        decoder_args = {"vit_dim": arch["vit_dim"]}
+    else:
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+        decoder_args = {}
     img_size, patch_size, dim = arch["img_size"], arch["patch_size"], arch["out_chans"]
     grid = img_size // patch_size
     sam = Sam(
@@ -81,6 +85,7 @@ def build_sam(arch: Dict[str, object]) -> nn.Module:
             transformer_dim=dim,
             iou_head_depth=3,
             iou_head_hidden_dim=256,
+            **decoder_args,
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
@@ -95,12 +100,20 @@ def load_sam(path: str) -> nn.Module:
         path: an official ``sam_vit_{b,l,h}_*.pth`` or a file in the same format.
 
     Raises:
-        WeightsError: missing, unreadable, or not a SAM state dict (keys or shapes differ).
+        WeightsError: missing, unreadable, or not a SAM state dict (keys or shapes differ); a
+            SAM-HQ or SAM 2 file (one line saying to set ``LOCALIZER sam_hq`` / ``sam2``).
     """
     path = require_file(path, "SAM")
     state = _torch_load(path, "SAM")
     if not isinstance(state, dict):
         raise WeightsError(f"SAM weights file {path!r} does not hold a state dict")
+    if "mask_decoder.hf_token.weight" in state:
+        raise WeightsError(f"{path} (MODEL.REGIONSPOT.SAM_WEIGHTS) is a SAM-HQ file (its mask decoder has the HQ "
+                           "token mask_decoder.hf_token), not a plain SAM file: set MODEL.REGIONSPOT.LOCALIZER sam_hq")
+    inner = state.get("model") if isinstance(state.get("model"), dict) else state
+    if any(k.startswith("image_encoder.trunk.") for k in inner):
+        raise WeightsError(f"{path} (MODEL.REGIONSPOT.SAM_WEIGHTS) is a SAM 2 file (a Hiera image encoder), not a "
+                           "SAM file: set MODEL.REGIONSPOT.LOCALIZER sam2")
     arch = sam_architecture(state)
     sam = build_sam(arch)
     try:

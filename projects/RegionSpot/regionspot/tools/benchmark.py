@@ -320,8 +320,9 @@ def parameter_counts(model) -> Dict[str, int]:
         "head": count_params(model.head),
         "head_trainable": sum(p.numel() for p in model.head.parameters() if p.requires_grad),
         "sam_image_encoder": count_params(sam.image_encoder),
-        "sam_prompt_encoder": count_params(sam.prompt_encoder),
-        "sam_mask_decoder": count_params(sam.mask_decoder),
+        # SAM 2 names them sam_prompt_encoder / sam_mask_decoder
+        "sam_prompt_encoder": count_params(getattr(sam, "prompt_encoder", None) or sam.sam_prompt_encoder),
+        "sam_mask_decoder": count_params(getattr(sam, "mask_decoder", None) or sam.sam_mask_decoder),
         "sam_total": count_params(sam),
         "clip_visual": count_params(clip_model.visual),
         "clip_total": count_params(clip_model),
@@ -649,6 +650,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from regionspot.tools import benchmark_eval
 
         return benchmark_eval.main([a for a in argv if a != "--evaluator"])
+    if "--pairs" in argv:  # the pairs table has its own options (regionspot/tools/benchmark_pairs.py)
+        from regionspot.tools import benchmark_pairs
+
+        return benchmark_pairs.main([a for a in argv if a != "--pairs"])
     parser = build_parser()
     setup_logging()  # the console; the log file next to the JSON once its path is resolved
     args = resolve_settings(parser.parse_args(argv), parser)

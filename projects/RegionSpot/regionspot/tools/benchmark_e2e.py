@@ -360,16 +360,19 @@ def build_cfg(variant: str, settings: Dict[str, object], device: str, workers: i
     Raises:
         ToolError: a switch the config refuses.
     """
-    from regionspot.testing.random_backbones import SAM_PRESETS, VARIANTS
+    from regionspot.testing.random_backbones import SAM_PRESETS, VARIANTS, localizer_family
 
-    sam_preset, _, clip_size = VARIANTS[variant]
+    localizer_spec, _, clip_size = VARIANTS[variant]
+    family, sam_preset = localizer_family(localizer_spec)
+    # the loader's SAM resize (long side): SAM's and SAM-HQ's input; SAM 2 squashes to its square itself
+    sam_input = int(SAM_PRESETS[sam_preset].get("img_size", 1024)) if family != "sam2" else 1024
     return load_config(os.path.join(CONFIGS, "Base-RegionSpot.yaml"), [
         "MODEL.REGIONSPOT.CLIP_INPUT_SIZE", int(clip_size),
         "MODEL.REGIONSPOT.ENCODER_PRECISION", settings["precision"],
         "MODEL.REGIONSPOT.SAM_ATTENTION", settings["attention"],
         "MODEL.REGIONSPOT.COMPILE", bool(settings["compile"]),
         "MODEL.REGIONSPOT.LOADER_RESIZE", bool(settings["worker_resize"]),
-        "MODEL.REGIONSPOT.SAM_INPUT_SIZE", int(SAM_PRESETS[sam_preset].get("img_size", 1024)),
+        "MODEL.REGIONSPOT.SAM_INPUT_SIZE", sam_input,
         "MODEL.MASK_ON", False,
         "MODEL.DEVICE", device,
         "TEST.IMS_PER_BATCH", int(settings["batch"]),
@@ -572,9 +575,10 @@ def run_end_to_end(args) -> int:
             register_dataset(dataset, json_path, os.path.join(args.data_dir, "images"))
     class_names = vocabulary_by_name(dataset)
     g = torch.Generator().manual_seed(args.seed)
-    from regionspot.testing.random_backbones import VARIANTS, random_clip
+    from regionspot.testing.random_backbones import VARIANTS, random_vl_model
 
-    embed_dim = random_clip(VARIANTS[args.model][1]).text_projection.shape[1] if args.model != "small" else 32
+    _, vl_spec, clip_size = VARIANTS[args.model]
+    embed_dim = random_vl_model(vl_spec, clip_size, with_text=False)[0].embed_dim
     text_embeddings = torch.nn.functional.normalize(torch.randn(len(class_names), embed_dim, generator=g), dim=-1)
 
     report = {

@@ -112,7 +112,7 @@ def sam_identity(cfg, dtype: Optional[str]):
     if not str(rs.SAM_WEIGHTS or "").strip():
         raise ToolError("the config has no SAM weights: set MODEL.REGIONSPOT.SAM_WEIGHTS")
     try:
-        return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype)
+        return make_identity(os.path.expanduser(rs.SAM_WEIGHTS), rs.TOKEN_SOURCE, dtype, localizer=rs.LOCALIZER)
     except (WeightsError, OSError, ValueError) as e:
         raise ToolError(str(e)) from e
 
@@ -360,8 +360,7 @@ def _launched_main(options: Dict[str, Any]) -> None:
 
     from regionspot.cli import setup_logging
     from regionspot.data import token_cache as tc
-    from regionspot.modeling.position_tokens import SamPositionTokens
-    from regionspot.modeling.weights import load_sam
+    from regionspot.modeling.backbones import build_localizer
 
     rank, world = comm.get_rank(), comm.get_world_size()
     _quiet_warnings()
@@ -371,15 +370,16 @@ def _launched_main(options: Dict[str, Any]) -> None:
     records = options.get("records")  # one process: the dataset run() loaded; else each loads it
     if records is None:
         records = dataset_records(options["dataset"], options["register"])
-    rs = cfg.MODEL.REGIONSPOT
     device = torch.device(cfg.MODEL.DEVICE)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", comm.get_local_rank())
     elif device.type == "cpu" and comm.get_local_size() > 1:  # share the cores, do not oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
-    sam = load_sam(os.path.expanduser(rs.SAM_WEIGHTS))
-    # the model's localizer with its attention (same result up to rounding); tokens always in float32
-    position = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, attention=rs.SAM_ATTENTION).to(device)
+    # the model's localizer (MODEL.REGIONSPOT.LOCALIZER) with its attention (same result up to
+    # rounding); tokens always in float32 (extract_tokens); the model's COMPILE is not used here
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.COMPILE = False
+    position = build_localizer(cfg).to(device)
     identity = tc.CacheIdentity.from_dict(options["identity"])
     if position.token_dim != identity.token_dim:
         raise RuntimeError(f"SAM gives {position.token_dim}-d tokens, the identity says {identity.token_dim}")

@@ -35,8 +35,9 @@ class RegionProposalGenerator(nn.Module):
 
     Args:
         source: ``PROPOSALS``, one of :data:`~regionspot.modeling.proposals.PROPOSAL_SOURCES`.
-        sam: the localizer's SAM (``sam_auto`` runs its decoder on the image embedding the
-            localizer computed; not registered here a second time).
+        localizer: the model's localizer (``sam_auto`` runs its package's automatic mask
+            generator on the image embedding the localizer computed; not registered here a
+            second time).
         sam_auto_settings: ``SamAutomaticMaskGenerator`` settings
             (:meth:`SamAutoProposalGenerator.settings_from_config`).
         rpn: an :class:`~.rpn.RPNProposalGenerator`, needed for "rpn" (frozen, a submodule).
@@ -46,7 +47,7 @@ class RegionProposalGenerator(nn.Module):
         ValueError: an unknown source, "rpn" without an RPN, a non-positive ``topk``.
     """
 
-    def __init__(self, source: str = "gt", *, sam: Optional[nn.Module] = None,
+    def __init__(self, source: str = "gt", *, localizer: Optional[nn.Module] = None,
                  sam_auto_settings: Optional[Dict[str, object]] = None, rpn: Optional[nn.Module] = None,
                  topk: int = 1000, score_thresh: float = 0.0, nms_thresh: float = 0.0):
         super().__init__()
@@ -57,19 +58,21 @@ class RegionProposalGenerator(nn.Module):
             raise ValueError('MODEL.REGIONSPOT.PROPOSALS is "rpn" but no RPN was given: set '
                              'MODEL.REGIONSPOT.RPN_WEIGHTS (see configs/eval_lvis_rpn.yaml)')
         self.rpn = rpn
-        self.sam_auto = SamAutoProposalGenerator(sam, sam_auto_settings or {}) if sam is not None else None
+        self.sam_auto = (SamAutoProposalGenerator(localizer, sam_auto_settings or {})
+                         if localizer is not None else None)
         self.selection = dict(topk=topk, score_thresh=score_thresh, nms_thresh=nms_thresh)
 
     @classmethod
-    def from_config(cls, cfg, sam: nn.Module) -> "RegionProposalGenerator":
+    def from_config(cls, cfg, localizer: nn.Module) -> "RegionProposalGenerator":
         rs = cfg.MODEL.REGIONSPOT
         rpn = None
         if rs.PROPOSALS == "rpn" or rs.RPN_WEIGHTS:
             from .rpn import RPNProposalGenerator
 
             rpn = RPNProposalGenerator(cfg, rs.RPN_WEIGHTS, rs.RPN_INPUT_FORMAT)
-        return cls(rs.PROPOSALS, sam=sam, sam_auto_settings=SamAutoProposalGenerator.settings_from_config(cfg),
-                   rpn=rpn, topk=rs.PROPOSAL_TOPK, score_thresh=rs.PROPOSAL_SCORE_THRESH,
+        return cls(rs.PROPOSALS, localizer=localizer,
+                   sam_auto_settings=SamAutoProposalGenerator.settings_from_config(cfg), rpn=rpn,
+                   topk=rs.PROPOSAL_TOPK, score_thresh=rs.PROPOSAL_SCORE_THRESH,
                    nms_thresh=rs.PROPOSAL_NMS_THRESH)
 
     def train(self, mode: bool = True):

@@ -30,23 +30,32 @@ from detectron2.structures import Boxes, Instances
 from . import score_to_logit
 
 
-def _embedded_predictor(sam, image_shape: Tuple[int, int], embedding: torch.Tensor,
-                        input_size: Tuple[int, int]):
-    """A ``SamPredictor`` whose ``set_image`` reuses ``embedding`` for an image of ``image_shape``."""
-    from segment_anything import SamPredictor
+def embedded_predictor(predictor_class, model, image_shape: Tuple[int, int], embedding,
+                       input_size: Tuple[int, int]):
+    """A ``SamPredictor`` (of ``segment_anything`` or ``segment_anything_hq``: ``predictor_class``)
+    whose ``set_image`` reuses the localizer's ``embedding`` for an image of ``image_shape``.
 
-    class EmbeddedImagePredictor(SamPredictor):
+    Args:
+        embedding: (256, g, g) SAM embedding, or SAM-HQ's dict with ``"image"`` and
+            ``"interm"`` (its early ViT features, read by the HQ decoder).
+    """
+
+    class EmbeddedImagePredictor(predictor_class):
         def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
             if tuple(image.shape[:2]) != tuple(image_shape):  # a crop: let SAM encode it
                 return super().set_image(image, image_format)
             self.reset_image()
             self.original_size = tuple(image_shape)
             self.input_size = tuple(input_size)
-            self.features = embedding[None]
+            if isinstance(embedding, dict):  # SAM-HQ
+                self.features = embedding["image"][None]
+                self.interm_features = [embedding["interm"][None]]
+            else:
+                self.features = embedding[None]
             self.is_image_set = True
             return None
 
-    return EmbeddedImagePredictor(sam)
+    return EmbeddedImagePredictor(model)
 
 
 _SAM_AUTO_KEY = "MODEL.REGIONSPOT.SAM_AUTO."
@@ -54,8 +63,51 @@ _SAM_AUTO_KEY = "MODEL.REGIONSPOT.SAM_AUTO."
 _SAM_FILTERS = ("pred_iou", "stability", "crop_edge", "box_nms", "crop_nms", "small_regions")
 
 
-def counting_mask_generator_class():
-    """``CountingMaskGenerator``: ``segment_anything.SamAutomaticMaskGenerator`` counting what
+class FilterCounting:
+    """Mixin for an automatic mask generator class (``segment_anything``'s, SAM-HQ's or
+    ``sam2``'s, placed after this class in the bases) that counts what each of its filters removes.
+
+    The subclass restates ``_process_batch`` with :meth:`filter_counted` at its filters and adds
+    the masks it keeps to ``_batch_kept``; box NMS, NMS between crops and the small-region
+    clean-up are counted around the generator's own methods. ``counts`` keys: ``generated``
+    and :data:`_SAM_FILTERS`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts = dict.fromkeys(("generated",) + _SAM_FILTERS, 0)
+        self._batch_kept = 0  # masks that left _process_batch, all crops so far
+        self._crop_kept = 0  # masks that left _process_crop (after box NMS), all crops so far
+
+    def filter_counted(self, data, keep_mask: torch.Tensor, counter: str) -> None:
+        """``data.filter(keep_mask)``, adding the masks it removes to ``counts[counter]``."""
+        self.counts[counter] += int((~keep_mask).sum())
+        data.filter(keep_mask)
+
+    # ``*args``: SAM-HQ's generator passes ``multimask_output`` on to these steps
+    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size, *args):
+        before = self._batch_kept
+        data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size, *args)
+        self.counts["box_nms"] += (self._batch_kept - before) - len(data["rles"])
+        self._crop_kept += len(data["rles"])
+        return data
+
+    def _generate_masks(self, image, *args):
+        before = self._crop_kept
+        data = super()._generate_masks(image, *args)
+        self.counts["crop_nms"] += (self._crop_kept - before) - len(data["rles"])
+        return data
+
+    def postprocess_small_regions(self, mask_data, min_area, nms_thresh):
+        before = len(mask_data["rles"])
+        mask_data = super().postprocess_small_regions(mask_data, min_area, nms_thresh)
+        self.counts["small_regions"] += before - len(mask_data["rles"])
+        return mask_data
+
+
+def counting_mask_generator_class(base=None):
+    """``CountingMaskGenerator``: ``base`` (default ``segment_anything.SamAutomaticMaskGenerator``;
+    SAM-HQ's generator has the same steps) counting what
     each of its filters removes (the class is built on first use: ``segment_anything`` is
     imported lazily, as everywhere in this package).
 
@@ -67,15 +119,17 @@ def counting_mask_generator_class():
     ``min_mask_region_area``'s clean-up). ``generated`` minus all removals is the number of
     regions ``generate`` returns.
 
-    ``_process_batch`` is segment_anything 1.0's, step for step, with the counts added (its
+    ``_process_batch`` is segment_anything 1.0's (and segment_anything_hq 0.3's, which only adds
+    its ``multimask_output`` argument), step for step, with the counts added (its
     filters are inside one method, so it is restated here from the package's public
     ``utils.amg`` pieces); the other steps are counted around segment_anything's own methods.
     A test checks that the regions equal those of SAM's own generator.
     """
-    global _COUNTING_GENERATOR
-    if _COUNTING_GENERATOR is not None:
-        return _COUNTING_GENERATOR
     from segment_anything import SamAutomaticMaskGenerator
+
+    base = base or SamAutomaticMaskGenerator
+    if base in _COUNTING_GENERATORS:
+        return _COUNTING_GENERATORS[base]
     from segment_anything.utils.amg import (
         MaskData,
         batched_mask_to_box,
@@ -85,85 +139,57 @@ def counting_mask_generator_class():
         uncrop_masks,
     )
 
-    class CountingMaskGenerator(SamAutomaticMaskGenerator):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.counts = dict.fromkeys(("generated",) + _SAM_FILTERS, 0)
-            self._batch_kept = 0  # masks that left _process_batch, all crops so far
-            self._crop_kept = 0  # masks that left _process_crop (after box NMS), all crops so far
-
-        def _process_batch(self, points, im_size, crop_box, orig_size):
+    class CountingMaskGenerator(FilterCounting, base):
+        def _process_batch(self, points, im_size, crop_box, orig_size, multimask_output=True):
             orig_h, orig_w = orig_size
             transformed_points = self.predictor.transform.apply_coords(points, im_size)
             in_points = torch.as_tensor(transformed_points, device=self.predictor.device)
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
             masks, iou_preds, _ = self.predictor.predict_torch(
-                in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True)
+                in_points[:, None, :], in_labels[:, None], multimask_output=multimask_output, return_logits=True)
             data = MaskData(masks=masks.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
                             points=torch.as_tensor(points.repeat(masks.shape[1], axis=0)))
             del masks
             self.counts["generated"] += len(data["iou_preds"])
             if self.pred_iou_thresh > 0.0:
-                keep_mask = data["iou_preds"] > self.pred_iou_thresh
-                self.counts["pred_iou"] += int((~keep_mask).sum())
-                data.filter(keep_mask)
+                self.filter_counted(data, data["iou_preds"] > self.pred_iou_thresh, "pred_iou")
             data["stability_score"] = calculate_stability_score(
                 data["masks"], self.predictor.model.mask_threshold, self.stability_score_offset)
             if self.stability_score_thresh > 0.0:
-                keep_mask = data["stability_score"] >= self.stability_score_thresh
-                self.counts["stability"] += int((~keep_mask).sum())
-                data.filter(keep_mask)
+                self.filter_counted(data, data["stability_score"] >= self.stability_score_thresh, "stability")
             data["masks"] = data["masks"] > self.predictor.model.mask_threshold
             data["boxes"] = batched_mask_to_box(data["masks"])
             keep_mask = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
             if not torch.all(keep_mask):
-                self.counts["crop_edge"] += int((~keep_mask).sum())
-                data.filter(keep_mask)
+                self.filter_counted(data, keep_mask, "crop_edge")
             data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
             data["rles"] = mask_to_rle_pytorch(data["masks"])
             del data["masks"]
             self._batch_kept += len(data["rles"])
             return data
 
-        def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):
-            before = self._batch_kept
-            data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
-            self.counts["box_nms"] += (self._batch_kept - before) - len(data["rles"])
-            self._crop_kept += len(data["rles"])
-            return data
-
-        def _generate_masks(self, image):
-            before = self._crop_kept
-            data = super()._generate_masks(image)
-            self.counts["crop_nms"] += (self._crop_kept - before) - len(data["rles"])
-            return data
-
-        def postprocess_small_regions(self, mask_data, min_area, nms_thresh):
-            before = len(mask_data["rles"])
-            mask_data = SamAutomaticMaskGenerator.postprocess_small_regions(mask_data, min_area, nms_thresh)
-            self.counts["small_regions"] += before - len(mask_data["rles"])
-            return mask_data
-
-    _COUNTING_GENERATOR = CountingMaskGenerator
+    _COUNTING_GENERATORS[base] = CountingMaskGenerator
     return CountingMaskGenerator
 
 
-_COUNTING_GENERATOR = None
+_COUNTING_GENERATORS = {}  # generator class of segment_anything(_hq) -> its counting subclass
 
 
 class SamAutoProposalGenerator:
     """Proposals from SAM's automatic mask generator, on an image already embedded by SAM.
 
     Args:
-        sam: the frozen ``segment_anything`` ``Sam`` of the model (shared, not copied).
+        localizer: the model's localizer (shared, not copied); its ``mask_generator(settings,
+            image_shape, embedding, input_size)`` gives its package's generator, counting its
+            filters (:class:`FilterCounting`) and reusing the image embedding.
         settings: ``SamAutomaticMaskGenerator`` keyword arguments (``points_per_side``,
             ``points_per_batch``, ``pred_iou_thresh``, ``stability_score_thresh``,
             ``box_nms_thresh``, ``crop_n_layers``, ``min_mask_region_area``), from
             ``MODEL.REGIONSPOT.SAM_AUTO``.
     """
 
-    def __init__(self, sam, settings: Dict[str, object]):
-        self.sam = sam
+    def __init__(self, localizer, settings: Dict[str, object]):
+        self.localizer = localizer
         self.settings = dict(settings)
 
     @classmethod
@@ -196,7 +222,7 @@ class SamAutoProposalGenerator:
 
         Args:
             image: (3, H, W) uint8 RGB, the image the model sees.
-            sam_embedding: (256, g, g) SAM's embedding of that image.
+            sam_embedding: the localizer's embedding of that image (for SAM (256, g, g)).
             sam_input_size: (h, w) of the image inside SAM's padded input.
             report: optional :class:`~regionspot.filter_report.FilterReport` of
                 the image: each of SAM's filters that is on records how many masks it removed
@@ -208,12 +234,11 @@ class SamAutoProposalGenerator:
             ``proposal_masks`` ((N, H, W) bool).
         """
         h, w = image.shape[-2:]
-        generator = counting_mask_generator_class()(self.sam, output_mode="binary_mask", **self.settings)
-        generator.predictor = _embedded_predictor(self.sam, (h, w), sam_embedding, sam_input_size)
+        generator = self.localizer.mask_generator(self.settings, (h, w), sam_embedding, sam_input_size)
         regions = generator.generate(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
         if report is not None:
             self.record_filters(generator, report)
-        device = sam_embedding.device
+        device = self.localizer.device
         result = Instances((h, w))
         if not regions:
             result.proposal_boxes = Boxes(torch.zeros(0, 4, device=device))

@@ -1,0 +1,449 @@
+"""SAM 2 / SAM 2.1 as RegionSpot's localizer (``MODEL.REGIONSPOT.LOCALIZER sam2``).
+
+The ``sam2`` package (imported, never copied) provides the model: a Hiera image encoder with
+an FPN neck, SAM's prompt encoder, and a mask decoder that also reads two high-resolution
+feature maps. RegionSpot uses its image path only (the video memory modules are loaded with
+the file but never run). The steps are those of ``sam2.SAM2ImagePredictor``:
+
+- image: resized to the model's square input (``image_size``, 1024 for the official models)
+  *without* keeping the aspect ratio, scaled to [0, 1] and normalised with ImageNet's mean/std
+  (``SAM2Transforms``); ``forward_image`` gives the 256-d embedding at stride 16 and the two
+  high-resolution maps (stride 4 and 8, already projected by the decoder's ``conv_s0/conv_s1``);
+  ``no_mem_embed`` is added to the embedding, as the predictor does for a single image;
+- box: its corners become two points labelled 2 and 3 (``SAM2ImagePredictor._predict``), in
+  the resized square's pixels;
+- decoder: ``MaskDecoder.predict_masks`` (the package's own method). Its output tokens are
+  ``[object-score token, IoU token, mask tokens 0-3]`` when ``pred_obj_scores`` (every SAM 2
+  model), so mask token 0 sits at ``s + 1`` with ``s = 1``. The position-aware token is mask
+  token 0 at the output of the two-way transformer, as for SAM (paper Sec. 3);
+- single mask: mask token 0's mask and IoU, except that SAM 2's decoder falls back to the best
+  of its three multi-mask outputs when mask 0 is unstable (``dynamic_multimask_via_stability``,
+  which ``build_sam2`` turns on for inference); the IoU head ends in a sigmoid (values in [0, 1]);
+- masks: bilinear upsampling of the 1/4-resolution logits straight to the output size
+  (``SAM2Transforms.postprocess_masks``; no padding to crop), threshold 0.
+
+``tests/test_sam2_localizer.py`` checks tokens, masks and IoUs against
+``SAM2ImagePredictor`` and ``sam_auto`` against ``SAM2AutomaticMaskGenerator``.
+
+Architecture: the official checkpoints (``sam2.1_hiera_{tiny,small,base_plus,large}.pt``,
+``{"model": state_dict}``) do not hold Hiera's head counts or attention windows, so the
+package's config is chosen from the widths and block counts the tensors do hold
+(:func:`regionspot.weights_files.sam2_architecture`); ``MODEL.REGIONSPOT.SAM2_CONFIG`` names
+a config yaml (a path, or a path inside the ``sam2`` package such as
+``configs/sam2.1/sam2.1_hiera_s.yaml``) for any other model.
+"""
+
+import logging
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..weights_files import WeightsError, localizer_state_dict, require_file, sam2_architecture
+from .position_tokens import TOKEN_SOURCES, BoxPrompts, SamPositionTokens
+from .precision import check_encoder_precision
+
+logger = logging.getLogger(__name__)
+
+# What build_sam2 sets for inference (apply_postprocessing=True): single-mask outputs fall back
+# to the best multi-mask output when unstable.
+INFERENCE_OVERRIDES = {
+    "dynamic_multimask_via_stability": True,
+    "dynamic_multimask_stability_delta": 0.05,
+    "dynamic_multimask_stability_thresh": 0.98,
+}
+
+
+def sam2_config_path(name: str) -> str:
+    """A SAM 2 config yaml: an existing path, or a path inside the ``sam2`` package.
+
+    Raises:
+        WeightsError: neither exists (the message names ``MODEL.REGIONSPOT.SAM2_CONFIG``).
+    """
+    import sam2
+
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(expanded):
+        return expanded
+    inside = os.path.join(os.path.dirname(sam2.__file__), name)
+    if os.path.isfile(inside):
+        return inside
+    raise WeightsError(f"MODEL.REGIONSPOT.SAM2_CONFIG {name!r} is neither a file nor a config of the sam2 package "
+                       f"(e.g. configs/sam2.1/sam2.1_hiera_s.yaml)")
+
+
+def build_sam2_model(config_file: str) -> nn.Module:
+    """An untrained ``sam2.modeling.sam2_base.SAM2Base`` from a config yaml, with the inference
+    settings ``sam2.build_sam.build_sam2`` applies (:data:`INFERENCE_OVERRIDES`).
+
+    The yaml is read with OmegaConf and instantiated with Hydra's ``instantiate``, as
+    ``build_sam2`` does, but from a file path (``build_sam2`` only finds configs inside the
+    package through Hydra's search path).
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config_file)
+    extra = cfg.model.get("sam_mask_decoder_extra_args") or {}
+    cfg.model.sam_mask_decoder_extra_args = OmegaConf.merge(extra, INFERENCE_OVERRIDES)
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model, _recursive_=True).eval()
+
+
+def load_sam2(path: str, config: str = "") -> Tuple[nn.Module, Dict[str, object]]:
+    """Load a frozen SAM 2 (``SAM2Base``, eval mode, float32, CPU) from an official checkpoint.
+
+    Args:
+        path: ``sam2.1_hiera_*.pt`` or ``sam2_hiera_*.pt`` (``{"model": state_dict}``), or a
+            file in the same format (a bare state dict is accepted too).
+        config: ``MODEL.REGIONSPOT.SAM2_CONFIG``; empty: chosen from the tensors.
+
+    Returns:
+        (model, architecture dict of :func:`~regionspot.weights_files.sam2_architecture` with
+        the config used).
+
+    Raises:
+        WeightsError: missing or unreadable file, not a SAM 2 checkpoint (a SAM or SAM-HQ
+            file is named as such), an encoder shape with no official config and no
+            ``SAM2_CONFIG``, or tensors that do not fit the config (missing/unexpected keys
+            or shapes named). Loading is strict: nothing is silently left random.
+    """
+    path = require_file(path, "SAM 2")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read SAM 2 weights file {path!r}: {type(e).__name__}: {e}") from e
+    state = localizer_state_dict(loaded)
+    if not isinstance(state, dict):
+        raise WeightsError(f"SAM 2 weights file {path!r} does not hold a state dict")
+    if "image_encoder.patch_embed.proj.weight" in state:
+        kind = "SAM-HQ (LOCALIZER sam_hq)" if "mask_decoder.hf_token.weight" in state else "SAM (LOCALIZER sam)"
+        raise WeightsError(f"MODEL.REGIONSPOT.SAM_WEIGHTS {path!r} is a {kind} file, not SAM 2 (LOCALIZER sam2)")
+    try:
+        arch = sam2_architecture(state)
+    except WeightsError as e:
+        raise WeightsError(f"MODEL.REGIONSPOT.SAM_WEIGHTS {path!r} (LOCALIZER sam2): {e}") from e
+    config_file = sam2_config_path(config or arch["config"]) if (config or arch["config"]) else None
+    if config_file is None:
+        raise WeightsError(f"MODEL.REGIONSPOT.SAM_WEIGHTS {path!r}: a SAM {arch['version']} Hiera of width "
+                           f"{arch['embed_dim']} and stages {arch['stages']} has no official config; set "
+                           f"MODEL.REGIONSPOT.SAM2_CONFIG to its yaml")
+    model = build_sam2_model(config_file)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise WeightsError(f"SAM 2 weights file {path!r} does not fit the config {config_file}: "
+                           f"{len(mismatches)} tensors of other shapes, e.g. {mismatches[:1]}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(f"SAM 2 weights file {path!r} does not fit the config {config_file}: "
+                           f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), unexpected "
+                           f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)})")
+    arch = dict(arch, config=os.path.relpath(config_file, os.path.dirname(__import__("sam2").__file__))
+                if config_file.startswith(os.path.dirname(__import__("sam2").__file__)) else config_file)
+    logger.info("Loaded SAM %s from %s (Hiera width %d, stages %s; %s)", arch["version"], path, arch["embed_dim"],
+                arch["stages"], arch["config"])
+    return model.requires_grad_(False), arch
+
+
+class Sam2PositionTokens(SamPositionTokens):
+    """RegionSpot's localizer on SAM 2 / 2.1: box -> (position-aware token, mask, IoU), with the
+    interface of :class:`~.position_tokens.SamPositionTokens` (which it reuses for ``encode``,
+    ``prompt``, ``extract_tokens`` and ``training_tokens``).
+
+    The image embedding (:meth:`encode_images`) is a dict: ``"image"`` (B, 256, g, g) and the
+    decoder's high-resolution maps ``"high_res_0"`` (B, 32, 4g, 4g) and ``"high_res_1"``
+    (B, 64, 2g, 2g). Sizes returned by :meth:`preprocess` are the image's own (H, W): SAM 2
+    resizes every image to its square input, so the image fills it and nothing is padded.
+
+    Args:
+        model: a ``sam2.modeling.sam2_base.SAM2Base`` (:func:`load_sam2`).
+        token_source, box_chunk_size, precision: as for ``SamPositionTokens``.
+        attention: ``SAM_ATTENTION``; Hiera already computes attention with
+            ``scaled_dot_product_attention``, so "sdpa" and "official" are the same here.
+        identity: the architecture dict of :func:`load_sam2` (recorded, shown in logs).
+
+    Raises:
+        ValueError: unknown ``token_source``, ``precision`` or ``attention``, or non-positive
+            ``box_chunk_size``.
+    """
+
+    def __init__(self, model: nn.Module, token_source: str = "transformer", box_chunk_size: int = 64,
+                 precision: str = "auto", attention: str = "sdpa", identity: Optional[Dict[str, object]] = None):
+        nn.Module.__init__(self)
+        from sam2.utils.transforms import SAM2Transforms
+
+        from .fast_attention import SAM_ATTENTION_KINDS
+
+        if token_source not in TOKEN_SOURCES:
+            raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
+        if box_chunk_size <= 0:
+            raise ValueError(f"box_chunk_size must be positive, got {box_chunk_size}")
+        if attention not in SAM_ATTENTION_KINDS:
+            raise ValueError(f"MODEL.REGIONSPOT.SAM_ATTENTION must be one of {SAM_ATTENTION_KINDS}, "
+                             f"got {attention!r}")
+        self.sam = model.eval().requires_grad_(False)
+        self.token_source = token_source
+        self.box_chunk_size = box_chunk_size
+        self.precision = check_encoder_precision(precision)
+        self.attention = attention
+        self.identity = dict(identity or {})
+        config = str(self.identity.get("config") or "")
+        # recorded in checkpoints (RegionSpot.pair): a head trained on one SAM 2 is refused by another
+        self.pair_name = f"sam2:{os.path.splitext(os.path.basename(config))[0]}" if config else "sam2"
+        # the predictor's transforms: square resize + ImageNet normalisation, box and mask frames
+        with warnings.catch_warnings():  # SAM2Transforms scripts its resize: torch.jit.script is deprecated
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated.*")
+            self.transforms = SAM2Transforms(resolution=model.image_size, mask_threshold=0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.no_mem_embed.device
+
+    def set_attention(self, kind: str) -> None:
+        """No-op: Hiera's attention is ``scaled_dot_product_attention`` already (see the class)."""
+        self.attention = kind
+
+    def compile_encoder(self, **options) -> None:
+        """``torch.compile`` SAM 2's image encoder in place (``COMPILE``)."""
+        self.sam.image_encoder.compile(**options)
+
+    @property
+    def input_size(self) -> int:
+        """Side of SAM 2's square input (``image_size``, 1024 for the official models), pixels."""
+        return int(self.sam.image_size)
+
+    @property
+    def token_dim(self) -> int:
+        """Channels of one position-aware token: the decoder's transformer width (256), or an
+        eighth of it for the ``"mlp"`` source."""
+        dim = self.sam.sam_mask_decoder.transformer_dim
+        return dim // 8 if self.token_source == "mlp" else dim
+
+    # ----------------------------------------------------------------- image side
+    def preprocess(self, image: torch.Tensor, resized: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """One image as ``SAM2ImagePredictor.set_image`` prepares it.
+
+        Args:
+            image: (3, H, W) uint8 RGB, any device.
+            resized: ignored (the data mapper's resize keeps SAM's aspect ratio; SAM 2 squashes).
+
+        Returns:
+            pixels: (3, S, S) float32 on the model's device; (H, W) of ``image``.
+        """
+        x = image.to(self.device, non_blocking=True).float() / 255.0
+        return self.transforms.transforms(x), tuple(image.shape[-2:])
+
+    def encode_images(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """SAM 2's image encoder (``SAM2Base.forward_image``), as the image predictor uses it.
+
+        Args:
+            pixels: (B, 3, S, S) float32 from :meth:`preprocess`.
+
+        Returns:
+            ``{"image": (B, C, g, g) with no_mem_embed added, "high_res_0": (B, C/8, 4g, 4g),
+            "high_res_1": (B, C/4, 2g, 2g)}``, g = S / 16, C = 256.
+        """
+        model = self.sam
+        backbone_out = model.forward_image(pixels)
+        _, feats, _, sizes = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(pixels.shape[0], -1, *size) for f, size in zip(feats, sizes)]
+        return {"image": maps[-1], "high_res_0": maps[0], "high_res_1": maps[1]}
+
+    # ----------------------------------------------------------------- prompt side
+    def _prompt(self, image_embeddings: Dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],
+                image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
+        device = image_embeddings["image"].device
+        counts = [int(b.shape[0]) for b in boxes]
+        corners = [self.transforms.transform_boxes(b.to(device).float(), normalize=True, orig_hw=tuple(size))
+                   for b, size in zip(boxes, image_sizes)]
+        all_corners = torch.cat(corners) if corners else torch.zeros(0, 2, 2, device=device)
+        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=device),
+                                              torch.tensor(counts, device=device))
+        pieces = [self._decode(image_embeddings, all_corners[s:s + self.box_chunk_size],
+                               image_index[s:s + self.box_chunk_size], with_masks)
+                  for s in range(0, all_corners.shape[0], self.box_chunk_size)]
+        if not pieces:
+            pieces = [self._empty(image_embeddings["image"], with_masks)]
+        joined = [torch.cat(parts) if parts[0] is not None else None for parts in zip(*pieces)]
+        split = [t.split(counts) if t is not None else [None] * len(counts) for t in joined]
+        return [BoxPrompts(*per_image) for per_image in zip(*split)]
+
+    def _decode(self, image_embeddings: Dict[str, torch.Tensor], corners: torch.Tensor, image_index: torch.Tensor,
+                with_masks: bool) -> BoxPrompts:
+        """SAM 2's prompt encoder and mask decoder on one chunk of n boxes.
+
+        Args:
+            image_embeddings: the batch's dict (:meth:`encode_images`).
+            corners: (n, 2, 2) box corners in SAM 2's input frame.
+            image_index: (n,) int64, the image of each box.
+        """
+        model = self.sam
+        decoder = model.sam_mask_decoder
+        n = corners.shape[0]
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).expand(n, -1)
+        sparse, dense = model.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        if self.token_source == "prompt_encoder" and not with_masks:
+            return BoxPrompts(sparse[:, :2].mean(dim=1).float(), None, None)  # the two corners (not the pad point)
+        image_pe = model.sam_prompt_encoder.get_dense_pe()
+        s = 1 if decoder.pred_obj_scores else 0
+        if not with_masks:  # the transformer only: predict_masks' first steps, for boxes of several images
+            weights = [decoder.obj_score_token.weight] if s else []
+            output_tokens = torch.cat(weights + [decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+            queries = torch.cat([output_tokens[None].expand(n, -1, -1), sparse], dim=1)
+            source = image_embeddings["image"][image_index] + dense
+            hs, _ = decoder.transformer(source, image_pe.expand(n, -1, -1, -1), queries)
+            return BoxPrompts(self._token(hs[:, s + 1], sparse).float(), None, None)
+        tokens, masks, ious = [], [], []
+        for i in image_index.unique_consecutive().tolist():  # the package's decoder, one image at a time
+            rows = (image_index == i).nonzero()[:, 0]
+            high_res = [image_embeddings["high_res_0"][i:i + 1], image_embeddings["high_res_1"][i:i + 1]]
+            all_masks, all_iou, mask_tokens, _ = decoder.predict_masks(
+                image_embeddings=image_embeddings["image"][i:i + 1], image_pe=image_pe,
+                sparse_prompt_embeddings=sparse[rows], dense_prompt_embeddings=dense[rows], repeat_image=True,
+                high_res_features=high_res)
+            if decoder.dynamic_multimask_via_stability and not decoder.training:
+                mask, iou = decoder._dynamic_multimask_via_stability(all_masks, all_iou)
+            else:
+                mask, iou = all_masks[:, 0:1], all_iou[:, 0:1]
+            tokens.append(self._token(mask_tokens[:, 0], sparse[rows]))
+            masks.append(mask)
+            ious.append(iou[:, 0])
+        return BoxPrompts(torch.cat(tokens).float(), torch.cat(masks).float(), torch.cat(ious).float())
+
+    def _token(self, mask_token: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        if self.token_source == "mlp":
+            return self.sam.sam_mask_decoder.output_hypernetworks_mlps[0](mask_token)
+        if self.token_source == "prompt_encoder":
+            return sparse[:, :2].mean(dim=1)
+        return mask_token
+
+    def paste_masks(self, low_res_masks: torch.Tensor, resized_size: Tuple[int, int],
+                    output_size: Tuple[int, int]) -> torch.Tensor:
+        """Binary masks in an output frame, as ``SAM2ImagePredictor`` post-processes them
+        (bilinear upsampling of the whole square to ``output_size``, threshold 0; no hole or
+        sprinkle filling, the predictor's default).
+
+        Args:
+            low_res_masks: (K, 1, 4g, 4g) from :meth:`prompt`.
+            resized_size: unused (the image fills SAM 2's input).
+            output_size: (H_out, W_out).
+
+        Returns:
+            (K, H_out, W_out) bool.
+        """
+        from .position_tokens import MASK_PASTE_CHUNK
+
+        out = torch.empty(low_res_masks.shape[0], *output_size, dtype=torch.bool, device=low_res_masks.device)
+        for start in range(0, low_res_masks.shape[0], MASK_PASTE_CHUNK):
+            chunk = low_res_masks[start:start + MASK_PASTE_CHUNK]
+            out[start:start + chunk.shape[0]] = self.transforms.postprocess_masks(chunk, tuple(output_size))[:, 0] > 0
+        return out
+
+    def mask_generator(self, settings: Dict[str, object], image_shape: Tuple[int, int],
+                       embedding: Dict[str, torch.Tensor], input_size: Tuple[int, int]):
+        """``sam2.SAM2AutomaticMaskGenerator`` for one encoded image (``sam_auto`` proposals),
+        counting what each of its filters removes and reusing ``embedding``.
+
+        Args:
+            settings: generator keyword arguments (``MODEL.REGIONSPOT.SAM_AUTO``).
+            image_shape: (H, W) of the image the generator is given.
+            embedding: this localizer's embedding of that image (dict of (C, h, w) tensors).
+            input_size: unused (SAM 2's input is always the whole square).
+        """
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        generator = sam2_counting_generator_class()(self.sam, output_mode="binary_mask", **settings)
+        features = {"image_embed": embedding["image"][None],
+                    "high_res_feats": [embedding["high_res_0"][None], embedding["high_res_1"][None]]}
+
+        class EmbeddedImagePredictor(SAM2ImagePredictor):
+            def set_image(self, image) -> None:
+                if tuple(image.shape[:2]) != tuple(image_shape):  # a crop: let SAM 2 encode it
+                    return super().set_image(image)
+                self.reset_predictor()
+                self._orig_hw = [tuple(image_shape)]
+                self._features = features
+                self._is_image_set = True
+                return None
+
+        previous = generator.predictor
+        generator.predictor = EmbeddedImagePredictor(self.sam, mask_threshold=previous.mask_threshold,
+                                                     max_hole_area=previous._transforms.max_hole_area,
+                                                     max_sprinkle_area=previous._transforms.max_sprinkle_area)
+        generator.predictor._bb_feat_sizes = predictor_feature_sizes(self.sam)
+        return generator
+
+
+def predictor_feature_sizes(model: nn.Module) -> List[Tuple[int, int]]:
+    """``SAM2ImagePredictor._bb_feat_sizes`` for a model's input size (the predictor hard-codes
+    those of a 1024-px input): strides 4, 8 and 16."""
+    side = int(model.image_size)
+    return [(side // 4, side // 4), (side // 8, side // 8), (side // 16, side // 16)]
+
+
+_SAM2_COUNTING_GENERATOR = None
+
+
+def sam2_counting_generator_class():
+    """``sam2.SAM2AutomaticMaskGenerator`` counting what each of its filters removes
+    (:class:`~.proposals.sam_auto.FilterCounting`).
+
+    ``_process_batch`` is sam2 1.1.0's, step for step (without the mask-to-mask refinement,
+    ``use_m2m``, which RegionSpot does not turn on), with the counts added; a test checks
+    that the regions equal those of the package's own generator.
+    """
+    global _SAM2_COUNTING_GENERATOR
+    if _SAM2_COUNTING_GENERATOR is not None:
+        return _SAM2_COUNTING_GENERATOR
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from sam2.utils.amg import (
+        MaskData,
+        batched_mask_to_box,
+        calculate_stability_score,
+        is_box_near_crop_edge,
+        mask_to_rle_pytorch,
+        uncrop_masks,
+    )
+
+    from .proposals.sam_auto import FilterCounting
+
+    class CountingSam2MaskGenerator(FilterCounting, SAM2AutomaticMaskGenerator):
+        def _process_batch(self, points, im_size, crop_box, orig_size, normalize=False):
+            if self.use_m2m:
+                raise ValueError("use_m2m is not supported by RegionSpot's sam_auto")
+            orig_h, orig_w = orig_size
+            points = torch.as_tensor(points, dtype=torch.float32, device=self.predictor.device)
+            in_points = self.predictor._transforms.transform_coords(points, normalize=normalize, orig_hw=im_size)
+            in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+            masks, iou_preds, low_res_masks = self.predictor._predict(
+                in_points[:, None, :], in_labels[:, None], multimask_output=self.multimask_output, return_logits=True)
+            data = MaskData(masks=masks.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
+                            points=points.repeat_interleave(masks.shape[1], dim=0),
+                            low_res_masks=low_res_masks.flatten(0, 1))
+            del masks
+            self.counts["generated"] += len(data["iou_preds"])
+            if self.pred_iou_thresh > 0.0:
+                self.filter_counted(data, data["iou_preds"] > self.pred_iou_thresh, "pred_iou")
+            data["stability_score"] = calculate_stability_score(data["masks"], self.mask_threshold,
+                                                                self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                self.filter_counted(data, data["stability_score"] >= self.stability_score_thresh, "stability")
+            data["masks"] = data["masks"] > self.mask_threshold
+            data["boxes"] = batched_mask_to_box(data["masks"])
+            keep_mask = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+            if not torch.all(keep_mask):
+                self.filter_counted(data, keep_mask, "crop_edge")
+            data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+            data["rles"] = mask_to_rle_pytorch(data["masks"])
+            del data["masks"]
+            self._batch_kept += len(data["rles"])
+            return data
+
+    _SAM2_COUNTING_GENERATOR = CountingSam2MaskGenerator
+    return CountingSam2MaskGenerator
