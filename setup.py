@@ -54,6 +54,8 @@ TOOLS = {
     "regionspot-extract-sam-tokens": "extract_sam_tokens",
     "regionspot-convert-openimages": "convert_openimages",
     "regionspot-run-sample": "run_sample",
+    "regionspot-export-region-embeddings": "export_region_embeddings",
+    "regionspot-benchmark-app": "benchmark_app",
 }
 CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
 
@@ -120,6 +122,12 @@ setup(
     ],
     # ruff: the linter and import sorter CI runs before the tests (ruff.toml); its rules change
     # between minor versions, hence the bound.
-    extras_require={"test": ["pytest", "ruff>=0.17,<0.18"]},
+    extras_require={
+        "test": ["pytest", "ruff>=0.17,<0.18"],
+        # The web app (demo/app.py; checked with Gradio 6.31: Blocks, launch(theme=...), gr.Request's
+        # session_hash, SelectData) and its browser test's driver (Playwright's Python package only:
+        # the browser is Debian's chromium, installed by scripts/install_deps.py).
+        "app": ["gradio>=6.31,<7", "playwright>=1.50,<2"],
+    },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

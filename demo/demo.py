@@ -15,6 +15,18 @@ Everything in the photo, with no detector and no box file (SAM's automatic masks
         --proposals sam_auto --vocabulary lvis --min-score 0.2 --output out/ \\
         --opts MODEL.WEIGHTS regionspot_bl.pth
 
+Click an object instead (SAM turns the clicks into a mask, the mask's box is recognised; X,Y
+pixels, with ",0" for a negative click; ``--mask IMAGE`` adds a mask of the object as SAM's mask
+prompt, or is the prompt alone), and draw where the head looked (paper Fig. 4):
+
+    python demo/demo.py --config-file configs/regionspot_bl.yaml --input photo.jpg \
+        --points 320,240 330,100,0 --attention --vocabulary coco --output out/ \
+        --opts MODEL.WEIGHTS regionspot_bl.pth
+
+``--attention`` also writes ``<output>/<name>_attention.png``: per region (up to
+``--attention-regions``, best scores first) its box, then its token's cross-attention map over
+CLIP's feature map for each decoder layer (heads averaged, class token excluded).
+
 ``--boxes`` is a JSON object mapping each image (its path as given, or its file name) to a
 list of XYXY pixel boxes ``[[x0, y0, x1, y1], ...]``. For each image the demo writes
 ``<output>/<name>.jpg`` (boxes, labels, scores and SAM masks drawn with Detectron2's
@@ -42,16 +54,15 @@ import sys
 import time
 
 import numpy as np
-from detectron2.data.catalog import Metadata
-from detectron2.structures import Boxes, Instances
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from regionspot import RegionSpotPredictor
+from regionspot.attention_maps import attention_figure
 from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.validation import InputError, check_boxes, image_size, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
+from regionspot.drawing import draw_predictions
 from regionspot.engine.trainer import head_weights_record
 from regionspot.io import atomic_write, write_json_atomic
 from regionspot.predictor import PREDICTOR_SOURCES
@@ -64,11 +75,21 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="RegionSpot demo: label regions with any vocabulary")
     parser.add_argument("--config-file", default="configs/regionspot_bl.yaml", metavar="FILE")
     parser.add_argument("--input", nargs="+", required=True, help="image paths or glob patterns")
-    regions = parser.add_mutually_exclusive_group(required=True)
+    regions = parser.add_mutually_exclusive_group()
     regions.add_argument("--boxes", help="JSON file: {image: [[x0, y0, x1, y1], ...]}")
     regions.add_argument("--proposals", choices=PREDICTOR_SOURCES,
                          help="find the regions instead: sam_auto (SAM's automatic masks) or rpn "
                               "(needs MODEL.REGIONSPOT.RPN_WEIGHTS)")
+    regions.add_argument("--points", nargs="+", metavar="X,Y[,LABEL]", type=parse_point,
+                         help="clicks on one object in every input (pixels; LABEL 1 positive (default), 0 negative): "
+                              "SAM's mask of the clicks, its box recognised")
+    parser.add_argument("--mask", metavar="IMAGE",
+                        help="a mask of one object as SAM's mask prompt (an image file, non-zero = object, any size "
+                             "covering the photo), alone or with --points")
+    parser.add_argument("--attention", action="store_true",
+                        help="also write <name>_attention.png: each region's cross-attention maps (paper Fig. 4)")
+    parser.add_argument("--attention-regions", type=int, default=4,
+                        help="regions shown in the attention figure (best scores first; default 4)")
     parser.add_argument("--min-score", type=float, default=0.0,
                         help="keep regions whose score (proposal score x class probability) is at least this")
     parser.add_argument("--vocabulary", default="lvis",
@@ -84,6 +105,34 @@ def get_parser() -> argparse.ArgumentParser:
     add_debug_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
+
+
+def parse_point(text: str):
+    """``"X,Y"`` or ``"X,Y,LABEL"`` -> (x, y, label) with label 1 (positive) or 0 (negative)."""
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or (len(values) == 3 and values[2] not in (0, 1)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y or X,Y,LABEL with LABEL 1 or 0")
+    return values[0], values[1], int(values[2]) if len(values) == 3 else 1
+
+
+def read_mask(path: str) -> np.ndarray:
+    """``--mask``: (H, W) bool, True where the image file is non-zero."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except FileNotFoundError:
+        raise InputError(f"--mask file not found: {path!r}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"--mask {path!r} is not an image: {e}") from None
+    if not mask.any():
+        raise InputError(f"--mask {path!r} is empty (no non-zero pixel)")
+    return mask
 
 
 def setup_cfg(args):
@@ -190,7 +239,7 @@ def plan_outputs(paths, output: str) -> dict:
     if len(set(plan.values())) != len(plan):
         raise InputError("two inputs would write the same output name; rename one of them")
     targets = [(path, os.path.realpath(os.path.join(output, stem + ext))) for path, stem in plan.items()
-               for ext in (".jpg", ".json")]
+               for ext in (".jpg", ".json", "_attention.png")]
     for path, target in targets + [("(the log)", os.path.realpath(os.path.join(output, LOG_FILE)))]:
         if target in inputs:
             raise InputError(f"writing {target} would overwrite the input image {path!r}; choose another --output")
@@ -215,17 +264,9 @@ def check_writable_folder(folder: str, what: str) -> None:
 
 
 def draw(image: np.ndarray, predictions, draw_masks: bool) -> np.ndarray:
-    """Draw predictions with Detectron2's Visualizer; returns an (H, W, 3) uint8 RGB array."""
-    h, w = image.shape[:2]
-    instances = Instances((h, w))
-    instances.pred_boxes = Boxes(predictions.boxes)
-    instances.scores = predictions.scores
-    instances.pred_classes = predictions.classes
-    if draw_masks:
-        instances.pred_masks = predictions.masks
-    metadata = Metadata(name="regionspot_demo", thing_classes=list(predictions.vocabulary))
-    visualizer = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
-    return visualizer.draw_instance_predictions(instances).get_image()
+    """Draw predictions with Detectron2's Visualizer; returns an (H, W, 3) uint8 RGB array
+    (:func:`regionspot.drawing.draw_predictions`)."""
+    return draw_predictions(image, predictions, draw_masks)
 
 
 def main(argv=None) -> int:
@@ -238,6 +279,12 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """Check every input, load the model, then recognise and draw each image."""
+    if not (args.boxes or args.proposals or args.points or args.mask):
+        raise InputError("give the regions: --boxes FILE, --proposals sam_auto|rpn, --points X,Y ... or --mask IMAGE")
+    if args.mask and (args.boxes or args.proposals):
+        raise InputError("--mask is a prompt of one object: use it alone or with --points, not with "
+                         "--boxes or --proposals")
+    mask = read_mask(args.mask) if args.mask else None
     register_from_args(args.register)
     box_table = read_boxes_file(args.boxes) if args.boxes else None
     vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
@@ -261,10 +308,16 @@ def run(args) -> int:
         try:
             image = read_image(path, "RGB")
             predictor.set_image(image)
+            attention = args.attention
             if box_table is not None:
-                predictions = predictor.predict(given_boxes[path])
+                predictions = predictor.predict(given_boxes[path], return_attention=attention)
+            elif args.points or mask is not None:
+                points = [p[:2] for p in args.points] if args.points else None
+                labels = [p[2] for p in args.points] if args.points else None
+                predictions = predictor.predict(points=points, point_labels=labels, mask=mask,
+                                                return_attention=attention)
             else:
-                predictions = predictor.predict(proposals=args.proposals)
+                predictions = predictor.predict(proposals=args.proposals, return_attention=attention)
             predictions = predictions.above_score(args.min_score, key="--min-score", where=path)
         except (InputError, ValueError) as e:
             logger.error("%s: %s", path, e)
@@ -278,6 +331,14 @@ def run(args) -> int:
             failures.append(path)
             continue
         atomic_write(os.path.join(args.output, f"{stem}.jpg"), lambda f, encoded=encoded: f.write(encoded.tobytes()))
+        if args.attention and len(predictions.labels):
+            shown = predictions.select(predictions.scores.argsort(descending=True)[:max(1, args.attention_regions)])
+            figure = attention_figure(image, shown.boxes, shown.attention,
+                                      [f"{label} {score:.2f}" for label, score in zip(shown.labels, shown.scores)])
+            ok, png = cv2.imencode(".png", figure[:, :, ::-1])
+            if ok:
+                atomic_write(os.path.join(args.output, f"{stem}_attention.png"),
+                             lambda f, png=png: f.write(png.tobytes()))
         write_json_atomic(os.path.join(args.output, f"{stem}.json"),
                           {"image": path, "height": image.shape[0], "width": image.shape[1], "weights": weights,
                            "predictions": predictions.to_json(), "filters": predictions.filters.as_dict()})

@@ -23,8 +23,13 @@ Steps, each printing one line saying what it did:
    docstring says which, tests/test_install_deps.py shows it): the sdist's setup.py (C++
    build, distribution name); ``detectron2._C`` missing (a placeholder module); Pillow>=10
    (``Image.LINEAR``); numpy>=1.24 (``np.int`` & co.); COCOEvaluator's compiled evaluator.
-3. the project itself: ``pip install -e '.[test]'`` (the test extra: pytest, and ruff, the
-   linter that ``.ci/run`` runs before the tests).
+3. the project itself: ``pip install -e '.[test,app]'`` (the test extra: pytest, and ruff, the
+   linter that ``.ci/run`` runs before the tests; the app extra: Gradio for ``demo/app.py`` and
+   the Playwright package its browser test drives Chromium with).
+3b. Chromium for that browser test: Debian's ``chromium`` package (``apt-get install -y
+   chromium``) when ``/usr/bin/chromium`` is missing and apt is usable as root; never a browser
+   download. Where it cannot be installed the step says why, and the browser test skips with
+   that reason.
 4. lvis: ``lvis==0.5.3`` installed with ``--no-deps`` (its metadata pulls ``opencv-python``,
    which clashes with ``opencv-python-headless``), then its numpy>=1.24 breakage
    (``np.float`` in ``LVISEval.accumulate``) patched in site-packages. It runs after the
@@ -122,6 +127,7 @@ import lvis.eval
 with open(lvis.eval.__file__, encoding="utf-8") as f:
     assert not re.search({NP_ALIAS_RE.pattern!r}, f.read()), "lvis/eval.py is not patched"
 assert importlib.util.find_spec("ruff"), "ruff (the test extra) is not installed"
+assert importlib.util.find_spec("gradio") and importlib.util.find_spec("playwright"), "the app extra is not installed"
 spec = importlib.util.find_spec("regionspot")
 print("regionspot", spec.origin if spec else None)
 """
@@ -594,7 +600,7 @@ def patch_lvis_numpy124_float(eval_py: Path) -> int:
 
 def ensure_project() -> None:
     step = "project"
-    pip(step, "-e", ".[test]", cwd=REPO_ROOT)
+    pip(step, "-e", ".[test,app]", cwd=REPO_ROOT)
     location = project_location()
     if location is None or PROJECT_PACKAGE_DIR not in [location, *location.parents]:
         raise StepError(step, f"regionspot resolves to {location}, not to {PROJECT_PACKAGE_DIR}")
@@ -603,7 +609,37 @@ def ensure_project() -> None:
     if rc != 0:
         raise StepError(step, "ruff (the [test] extra) does not run", ruff_version, out)
     say(step, f"installed regionspot (editable, from {location.relative_to(REPO_ROOT)}) "
-              f"with its [test] extra (pytest, {last_line(out)})")
+              f"with its [test] extra (pytest, {last_line(out)}) and [app] extra (gradio, playwright)")
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium for the web app's browser test (tests/test_app_browser.py), by apt;
+    Playwright's own browser download is never used. Never fails the install: where Chromium
+    cannot be had, the test skips and prints why."""
+    step = "chromium"
+    if CHROMIUM.exists():
+        say(step, f"{CHROMIUM} present (the browser test uses it)")
+        return
+    if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        say(step, f"{CHROMIUM} missing and apt-get is not usable as root here: the browser test will be skipped")
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace",
+                                  stdin=subprocess.DEVNULL, timeout=900)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            say(step, f"{' '.join(cmd)} failed ({exc}): the browser test will be skipped")
+            return
+        if proc.returncode != 0:
+            say(step, f"{' '.join(cmd)} exited with {proc.returncode} ({last_line(proc.stdout + proc.stderr)}): "
+                      "the browser test will be skipped")
+            return
+    say(step, f"installed Debian's chromium ({CHROMIUM})" if CHROMIUM.exists() else
+              f"apt-get installed chromium but {CHROMIUM} is still missing: the browser test will be skipped")
 
 
 def project_location() -> Path | None:
@@ -706,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_torch()
         ensure_detectron2(args.detectron2_route)
         ensure_project()
+        ensure_chromium()
         ensure_lvis()
         ensure_sam2()
         ok, out = python_check(FAST_CHECK)

@@ -208,3 +208,41 @@ def _run_file(tmp_path, sam_path, clip_path, inputs, boxes_file):
                       "--output", str(tmp_path / "out"), "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
                       "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR",
                       str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD])
+
+
+def test_points_and_attention_figure(tmp_path, images, sam_path, clip_path):
+    """--points: one region per image from SAM's mask of the clicks; --attention: the Fig.-4 figure."""
+    argv = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+            "--points", "100,80", "20,200,0", "--attention", "--vocabulary", "custom", "--custom-vocabulary",
+            "cat,dog", "--output", str(tmp_path / "out"),
+            "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD]
+    assert demo.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert len(result["predictions"]) <= 1 and result["filters"]["steps"][0]["stage"].startswith("point prompt")
+    if result["predictions"]:
+        figure = np.asarray(Image.open(tmp_path / "out" / "a_attention.png"))
+        assert figure.shape[1] == 240 and figure.shape[0] == 4 * (240 + 22)  # the box + 3 layers, one column
+
+
+def test_bad_point_is_refused(tmp_path, images, sam_path, clip_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+                   "--points", "100", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "X,Y or X,Y,LABEL" in capsys.readouterr().err
+
+
+def test_mask_prompt_and_missing_regions(tmp_path, images, sam_path, clip_path, capsys):
+    """--mask (SAM's mask prompt, alone here); no way to give regions is a one-line error."""
+    mask = np.zeros((240, 320), np.uint8)
+    mask[40:200, 60:260] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["--config-file", "configs/regionspot_sample_cpu.yaml", "--input", str(images[0]),
+            "--vocabulary", "custom", "--custom-vocabulary", "cat,dog", "--output", str(tmp_path / "out")]
+    opts = ["--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
+            "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / "cache"), "MODEL.WEIGHTS", HEAD]
+    assert demo.main(base + ["--mask", str(tmp_path / "mask.png")] + opts) == 0
+    result = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert result["filters"]["steps"][0]["stage"].startswith("point prompt")
+    assert demo.main(base + opts) == 2
+    assert "give the regions" in _error_line(capsys)

@@ -67,3 +67,49 @@ def test_region_logits_are_scaled_cosines():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     logits = region_logits(regions, text, 100.0)
     torch.testing.assert_close(logits, torch.tensor([[100.0, 0.0], [70.7107, 70.7107]]))
+
+
+def test_attention_path_equals_the_decoder_and_rows_are_distributions():
+    """return_attention runs the decoder layer by layer (paper Fig. 4's maps): the same embeddings
+    as nn.TransformerDecoder, with padding, and one distribution over the L tokens per layer."""
+    torch.manual_seed(0)
+    head = RegionSpotHead(256, 64, 32, dropout=0.0).eval()
+    tokens, features = torch.randn(2, 4, 256), torch.randn(2, 10, 64)
+    mask = torch.tensor([[False] * 3 + [True], [False] * 4])
+    with torch.no_grad():
+        plain = head(tokens, features, mask)
+        recorded, attention = head(tokens, features, mask, return_attention=True)
+    torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
+    assert attention.shape == (2, 3, 4, 10) and attention.dtype == torch.float32
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 3, 4))
+    # a feature-map token that matches nothing special still gets a share; the maps differ by layer
+    assert not torch.allclose(attention[:, 0], attention[:, 1])
+
+
+def test_embed_regions_returns_per_image_attention():
+    torch.manual_seed(0)
+    head = RegionSpotHead(256, 64, 32, dropout=0.0).eval()
+    tokens, features = [torch.randn(2, 256), torch.randn(5, 256)], torch.randn(2, 10, 64)
+    with torch.no_grad():
+        plain = head.embed_regions(tokens, features)
+        embeddings, attention = head.embed_regions(tokens, features, return_attention=True)
+    assert [a.shape for a in attention] == [(2, 3, 10), (5, 3, 10)]
+    for p, e in zip(plain, embeddings):
+        torch.testing.assert_close(e, p, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_not_recorded_when_off(monkeypatch):
+    """Off, the plain decoder runs: no layer-by-layer path, no attention weights asked of any layer."""
+    head = RegionSpotHead(256, 64, 32).eval()
+    calls = []
+    monkeypatch.setattr(head, "forward_with_attention", lambda *a, **k: calls.append(1))
+    for layer in head.decoder.layers:
+        original = layer.multihead_attn.forward
+
+        def spy(*args, _original=original, **kwargs):
+            calls.append(kwargs.get("need_weights"))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(layer.multihead_attn, "forward", spy)
+    with torch.no_grad():
+        head.embed_regions([torch.randn(2, 256)], torch.randn(1, 10, 64))
+    assert calls == [False, False, False]

@@ -259,3 +259,34 @@ def test_pristine_sdist_does_not_import_and_the_patched_one_does(sdist_trees):
     ours = _python(IMPORTS, patched, patched.parent)
     assert ours.stdout.split() == [w for name in ("data", "layers", "evaluation", "modeling", "engine")
                                    for w in (f"detectron2.{name}", "ok")], ours.stdout + ours.stderr
+
+
+def test_chromium_step_installs_by_apt_or_says_why_it_cannot(monkeypatch, tmp_path, capsys):
+    """The web app's browser test needs Debian's chromium: installed with apt-get where that works
+    as root, never a failure of the install (the test then skips and prints the reason)."""
+    missing = tmp_path / "chromium"
+    monkeypatch.setattr(inst, "CHROMIUM", missing)
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if cmd[:3] == ["apt-get", "install", "-y"]:
+            missing.write_text("")  # the package put the browser in place
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(inst.subprocess, "run", fake_run)
+    monkeypatch.setattr(inst.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(inst.os, "geteuid", lambda: 0)
+    inst.ensure_chromium()
+    assert calls == [["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]]
+    assert "installed Debian's chromium" in capsys.readouterr().out
+
+    missing.unlink()
+    monkeypatch.setattr(inst.os, "geteuid", lambda: 1000)
+    inst.ensure_chromium()
+    assert "not usable as root here: the browser test will be skipped" in capsys.readouterr().out
+
+    monkeypatch.setattr(inst.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(inst.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 100, "", "E: no"))
+    inst.ensure_chromium()  # a failing apt is reported, not raised
+    assert "exited with 100" in capsys.readouterr().out

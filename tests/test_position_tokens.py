@@ -149,3 +149,45 @@ def test_mapper_resize_is_used_and_equals_the_models(sam, image):
     assert torch.equal(own, given) and size == given_size
     wrong = resize_for_sam(tensor, tokens.input_size // 2)  # another SAM's size: ignored, resized again
     assert torch.equal(tokens.preprocess(tensor, resized=wrong)[0], own)
+
+
+CLICKS = np.array([[120.0, 140.0], [400.0, 60.0], [30.0, 280.0]], dtype=np.float32)
+CLICK_LABELS = np.array([1, 1, 0])
+
+
+def test_point_prompt_equals_sam_predictor_predict(sam, image):
+    """prompt_points = SamPredictor.predict(point_coords, point_labels, multimask_output=False),
+    with and without a mask prompt (issue 15, prompts beyond boxes)."""
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    tokens = SamPositionTokens(sam)
+    pixels, resized = tokens.preprocess(torch.from_numpy(image).permute(2, 0, 1))
+    with torch.no_grad():
+        embedding = tokens.encode_images(pixels[None])[0]
+    ours = tokens.prompt_points(embedding, resized, image.shape[:2], torch.from_numpy(CLICKS),
+                                torch.from_numpy(CLICK_LABELS))
+    masks, iou, low_res = predictor.predict(CLICKS, CLICK_LABELS, multimask_output=False)
+    side = 4 * embedding.shape[-1]
+    assert ours.tokens.shape == (1, 256) and ours.low_res_masks.shape == (1, 1, side, side)
+    np.testing.assert_allclose(ours.low_res_masks[0].numpy(), low_res, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
+    assert np.array_equal(tokens.paste_masks(ours.low_res_masks, resized, image.shape[:2])[0].numpy(), masks[0])
+
+    # a mask prompt (here: a rectangle in the image's pixels) enters as SAM's mask_input
+    mask = np.zeros(image.shape[:2], bool)
+    mask[50:200, 80:300] = True
+    with_mask = tokens.prompt_points(embedding, resized, image.shape[:2], torch.from_numpy(CLICKS[:1]),
+                                     torch.ones(1, dtype=torch.int64), torch.from_numpy(mask))
+    mask_input = tokens.mask_to_sam_input(torch.from_numpy(mask), resized)[0].numpy()
+    _, iou_m, low_res_m = predictor.predict(CLICKS[:1], np.ones(1), mask_input=mask_input, multimask_output=False)
+    np.testing.assert_allclose(with_mask.low_res_masks[0].numpy(), low_res_m, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(with_mask.iou_predictions.numpy(), iou_m, rtol=0, atol=1e-5)
+    assert not torch.allclose(with_mask.low_res_masks, ours.low_res_masks)
+    # mask_input lies in SAM's padded frame: inside the rectangle positive, the padding negative
+    scale = side / max(image.shape[:2])
+    assert mask_input[0, int(125 * scale), int(190 * scale)] > 0 and mask_input[0, side - 2, side - 2] < 0
+
+    with pytest.raises(ValueError, match="labels"):
+        tokens.prompt_points(embedding, resized, image.shape[:2], torch.from_numpy(CLICKS), torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match="needs points"):
+        tokens.prompt_points(embedding, resized, image.shape[:2])

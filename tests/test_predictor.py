@@ -143,3 +143,91 @@ def test_the_predictor_leaves_the_models_mode_as_it_was(tiny_model, image):
     finally:
         tiny_model.eval()
     assert torch.equal(reference.scores, again.scores) and reference.labels == again.labels
+
+
+def test_attention_maps_cost_no_encoder_work_and_match_the_plain_prediction(predictor, image, monkeypatch):
+    """predict(..., return_attention=True): per region and decoder layer a map over CLIP's patch
+    grid (class token excluded), with the same labels and scores as without it."""
+    predictor.set_image(image)
+    plain = predictor.predict(BOXES)
+    assert plain.attention is None
+    calls = []
+    monkeypatch.setattr(predictor.model, "encode_images", lambda *a: calls.append(1))
+    out = predictor.predict(BOXES, return_attention=True)
+    assert calls == []
+    semantic = predictor._features[0].semantic  # (L, D): the class token and g x g patches
+    grid = int((semantic.shape[0] - 1) ** 0.5)
+    layers = len(predictor.model.head.decoder.layers)
+    assert out.attention.shape == (2, layers, grid, grid) and out.attention.dtype == torch.float32
+    assert (out.attention.flatten(2).sum(-1) < 1).all()  # the class token's share is left out
+    torch.testing.assert_close(out.probabilities, plain.probabilities, rtol=1e-5, atol=1e-6)
+    assert out.select(torch.tensor([1])).attention.shape == (1, layers, grid, grid)
+
+
+def test_embed_gives_normalised_embeddings_that_score_like_predict(predictor, image):
+    """Stored region embeddings scored against a new vocabulary equal predict() with it."""
+    predictor.set_image(image)
+    embeddings = predictor.embed(BOXES)
+    assert embeddings.shape == (2, predictor.model.semantic_encoder.embed_dim) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+    live = predictor.predict(BOXES, ["boat", "kite", "umbrella"])
+    assert torch.equal(live.embeddings, embeddings)
+    assert torch.equal(predictor.score_embeddings(embeddings, ["boat", "kite", "umbrella"]), live.probabilities)
+
+
+def test_clicks_become_one_region_with_sams_mask(predictor, image):
+    """Points -> SAM's mask -> its box recognised by the box path; the result carries the mask."""
+    from segment_anything import SamPredictor
+
+    predictor.set_image(image)
+    clicks, labels = [[120.0, 140.0], [30.0, 280.0]], [1, 0]
+    out = predictor.predict(points=clicks, point_labels=labels)
+    assert len(out.labels) == 1 and out.masks.shape == (1, 300, 450) and out.prompt_iou.shape == (1,)
+    # SAM's own answer for the same clicks, on the image the predictor encoded (its test-time resize)
+    sam = SamPredictor(predictor.model.localizer.sam)
+    resized = predictor._transform.apply_image(image)
+    sam.set_image(resized)
+    coords = predictor._transform.apply_coords(np.array(clicks, dtype=np.float64))
+    masks, iou, _ = sam.predict(coords.astype(np.float32), np.array(labels), multimask_output=False)
+    torch.testing.assert_close(out.prompt_iou, torch.as_tensor(iou, dtype=torch.float32), rtol=0, atol=1e-4)
+    if out.masks[0].any():
+        ys, xs = torch.nonzero(out.masks[0], as_tuple=True)
+        box = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+        np.testing.assert_allclose(out.boxes[0].numpy(), box, atol=2.0)  # the mask's box (resize rounding)
+        by_box = predictor.predict([box])
+        torch.testing.assert_close(out.probabilities, by_box.probabilities, rtol=1e-3, atol=1e-3)
+    own = predictor.predict(points=clicks, point_labels=labels, region_token="prompt")
+    assert torch.equal(own.masks, out.masks)
+    with pytest.raises(InputError, match="outside"):
+        predictor.predict(points=[[500, 10]])
+    with pytest.raises(InputError, match="point_labels"):
+        predictor.predict(points=clicks, point_labels=[1, 3])
+    with pytest.raises(InputError, match="either boxes"):
+        predictor.predict(BOXES, points=clicks)
+
+
+def test_a_mask_prompt_and_a_localizer_without_prompt_points(predictor, image, monkeypatch):
+    predictor.set_image(image)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[40:200, 60:260] = True
+    out = predictor.predict(mask=mask)
+    assert len(out.labels) in (0, 1) and out.filters.steps[0].stage.startswith("point prompt")
+    monkeypatch.delattr(type(predictor.model.localizer), "prompt_points")
+    with pytest.raises(NotImplementedError, match="prompt_points"):
+        predictor.predict(points=[[10, 10]])
+
+
+def test_sam_auto_runs_once_per_image(tiny_model, image, monkeypatch):
+    """A new vocabulary (the web app's vocabulary change) reuses the image's automatic proposals."""
+    predictor = RegionSpotPredictor(tiny_model, 256, 512, vocabulary=["cat", "dog"])
+    predictor.set_image(image)
+    calls = []
+    generate = tiny_model.generate_proposals
+    monkeypatch.setattr(tiny_model, "generate_proposals", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    a = predictor.predict(proposals="sam_auto")
+    b = predictor.predict(proposals="sam_auto", vocabulary=["car", "tree"])
+    assert calls == [1] and torch.equal(a.boxes, b.boxes) and b.vocabulary == ["car", "tree"]
+    assert a.filters.as_dict() == b.filters.as_dict()
+    predictor.set_image(image)
+    predictor.predict(proposals="sam_auto")
+    assert calls == [1, 1]

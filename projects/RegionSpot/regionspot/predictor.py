@@ -13,10 +13,11 @@ or the model's evaluation vocabulary.
 """
 
 import logging
+import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,15 @@ class RegionPredictions:
             the ``PROPOSAL_*`` selection, :meth:`above_score`), with the key that controls it
             (:class:`~regionspot.filter_report.FilterReport`; ``filters.as_dict()``
             is JSON). Empty for given boxes, which are never filtered.
+        embeddings: (N, E) float32 L2-normalised region embeddings in the vision-language
+            model's joint space (``logits = LOGIT_SCALE * embeddings @ text_embeddings.T``).
+        attention: (N, num_layers, g, g) float32 cross-attention maps of each region's token
+            over the semantic feature map's g x g patch grid (the class token excluded, as in
+            the paper's Fig. 4; heads averaged; the grid covers the whole image, which CLIP
+            sees stretched to a square), or None unless ``predict(..., return_attention=True)``.
+            :func:`regionspot.attention_maps.upsample_attention` brings a map to image pixels.
+        prompt_iou: (N,) float32 SAM's predicted IoU of the mask of a point / mask prompt,
+            or None for other prompts.
     """
 
     boxes: torch.Tensor
@@ -65,16 +75,32 @@ class RegionPredictions:
     masks: torch.Tensor
     vocabulary: List[str]
     filters: FilterReport = field(default_factory=FilterReport)
+    embeddings: Optional[torch.Tensor] = None
+    attention: Optional[torch.Tensor] = None
+    prompt_iou: Optional[torch.Tensor] = None
 
     def select(self, keep: torch.Tensor) -> "RegionPredictions":
         """The predictions of the boxes where ``keep`` ((N,) bool or int64 indices) says so."""
         keep = torch.as_tensor(keep)
+
+        def part(t):
+            return None if t is None else t[keep]
         return RegionPredictions(
             boxes=self.boxes[keep], classes=self.classes[keep],
             labels=[self.labels[i] for i in torch.arange(len(self.labels))[keep].tolist()],
             scores=self.scores[keep], probabilities=self.probabilities[keep],
             proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary,
-            filters=self.filters.copy())
+            filters=self.filters.copy(), embeddings=part(self.embeddings), attention=part(self.attention),
+            prompt_iou=part(self.prompt_iou))
+
+    def top_classes(self, k: int = 5) -> List[List[tuple]]:
+        """Per region, its ``k`` most probable classes as (name, probability), best first."""
+        k = min(k, len(self.vocabulary))
+        if not len(self.labels) or k == 0:
+            return [[] for _ in self.labels]
+        values, indices = self.probabilities.topk(k, dim=1)
+        return [[(self.vocabulary[i], float(v)) for v, i in zip(vs, ids)]
+                for vs, ids in zip(values.tolist(), indices.tolist())]
 
     def above_score(self, min_score: float, key: str = "min_score", where: str = "") -> "RegionPredictions":
         """The predictions whose score is at least ``min_score``, the step recorded in
@@ -98,14 +124,19 @@ class RegionPredictions:
                 logger.warning(message)
         return kept
 
-    def to_json(self) -> List[dict]:
-        """One dict per box: box (XYXY pixels), label, class index, score, proposal score."""
-        return [
+    def to_json(self, top_k: int = 0) -> List[dict]:
+        """One dict per box: box (XYXY pixels), label, class index, score, proposal score
+        (+ ``"top_classes"``: the ``top_k`` best [name, probability] pairs, when ``top_k`` > 0)."""
+        rows = [
             {"box_xyxy": [round(v, 2) for v in box], "label": label, "class_id": int(c), "score": float(s),
              "proposal_score": float(p)}
             for box, label, c, s, p in zip(self.boxes.tolist(), self.labels, self.classes, self.scores,
                                            self.proposal_scores)
         ]
+        if top_k > 0:
+            for row, top in zip(rows, self.top_classes(top_k)):
+                row["top_classes"] = [[name, round(p, 6)] for name, p in top]
+        return rows
 
 
 @contextmanager
@@ -222,6 +253,7 @@ class RegionSpotPredictor:
         self._image_size = None
         self._transform = None
         self._features = None
+        self._proposals: Dict[str, tuple] = {}  # source -> (proposals, their filter report), for this image
 
     @property
     def is_image_set(self) -> bool:
@@ -256,35 +288,58 @@ class RegionSpotPredictor:
     # ----------------------------------------------------------------- predict
     @torch.no_grad()
     def predict(self, boxes=None, vocabulary: Optional[Sequence[str]] = None, *,
-                proposals: Optional[str] = None) -> RegionPredictions:
+                proposals: Optional[str] = None, points=None, point_labels=None, mask=None,
+                region_token: str = "mask_box", return_attention: bool = False) -> RegionPredictions:
         """Label, score and mask each region of the current image.
+
+        Give the regions one way: ``boxes``; ``proposals``; or clicks (``points`` with
+        ``point_labels``) and/or a ``mask``, which SAM turns into one region's mask.
 
         Args:
             boxes: (N, 4) array-like, XYXY_ABS pixels of the image given to :meth:`set_image`;
-                or None with ``proposals``.
+                or None with ``proposals`` or ``points``/``mask``.
             vocabulary: class names to choose from for this call (None: the predictor's
                 vocabulary). Text embeddings are computed once per vocabulary and kept.
             proposals: instead of ``boxes``, regions the model finds itself: "sam_auto" (SAM's
                 automatic masks, "recognise everything") or "rpn" (needs a model built with
                 ``MODEL.REGIONSPOT.RPN_WEIGHTS``); regions are sorted by decreasing proposal
-                score and selected with the ``PROPOSAL_*`` settings.
+                score and selected with the ``PROPOSAL_*`` settings; computed once per image
+                (another vocabulary or ``return_attention`` reuses them).
+            points: (K, 2) array-like XY pixels of the image: clicks on one object
+                (``SamPredictor.predict``'s ``point_coords``).
+            point_labels: (K,) 1 for a positive click, 0 for a negative one (default: all 1).
+            mask: (H', W') bool mask of the object covering the whole image (any resolution),
+                SAM's mask prompt; with or without points.
+            region_token: for points / a mask, which token the head reads: "mask_box" (default:
+                SAM's mask -> its box -> the box prompt's token, the kind the head was trained
+                on) or "prompt" (the clicks' own token; the head never saw such tokens in
+                training). The result carries SAM's mask of the clicks either way.
+            return_attention: also return each region's cross-attention maps
+                (:attr:`RegionPredictions.attention`); nothing is recorded otherwise.
 
         Returns:
-            :class:`RegionPredictions` (N may be 0), one row per box in box order; its
-            ``filters`` say what each selection step removed. When a step removes every
-            region (e.g. no SAM mask passes ``SAM_AUTO.PRED_IOU_THRESH``), one warning is
-            logged naming the step, the counts and the config key.
+            :class:`RegionPredictions` (N may be 0), one row per box in box order (one row for
+            points / a mask); its ``filters`` say what each selection step removed. When a
+            step removes every region (e.g. no SAM mask passes ``SAM_AUTO.PRED_IOU_THRESH``, or
+            SAM's mask of the clicks is empty), one warning is logged naming the step, the
+            counts and the setting.
 
         Raises:
             RuntimeError: :meth:`set_image` was not called.
-            InputError: boxes with NaN, zero area or outside the image; both or neither of
-                ``boxes`` and ``proposals``; an unknown source; no vocabulary.
+            InputError: boxes with NaN, zero area or outside the image; points outside the
+                image or bad labels; not exactly one of ``boxes``, ``proposals`` and
+                ``points``/``mask``; an unknown source; no vocabulary.
             ValueError: an invalid vocabulary, or "rpn" on a model without an RPN.
+            NotImplementedError: points or a mask with a localizer that has no ``prompt_points``.
         """
         if not self.is_image_set:
             raise RuntimeError("call set_image(image) before predict(boxes)")
-        if (boxes is None) == (proposals is None):
-            raise InputError('give either boxes (N, 4) or proposals="sam_auto"/"rpn", not both or neither')
+        clicked = points is not None or mask is not None
+        if sum([boxes is not None, proposals is not None, clicked]) != 1:
+            raise InputError('give either boxes (N, 4), proposals="sam_auto"/"rpn", or points (K, 2) '
+                             "with point_labels and/or a mask (exactly one of them)")
+        if region_token not in REGION_TOKENS:
+            raise InputError(f"region_token must be one of {REGION_TOKENS}, got {region_token!r}")
         names = self.vocabulary if vocabulary is None else check_vocabulary(vocabulary)
         if names is None:
             raise InputError("no vocabulary: pass vocabulary=[...] or call set_vocabulary() first")
@@ -292,29 +347,198 @@ class RegionSpotPredictor:
         features = self._features
         h, w = self._image_size
         report = FilterReport()
-        if proposals is None:
-            checked = check_boxes(boxes, (h, w), "boxes")
-            instances = Instances(features[0].image_size)
-            # The test mapper's transform of annotation boxes: in float64, then clipped.
-            resized = self._transform.apply_box(checked.double().numpy().reshape(-1, 4))
-            instances.proposal_boxes = Boxes(torch.as_tensor(resized, dtype=torch.float32))
-            instances.proposal_boxes.clip(features[0].image_size)
-            instances.objectness_logits = torch.full((len(checked),), float("inf"))
-            regions = [instances.to(self.model.device)]
-        elif proposals in PREDICTOR_SOURCES:
-            regions = self.model.generate_proposals(proposals, features, reports=[report])
+        prompts, prompt_iou = None, None
+        if boxes is not None:
+            regions = [self._box_regions(check_boxes(boxes, (h, w), "boxes"))]
+        elif proposals is not None:
+            if proposals not in PREDICTOR_SOURCES:
+                raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
+            if proposals not in self._proposals:  # computed once per image: a new vocabulary reuses them
+                found = FilterReport()
+                self._proposals[proposals] = (self.model.generate_proposals(proposals, features, reports=[found]),
+                                              found)
+            regions, found = self._proposals[proposals]
+            report = found.copy()
         else:
-            raise InputError(f"proposals must be one of {PREDICTOR_SOURCES}, got {proposals!r}")
+            regions, prompts, prompt_iou = self._clicked_region(points, point_labels, mask, report)
+            if region_token == "mask_box":
+                prompts = None
         with _eval_mode(self.model):
-            result = self.model.inference(features, regions, text_embeddings, [(h, w)], self.protocol, mask_on=True,
-                                          reports=[report])[0]
+            recognition = self.model.recognize(features, regions, text_embeddings, prompts,
+                                               with_masks=self.model.needs_sam_masks(self.protocol, True)
+                                               and not regions[0].has("proposal_masks"),
+                                               return_attention=return_attention)[0]
+            result = self.model.postprocess(recognition, (h, w), self.protocol, mask_on=True, report=report)
         result = result.to("cpu")
-        message = report.warning(f"predict(proposals={proposals!r}) on a {w}x{h} (WxH) image")
+        where = ("predict(points)" if clicked else
+                 f"predict(proposals={proposals!r})" if proposals else "predict(boxes)")
+        message = report.warning(f"{where} on a {w}x{h} (WxH) image")
         if message:
             logger.warning(message)
+        attention = None
+        if return_attention:
+            attention = self.attention_grid(recognition.attention).cpu() if len(result) else torch.zeros(0)
         return RegionPredictions(
             boxes=result.pred_boxes.tensor, classes=result.pred_classes,
             labels=[names[i] for i in result.pred_classes.tolist()], scores=result.scores,
             probabilities=result.class_probs, proposal_scores=result.proposal_scores,
             masks=result.pred_masks.tensor(), vocabulary=list(names), filters=report,
+            embeddings=recognition.embeddings.cpu(), attention=attention,
+            prompt_iou=None if prompt_iou is None else prompt_iou[:len(result)].cpu(),
         )
+
+    def _box_regions(self, checked: torch.Tensor) -> Instances:
+        """Given boxes (XYXY pixels of the image) as proposals in the encoded image's frame."""
+        features = self._features
+        instances = Instances(features[0].image_size)
+        # The test mapper's transform of annotation boxes: in float64, then clipped.
+        resized = self._transform.apply_box(checked.double().numpy().reshape(-1, 4))
+        instances.proposal_boxes = Boxes(torch.as_tensor(resized, dtype=torch.float32))
+        instances.proposal_boxes.clip(features[0].image_size)
+        instances.objectness_logits = torch.full((len(checked),), float("inf"))
+        return instances.to(self.model.device)
+
+    def _clicked_region(self, points, point_labels, mask, report: FilterReport):
+        """SAM's mask of the clicks / mask prompt as one proposal (its box, and the mask in
+        the image's pixels as ``proposal_masks``); ([Instances], [BoxPrompts], (1,) IoU)."""
+        localizer = self.model.localizer
+        if not hasattr(localizer, "prompt_points"):
+            raise NotImplementedError(f"the localizer {type(localizer).__name__} has no prompt_points(): point and "
+                                      f"mask prompts need it (MODEL.REGIONSPOT.LOCALIZER); use boxes instead")
+        h, w = self._image_size
+        coords = labels = None
+        if points is not None:
+            coords = check_points(points, (h, w))
+            labels = check_point_labels(point_labels, len(coords))
+            coords = torch.as_tensor(self._transform.apply_coords(coords.double().numpy().copy()), dtype=torch.float32)
+        if mask is not None:
+            mask = torch.as_tensor(np.asarray(mask))
+            if mask.dim() != 2 or mask.numel() == 0:
+                raise InputError(f"mask must be an (H, W) bool array covering the image, got shape {tuple(mask.shape)}")
+            mask = mask.bool()
+        feature = self._features[0]
+        prompt = localizer.prompt_points(feature.sam_embedding, feature.sam_input_size, feature.image_size,
+                                         coords, labels, mask)
+        full = localizer.paste_masks(prompt.low_res_masks, feature.sam_input_size, (h, w))  # (1, H, W) bool
+        instances = Instances(feature.image_size)
+        ys, xs = torch.nonzero(full[0], as_tuple=True)
+        report.add("point prompt: SAM's mask of the clicks", "points", int(0 if coords is None else len(coords)),
+                   "regions", 1, int(len(xs) > 0), "move or add positive clicks (the mask is empty)")
+        if len(xs) == 0:
+            instances.proposal_boxes = Boxes(torch.zeros(0, 4))
+            instances.objectness_logits = torch.zeros(0)
+            instances.proposal_masks = full[:0].cpu()
+            empty = prompt._replace(tokens=prompt.tokens[:0], low_res_masks=prompt.low_res_masks[:0],
+                                    iou_predictions=prompt.iou_predictions[:0])
+            return [instances.to(self.model.device)], [empty], prompt.iou_predictions[:0]
+        box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).double()[None]
+        resized = self._transform.apply_box(box.cpu().numpy())
+        instances.proposal_boxes = Boxes(torch.as_tensor(resized, dtype=torch.float32))
+        instances.proposal_boxes.clip(feature.image_size)
+        instances.objectness_logits = torch.full((1,), float("inf"))
+        instances.proposal_masks = full  # already in the output frame: post-processing keeps it as it is
+        return [instances.to(self.model.device)], [prompt], prompt.iou_predictions
+
+    def attention_grid(self, attention: torch.Tensor) -> torch.Tensor:
+        """(N, layers, L) cross-attention weights -> (N, layers, g, g) over the patch grid.
+
+        The class token (row 0 of L when the semantic encoder keeps it) is dropped, as the
+        paper's Fig. 4 does; the rest is CLIP's g x g patch grid in raster order.
+
+        Raises:
+            ValueError: the patch tokens do not form a square grid.
+        """
+        has_class_token = int(getattr(self.model.semantic_encoder, "use_class_token", True))
+        patches = attention[..., has_class_token:]
+        grid = math.isqrt(patches.shape[-1])
+        if grid * grid != patches.shape[-1]:
+            raise ValueError(f"{patches.shape[-1]} feature-map tokens (class token excluded) are not a square grid")
+        return patches.reshape(*attention.shape[:-1], grid, grid).float()
+
+    @torch.no_grad()
+    def embed(self, boxes) -> torch.Tensor:
+        """Region embeddings of boxes of the current image: the head's output in the
+        vision-language model's joint space, where text embeddings live.
+
+        ``logit_scale * embed(boxes) @ text_embeddings.T`` are the logits :meth:`predict`
+        scores with (:func:`score_embeddings`), so stored embeddings can be scored against any
+        vocabulary later (``regionspot-export-region-embeddings``).
+
+        Args:
+            boxes: (N, 4) array-like, XYXY_ABS pixels of the image given to :meth:`set_image`.
+
+        Returns:
+            (N, E) float32 on the CPU, rows of unit L2 norm.
+
+        Raises:
+            RuntimeError: :meth:`set_image` was not called.
+            InputError: bad boxes (as :meth:`predict`).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("call set_image(image) before embed(boxes)")
+        h, w = self._image_size
+        regions = [self._box_regions(check_boxes(boxes, (h, w), "boxes"))]
+        with _eval_mode(self.model):
+            prompts = self.model.prompt_boxes(self._features, regions, with_masks=False)
+            return self.model.region_embeddings(self._features, prompts)[0].cpu()
+
+    def score_embeddings(self, embeddings: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
+        """Class probabilities of stored region embeddings against a vocabulary, as
+        :meth:`predict` computes them (:func:`score_embeddings` with this model's scale and
+        ``TEST_SCORE``). Returns (N, C) float32."""
+        text = self.text_embeddings_for(vocabulary)
+        return score_embeddings(embeddings.to(text.device), text, self.model.logit_scale,
+                                self.protocol.class_score).cpu()
+
+
+REGION_TOKENS = ("mask_box", "prompt")
+
+
+def score_embeddings(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float = 100.0,
+                     class_score: str = "softmax") -> torch.Tensor:
+    """(N, E) region embeddings and (C, E) text embeddings -> (N, C) float32 class probabilities.
+
+    The model's own functions: :func:`~regionspot.modeling.head.region_logits` (scale x cosine)
+    then :func:`~regionspot.modeling.postprocess.class_probabilities` (``TEST_SCORE``).
+    """
+    from .modeling.head import region_logits
+    from .modeling.postprocess import class_probabilities
+
+    return class_probabilities(region_logits(embeddings, text_embeddings, logit_scale), class_score)
+
+
+def check_points(points, image_size) -> torch.Tensor:
+    """Clicks as an (K, 2) float32 tensor of XY pixels inside the image.
+
+    Raises:
+        InputError: not (K, 2), K = 0, not finite, or outside [0, W] x [0, H].
+    """
+    try:
+        t = torch.as_tensor(np.asarray(points, dtype=np.float32))
+    except (TypeError, ValueError):
+        raise InputError(f"points must be a (K, 2) array of XY pixels, got {str(points)[:80]}") from None
+    if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] == 0:
+        raise InputError(f"points must be a non-empty (K, 2) array of XY pixels, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InputError("points contain NaN or infinite values")
+    h, w = image_size
+    outside = (t[:, 0] < 0) | (t[:, 0] > w) | (t[:, 1] < 0) | (t[:, 1] > h)
+    if outside.any():
+        i = int(outside.nonzero()[0])
+        raise InputError(f"point {i} {t[i].tolist()} is outside the {w}x{h} (WxH) image")
+    return t
+
+
+def check_point_labels(labels, count: int) -> torch.Tensor:
+    """(K,) int64 labels of the clicks (1 positive, 0 negative; default all 1).
+
+    Raises:
+        InputError: not K values of 0 or 1.
+    """
+    if labels is None:
+        return torch.ones(count, dtype=torch.int64)
+    t = torch.as_tensor(np.asarray(labels)).flatten()
+    if t.shape[0] != count or not bool(((t == 0) | (t == 1)).all()):
+        raise InputError(f"point_labels must be {count} values of 1 (positive click) or 0 (negative click), got "
+                         f"{t.tolist()}")
+    return t.to(torch.int64)

@@ -268,6 +268,11 @@ class RegionRecognition:
         low_res_masks: (N, 1, 4g, 4g) float32 SAM mask logits (padded frame, 1/4 resolution),
             or None like ``iou_predictions``.
         sam_input_size: (h, w) of the image inside SAM's padded input.
+        embeddings: (N, E) float32 L2-normalised region embeddings (the head's output in the
+            vision-language model's joint space; ``logits = LOGIT_SCALE * embeddings @ text.T``).
+        attention: (N, num_layers, L) float32 cross-attention weights of each region's token
+            over the L semantic feature-map tokens, averaged over heads; None unless asked for
+            (``recognize(..., return_attention=True)``).
     """
 
     proposals: Instances
@@ -275,6 +280,8 @@ class RegionRecognition:
     iou_predictions: Optional[torch.Tensor]
     low_res_masks: Optional[torch.Tensor]
     sam_input_size: Tuple[int, int]
+    embeddings: Optional[torch.Tensor] = None
+    attention: Optional[torch.Tensor] = None
 
     @property
     def proposal_scores(self) -> torch.Tensor:

@@ -32,6 +32,7 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
@@ -254,9 +255,37 @@ class RegionSpot(nn.Module):
                                      [p.proposal_boxes.tensor for p in proposals],
                                      [f.image_size for f in features], with_masks)
 
+    def region_embeddings(self, features: Sequence[ImageFeatures], prompts: Sequence[BoxPrompts],
+                          return_attention: bool = False):
+        """The head on the position-aware tokens of B images: L2-normalised region embeddings.
+
+        Args:
+            features: B :class:`ImageFeatures` (their semantic feature maps are attended).
+            prompts: B :class:`BoxPrompts` (tokens (N_i, T)).
+            return_attention: also return each region's cross-attention weights
+                (:meth:`RegionSpotHead.embed_regions`; nothing is recorded without it).
+
+        Returns:
+            B tensors (N_i, E) float32, rows of unit L2 norm (in the vision-language model's
+            joint space); with ``return_attention``, ``(embeddings, attention)`` with B tensors
+            (N_i, num_layers, L) float32 (None for an image without regions).
+        """
+        keep = [i for i, pr in enumerate(prompts) if pr.tokens.shape[0] > 0]
+        embeddings = [torch.zeros(0, self.semantic_encoder.embed_dim, device=self.device) for _ in prompts]
+        attention: List[Optional[torch.Tensor]] = [None] * len(prompts)
+        if keep:
+            semantic = torch.stack([features[i].semantic for i in keep])
+            out = self.head.embed_regions([prompts[i].tokens for i in keep], semantic,
+                                          return_attention=return_attention)
+            out, maps = out if return_attention else (out, [None] * len(keep))
+            for i, e, a in zip(keep, out, maps):
+                embeddings[i] = F.normalize(e.float(), dim=-1)
+                attention[i] = a
+        return (embeddings, attention) if return_attention else embeddings
+
     def recognize(self, features: Sequence[ImageFeatures], proposals: Sequence[Instances],
                   text_embeddings: torch.Tensor, prompts: Optional[Sequence[BoxPrompts]] = None,
-                  with_masks: bool = True) -> List[RegionRecognition]:
+                  with_masks: bool = True, return_attention: bool = False) -> List[RegionRecognition]:
         """Step 4: position-aware tokens of each proposal, the head, and logits.
 
         Args:
@@ -265,19 +294,20 @@ class RegionSpot(nn.Module):
             text_embeddings: (C, E) float32 text embeddings on the model's device.
             prompts: the :meth:`prompt_boxes` of these proposals, if already computed.
             with_masks: compute SAM's masks and predicted IoUs too (:meth:`needs_sam_masks`).
+            return_attention: record the head's cross-attention weights
+                (``RegionRecognition.attention``); off, nothing is recorded.
 
         Returns:
-            B :class:`RegionRecognition`.
+            B :class:`RegionRecognition` (with the region embeddings).
         """
         prompts = prompts if prompts is not None else self.prompt_boxes(features, proposals, with_masks)
-        keep = [i for i, pr in enumerate(prompts) if pr.tokens.shape[0] > 0]
-        logits = [torch.zeros(0, text_embeddings.shape[0], device=self.device) for _ in prompts]
-        if keep:
-            semantic = torch.stack([features[i].semantic for i in keep])
-            for i, e in zip(keep, self.head.embed_regions([prompts[i].tokens for i in keep], semantic)):
-                logits[i] = region_logits(e, text_embeddings, self.logit_scale)
-        return [RegionRecognition(p, lg, pr.iou_predictions, pr.low_res_masks, f.sam_input_size)
-                for f, p, pr, lg in zip(features, proposals, prompts, logits)]
+        if return_attention:
+            embeddings, attention = self.region_embeddings(features, prompts, return_attention=True)
+        else:
+            embeddings, attention = self.region_embeddings(features, prompts), [None] * len(prompts)
+        logits = [region_logits(e, text_embeddings, self.logit_scale) for e in embeddings]
+        return [RegionRecognition(p, lg, pr.iou_predictions, pr.low_res_masks, f.sam_input_size, e, a)
+                for f, p, pr, lg, e, a in zip(features, proposals, prompts, logits, embeddings, attention)]
 
     @torch.no_grad()
     def postprocess(self, recognition: RegionRecognition, output_size: Tuple[int, int],

@@ -34,6 +34,9 @@ from .profiling import stage
 # Masks pasted per call of Sam.postprocess_masks: each costs two float32 frames (S x S and the
 # output size) before thresholding, so pasting in chunks bounds that memory.
 MASK_PASTE_CHUNK = 16
+# The mask logit given to SAM for a binary mask prompt (+ inside, - outside): SAM's own
+# low-resolution logits of a confident mask are of this order.
+MASK_PROMPT_LOGIT = 10.0
 
 
 def _any_tensor(embeddings) -> torch.Tensor:
@@ -358,6 +361,98 @@ class SamPositionTokens(nn.Module):
         masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(n, 1, *upscaled.shape[-2:])
         iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
         return BoxPrompts(token.float(), masks.float(), iou.float())
+
+    @torch.no_grad()
+    @stage("sam_prompt_decoder")
+    def prompt_points(self, image_embedding: torch.Tensor, sam_input_size: Tuple[int, int],
+                      image_size: Tuple[int, int], points: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> BoxPrompts:
+        """SAM's prompt encoder and single-mask decoder on clicks and/or a mask: one region.
+
+        What ``SamPredictor.predict(point_coords, point_labels, mask_input=...,
+        multimask_output=False)`` computes (``tests/test_position_tokens.py`` checks the mask
+        logits and predicted IoU against it), with SAM's own prompt encoder (points padded with
+        SAM's "not a point" when there is no box) and mask decoder; the token is mask token 0
+        at the output of the two-way transformer, as for a box prompt (:meth:`_decode`). The
+        head was trained on box-prompted tokens only, so the predictor recognises the box of
+        this mask by default (docs/app.md, "Prompts").
+
+        Args:
+            image_embedding: (256, g, g) SAM embedding of the image (or (1, 256, g, g)).
+            sam_input_size: (h, w) of the image inside SAM's padded input (:meth:`preprocess`).
+            image_size: (H, W) of the frame the points are given in (the image that was encoded).
+            points: (K, 2) float32 XY pixels of that frame, or None (mask only).
+            labels: (K,) int64, 1 for a positive click (on the object), 0 for a negative one.
+            mask: a previous mask of the object, (H', W') bool covering the whole image at any
+                resolution (e.g. the image's own pixels), or None. It enters SAM as its
+                low-resolution ``mask_input`` (:meth:`mask_to_sam_input`).
+
+        Returns:
+            :class:`BoxPrompts` with tokens (1, T) float32, low_res_masks (1, 1, 4g, 4g) and
+            iou_predictions (1,).
+
+        Raises:
+            ValueError: neither points nor a mask; points not (K, 2) finite or labels not (K,)
+                of 0/1.
+        """
+        device = self.device
+        if points is None and mask is None:
+            raise ValueError("prompt_points needs points (K, 2) with labels (K,), a mask (H, W), or both")
+        point_input = None
+        if points is not None:
+            points = torch.as_tensor(points, dtype=torch.float32, device=device)
+            if points.dim() != 2 or points.shape[1] != 2 or points.shape[0] == 0 or not torch.isfinite(points).all():
+                raise ValueError(f"points must be a non-empty (K, 2) array of finite XY pixels, got shape "
+                                 f"{tuple(points.shape)}")
+            labels = torch.as_tensor(labels if labels is not None else [], device=device)
+            if labels.shape != (points.shape[0],) or not bool(((labels == 0) | (labels == 1)).all()):
+                raise ValueError(f"labels must be ({points.shape[0]},) of 1 (positive) or 0 (negative), got "
+                                 f"{labels.tolist()}")
+            coords = self.transform.apply_coords_torch(points, tuple(image_size))
+            point_input = (coords[None], labels.to(torch.int64)[None])
+        mask_input = None if mask is None else self.mask_to_sam_input(mask, sam_input_size)
+        embedding = image_embedding if image_embedding.dim() == 4 else image_embedding[None]
+        with encoder_autocast(device, self.dtype):
+            sparse, dense = self.sam.prompt_encoder(points=point_input, boxes=None, masks=mask_input)
+            decoder = self.sam.mask_decoder
+            output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+            queries = torch.cat([output_tokens[None], sparse], dim=1)
+            source = embedding + dense
+            hs, keys = decoder.transformer(source, self.sam.prompt_encoder.get_dense_pe(), queries)
+            mask_token = hs[:, 1]
+            hyper = decoder.output_hypernetworks_mlps[0](mask_token)
+            token = {"transformer": mask_token, "mlp": hyper}.get(self.token_source)
+            if token is None:
+                token = sparse.mean(dim=1)
+            _, c, h, w = source.shape
+            upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(1, c, h, w))
+            masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(1, 1, *upscaled.shape[-2:])
+            iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
+        return BoxPrompts(token.float(), masks.float(), iou.float())
+
+    def mask_to_sam_input(self, mask: torch.Tensor, sam_input_size: Tuple[int, int],
+                          logit: float = MASK_PROMPT_LOGIT) -> torch.Tensor:
+        """A binary mask of the whole image as SAM's ``mask_input``: (1, 1, 4g, 4g) float32 logits.
+
+        The inverse of :meth:`paste_masks`' geometry: resized (bilinear) to the image's size
+        inside SAM's input, zero-padded to S x S like the image, resized to 4g x 4g, then
+        +``logit`` inside and -``logit`` outside (SAM takes its own low-resolution logits here;
+        ``logit`` = :data:`MASK_PROMPT_LOGIT` makes a confident mask of the same sign).
+
+        Raises:
+            ValueError: ``mask`` is not a non-empty 2-D array.
+        """
+        mask = torch.as_tensor(mask, device=self.device)
+        if mask.dim() != 2 or mask.numel() == 0:
+            raise ValueError(f"mask must be an (H, W) bool array covering the image, got shape {tuple(mask.shape)}")
+        h, w = sam_input_size
+        side = self.input_size
+        resized = torch.nn.functional.interpolate(mask.float()[None, None], size=(int(h), int(w)), mode="bilinear",
+                                                  align_corners=False)
+        padded = torch.nn.functional.pad(resized, (0, side - int(w), 0, side - int(h)))
+        low = self.sam.prompt_encoder.mask_input_size
+        low_res = torch.nn.functional.interpolate(padded, size=tuple(low), mode="bilinear", align_corners=False)
+        return torch.where(low_res > 0.5, logit, -logit).float()
 
     def mask_generator(self, settings: Dict[str, object], image_shape: Tuple[int, int], embedding: torch.Tensor,
                        input_size: Tuple[int, int]):
