@@ -56,6 +56,7 @@ TOOLS = {
     "regionspot-run-sample": "run_sample",
     "regionspot-export-region-embeddings": "export_region_embeddings",
     "regionspot-benchmark-app": "benchmark_app",
+    "regionspot-benchmark-pairs": "benchmark_pairs",
 }
 CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
 
@@ -91,9 +92,6 @@ setup(
         # VL_MODEL open_clip (regionspot/modeling/open_clip_model.py: create_model("local-dir:..."),
         # the tower attributes read there were checked against 3.3).
         "open-clip-torch>=3.3,<3.4",
-        # OpenCLIP models whose tokenizer lives on the Hugging Face hub (SigLIP): open_clip's
-        # HFTokenizer reads the local OPENCLIP_TOKENIZER folder with transformers' AutoTokenizer.
-        "transformers>=4.40",
         # LOCALIZER sam2: the sam2 package itself is installed by scripts/install_deps.py with
         # --no-deps (its iopath>=0.1.10 clashes with detectron2's iopath<0.1.10; see there); these
         # are its other runtime requirements (it builds models from yaml with hydra/omegaconf).
@@ -128,6 +126,11 @@ setup(
         # session_hash, SelectData) and its browser test's driver (Playwright's Python package only:
         # the browser is Debian's chromium, installed by scripts/install_deps.py).
         "app": ["gradio>=6.31,<7", "playwright>=1.50,<2"],
+        # OpenCLIP models whose tokenizer lives on the Hugging Face hub (SigLIP): open_clip's
+        # HFTokenizer reads the local OPENCLIP_TOKENIZER folder with transformers' AutoTokenizer.
+        # An extra (the installer installs it) so that the GPU wheel bundle, which carries
+        # install_requires only, stays small; without it the error names this extra.
+        "hub-tokenizers": ["transformers>=4.40"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -123,6 +123,9 @@ def test_the_predictor_recognises_boxes_and_sam_auto_regions_with_sam2(sam2_path
     assert len(boxes.labels) == 3 and boxes.masks.shape == (3, 120, 160) and boxes.masks.any()
     regions = predictor.predict(proposals="sam_auto")
     assert regions.boxes.shape[0] > 0 and regions.masks.shape[1:] == (120, 160)
+    clicked = predictor.predict(points=[[30.0, 40.0], [120.0, 90.0]], point_labels=[1, 0], return_attention=True)
+    assert len(clicked.labels) == 1 and clicked.masks.shape == (1, 120, 160)
+    assert clicked.attention is not None and clicked.embeddings.shape[0] == 1
 
 
 def test_bad_sam2_inputs_are_clear_errors(sam2_path, sam_path, tmp_path):
@@ -211,3 +214,37 @@ def test_the_sam2_openclip_configs_build_with_their_files(config, sam2_path, tmp
     rs.TEXT_CACHE_DIR, cfg.MODEL.DEVICE = str(tmp_path / "cache"), "cpu"
     model = build_model(cfg)
     assert model.pair == {"localizer": "sam2:sam2_tiny", "vl_model": "open_clip:tiny-vit"}
+
+
+def test_clicks_and_a_mask_prompt_equal_sam2s_own_predictor(localizer):
+    """prompt_points on SAM 2 = SAM2ImagePredictor.predict(point_coords, point_labels,
+    mask_input, multimask_output=False): mask logits, IoU and the decoder's token."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    image = _images()[0]
+    embeddings, sizes = localizer.encode([image])
+    embedding = {k: v[0] for k, v in embeddings.items()}
+    clicks, labels = np.array([[30.0, 40.0], [120.0, 90.0]], np.float32), np.array([1, 0])
+    mask = np.zeros((120, 160), bool)
+    mask[20:90, 10:100] = True
+    predictor = SAM2ImagePredictor(localizer.sam)
+    predictor._bb_feat_sizes = predictor_feature_sizes(localizer.sam)
+    predictor.set_image(image.permute(1, 2, 0).numpy())
+    for with_mask in (False, True):
+        ours = localizer.prompt_points(embedding, sizes[0], (120, 160), torch.from_numpy(clicks),
+                                       torch.from_numpy(labels), torch.from_numpy(mask) if with_mask else None)
+        mask_input = localizer.mask_to_sam_input(torch.from_numpy(mask), sizes[0])[0].numpy() if with_mask else None
+        captured = {}
+
+        def keep_token(module, inputs, outputs, captured=captured):
+            captured["token"] = outputs[2][:, 0]
+
+        hook = localizer.sam.sam_mask_decoder.register_forward_hook(keep_token)
+        masks, iou, low_res = predictor.predict(clicks, labels, mask_input=mask_input, multimask_output=False,
+                                                return_logits=True)
+        hook.remove()
+        # the predictor returns its low-res logits clamped to +-32
+        np.testing.assert_allclose(ours.low_res_masks[0].clamp(-32, 32).numpy(), low_res, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.tokens, captured["token"], rtol=0, atol=1e-5)
+        assert np.array_equal(localizer.paste_masks(ours.low_res_masks, sizes[0], (120, 160))[0].numpy(), masks[0] > 0)

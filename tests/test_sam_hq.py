@@ -306,3 +306,34 @@ def test_the_extraction_tool_fills_a_sam_hq_token_cache_that_sam_does_not_read(h
     with pytest.raises(tc.TokenCacheError, match="localizer 'sam_hq' != expected 'sam'"):
         tc.SamTokenCache(str(tmp_path / "cache"), "hq_synth",
                          tc.make_identity(hq_path, "transformer", "float32", localizer="sam"))
+
+
+def test_clicks_and_a_mask_prompt_equal_sam_hqs_own_predictor(hq_path, images):
+    """prompt_points on SAM-HQ = the package's SamPredictor.predict(point_coords, point_labels,
+    mask_input, multimask_output=False, hq_token_only=False): mask logits, IoU and token."""
+    sam = load_sam_hq(hq_path)
+    localizer = SamHqPositionTokens(sam, attention="official")
+    image = images[0]
+    with torch.no_grad():
+        embeddings, sizes = localizer.encode([torch.from_numpy(image).permute(2, 0, 1)])
+    embedding = {k: v[0] for k, v in embeddings.items()}
+    clicks, labels = np.array([[120.0, 140.0], [400.0, 60.0]], np.float32), np.array([1, 0])
+    mask = np.zeros(image.shape[:2], bool)
+    mask[50:200, 80:300] = True
+    predictor = hq_package().SamPredictor(sam)
+    predictor.set_image(image)
+    for with_mask in (False, True):
+        ours = localizer.prompt_points(embedding, sizes[0], image.shape[:2], torch.from_numpy(clicks),
+                                       torch.from_numpy(labels), torch.from_numpy(mask) if with_mask else None)
+        mask_input = localizer.mask_to_sam_input(torch.from_numpy(mask), sizes[0])[0].numpy() if with_mask else None
+        captured = []
+        handle = sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o, c=captured: c.append(o[0]))
+        try:
+            masks, iou, low_res = predictor.predict(clicks, labels, mask_input=mask_input, multimask_output=False,
+                                                    hq_token_only=False)
+        finally:
+            handle.remove()
+        np.testing.assert_allclose(ours.low_res_masks[0].numpy(), low_res, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.tokens, captured[0][:, 1], rtol=0, atol=1e-5)
+        assert np.array_equal(localizer.paste_masks(ours.low_res_masks, sizes[0], image.shape[:2])[0].numpy(), masks[0])

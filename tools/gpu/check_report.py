@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGETS = {"bl_gt_eval_images_per_second": 300.0, "bl_train_cached_images_per_second": 500.0}
 
@@ -38,7 +37,7 @@ def bundle_modules(wheels: Path):
     if manifest.is_file():
         data = json.loads(manifest.read_text(encoding="utf-8"))
         return {m: w["file"] for w in data["wheels"] for m in w["top_level"]}
-    from wheelhouse import wheel_metadata
+    from wheelhouse import wheel_metadata  # tools/gpu/wheelhouse.py: the script's folder is on sys.path
 
     return {m: w.name for w in sorted(wheels.glob("*.whl")) for m in wheel_metadata(w)["top_level"]}
 

@@ -504,7 +504,9 @@ def score_embeddings(embeddings: torch.Tensor, text_embeddings: torch.Tensor, lo
     from .modeling.head import region_logits
     from .modeling.postprocess import class_probabilities
 
-    return class_probabilities(region_logits(embeddings, text_embeddings, logit_scale), class_score)
+    # stored embeddings are unit rows (the model's F.normalize): scored as the live path scores them
+    unit = embeddings.numel() == 0 or bool(((embeddings.float().norm(dim=-1) - 1).abs() < 1e-5).all())
+    return class_probabilities(region_logits(embeddings, text_embeddings, logit_scale, normalized=unit), class_score)
 
 
 def check_points(points, image_size) -> torch.Tensor:

@@ -23,7 +23,7 @@ from detectron2.structures import Instances
 from .proposal_sources import logit_to_score
 
 __all__ = ["CLASS_SCORES", "SELECTIONS", "RecognitionProtocol", "SharedMasks", "ImageFeatures",
-           "RegionRecognition", "LocalizerEmbedding", "embedding_at", "embedding_batch_size",
+           "RegionRecognition", "LocalizerEmbedding", "embedding_at", "embedding_batch_size", "embedding_dims",
            "stack_embeddings"]
 
 # A localizer's image embedding: one tensor (SAM: (256, g, g) per image), or a dict of tensors for
@@ -42,6 +42,11 @@ def embedding_at(batch: LocalizerEmbedding, i: int) -> LocalizerEmbedding:
 def embedding_batch_size(batch: LocalizerEmbedding) -> int:
     """B, the number of images in a batched localizer embedding."""
     return int(next(iter(batch.values())).shape[0] if isinstance(batch, dict) else batch.shape[0])
+
+
+def embedding_dims(embedding: LocalizerEmbedding) -> int:
+    """Dimensions of a localizer embedding's (first) tensor: 3 for one image's, 4 for a batch's."""
+    return int(next(iter(embedding.values())).dim() if isinstance(embedding, dict) else embedding.dim())
 
 
 def stack_embeddings(items: Sequence[LocalizerEmbedding]) -> LocalizerEmbedding:

@@ -146,7 +146,7 @@ class RegionSpotHead(nn.Module):
 
 
 def region_logits(region_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-                  logit_scale: float = 100.0) -> torch.Tensor:
+                  logit_scale: float = 100.0, normalized: bool = False) -> torch.Tensor:
     """Matching logits between regions and the vocabulary.
 
     ``logit_scale * normalize(region) . text^T`` (released code: CLIP's fixed
@@ -155,9 +155,12 @@ def region_logits(region_embeddings: torch.Tensor, text_embeddings: torch.Tensor
     Args:
         region_embeddings: (..., E) float.
         text_embeddings: (C, E) float, rows L2-normalised.
+        normalized: the region embeddings are ``F.normalize(e.float())`` already (the model's
+            stored region embeddings): not normalised a second time, so that scoring them gives
+            the live logits bit for bit.
 
     Returns:
         (..., C) float32 logits.
     """
-    regions = F.normalize(region_embeddings.float(), dim=-1)
+    regions = region_embeddings.float() if normalized else F.normalize(region_embeddings.float(), dim=-1)
     return logit_scale * regions @ text_embeddings.float().t()

@@ -305,7 +305,8 @@ class RegionSpot(nn.Module):
             embeddings, attention = self.region_embeddings(features, prompts, return_attention=True)
         else:
             embeddings, attention = self.region_embeddings(features, prompts), [None] * len(prompts)
-        logits = [region_logits(e, text_embeddings, self.logit_scale) for e in embeddings]
+        # e = F.normalize(head output): the released logits (region_logits of the head output), bit for bit
+        logits = [region_logits(e, text_embeddings, self.logit_scale, normalized=True) for e in embeddings]
         return [RegionRecognition(p, lg, pr.iou_predictions, pr.low_res_masks, f.sam_input_size, e, a)
                 for f, p, pr, lg, e, a in zip(features, proposals, prompts, logits, embeddings, attention)]
 

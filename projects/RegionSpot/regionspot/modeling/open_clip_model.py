@@ -176,7 +176,7 @@ def load_open_clip(weights: str, model_name: str = "", tokenizer_dir: str = "") 
                 tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
         except ImportError as e:
             raise WeightsError(f"MODEL.REGIONSPOT.OPENCLIP_TOKENIZER {tokenizer_dir!r}: a Hugging Face tokenizer "
-                               f"needs the transformers package ({e})") from None
+                               f"needs the transformers package: pip install -e .[hub-tokenizers] ({e})") from None
     else:
         tokenizer = open_clip.get_tokenizer(spec if spec.startswith("local-dir:") else model_name)
     normalize = [t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"]

@@ -24,7 +24,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..structures import embedding_batch_size
+from ..structures import embedding_batch_size, embedding_dims, stack_embeddings
 from ..transforms import resize_for_sam  # noqa: F401  (SAM's resize, shared with the data mapper)
 from ..weights_files import TOKEN_SOURCES  # noqa: F401  (shared with the SAM-token cache's identity)
 from .fast_attention import SAM_ATTENTION_KINDS, set_sam_attention
@@ -330,16 +330,27 @@ class SamPositionTokens(nn.Module):
                 with_masks: bool) -> BoxPrompts:
         """SAM's prompt encoder and single-mask decoder on one chunk of n boxes.
 
-        ``MaskDecoder.predict_masks`` with ``multimask_output=False``, except that each box's
-        source is its own image's embedding (``image_embeddings[image_index]``) and only the
-        single-mask output (mask token 0) is computed.
-
         Args:
             image_embeddings: (B, 256, g, g).
             boxes_sam: (n, 4) boxes in SAM's resized input frame.
             image_index: (n,) int64, the image of each box.
         """
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes_sam, masks=None)
+        return self._decode_prompts(image_embeddings, sparse, dense, image_index, with_masks)
+
+    def _decode_prompts(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                        image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
+        """SAM's single-mask decoder on n encoded prompts (boxes, or clicks and masks).
+
+        ``MaskDecoder.predict_masks`` with ``multimask_output=False``, except that each prompt's
+        source is its own image's embedding (``image_embeddings[image_index]``) and only the
+        single-mask output (mask token 0) is computed.
+
+        Args:
+            image_embeddings: (B, 256, g, g).
+            sparse, dense: the prompt encoder's (n, k, 256) and (n, 256, g, g) embeddings.
+            image_index: (n,) int64, the image of each prompt.
+        """
         if self.token_source == "prompt_encoder" and not with_masks:
             return BoxPrompts(sparse.mean(dim=1).float(), None, None)  # the two box-corner embeddings
         decoder = self.sam.mask_decoder
@@ -408,27 +419,24 @@ class SamPositionTokens(nn.Module):
             if labels.shape != (points.shape[0],) or not bool(((labels == 0) | (labels == 1)).all()):
                 raise ValueError(f"labels must be ({points.shape[0]},) of 1 (positive) or 0 (negative), got "
                                  f"{labels.tolist()}")
-            coords = self.transform.apply_coords_torch(points, tuple(image_size))
-            point_input = (coords[None], labels.to(torch.int64)[None])
+            point_input = (self.click_coordinates(points, tuple(image_size))[None], labels.to(torch.int64)[None])
         mask_input = None if mask is None else self.mask_to_sam_input(mask, sam_input_size)
-        embedding = image_embedding if image_embedding.dim() == 4 else image_embedding[None]
+        embedding = stack_embeddings([image_embedding]) if embedding_dims(image_embedding) == 3 else image_embedding
         with encoder_autocast(device, self.dtype):
-            sparse, dense = self.sam.prompt_encoder(points=point_input, boxes=None, masks=mask_input)
-            decoder = self.sam.mask_decoder
-            output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-            queries = torch.cat([output_tokens[None], sparse], dim=1)
-            source = embedding + dense
-            hs, keys = decoder.transformer(source, self.sam.prompt_encoder.get_dense_pe(), queries)
-            mask_token = hs[:, 1]
-            hyper = decoder.output_hypernetworks_mlps[0](mask_token)
-            token = {"transformer": mask_token, "mlp": hyper}.get(self.token_source)
-            if token is None:
-                token = sparse.mean(dim=1)
-            _, c, h, w = source.shape
-            upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(1, c, h, w))
-            masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(1, 1, *upscaled.shape[-2:])
-            iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
-        return BoxPrompts(token.float(), masks.float(), iou.float())
+            sparse, dense = self.encode_clicks(point_input, mask_input)
+            return self._decode_prompts(embedding, sparse, dense, torch.zeros(1, dtype=torch.int64, device=device),
+                                        with_masks=True)
+
+    def click_coordinates(self, points: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """(K, 2) XY pixels of an (H, W) image -> SAM's resized input frame (``ResizeLongestSide``)."""
+        return self.transform.apply_coords_torch(points, image_size)
+
+    def encode_clicks(self, points: Optional[Tuple[torch.Tensor, torch.Tensor]], mask_input: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder on one region's clicks (``(1, K, 2)`` coordinates in SAM's input
+        frame, ``(1, K)`` labels; padded with SAM's "not a point" as there is no box) and/or
+        low-resolution mask logits (1, 1, 4g, 4g): its sparse and dense embeddings."""
+        return self.sam.prompt_encoder(points=points, boxes=None, masks=mask_input)
 
     def mask_to_sam_input(self, mask: torch.Tensor, sam_input_size: Tuple[int, int],
                           logit: float = MASK_PROMPT_LOGIT) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..weights_files import WeightsError, localizer_state_dict, require_file, sam2_architecture
-from .position_tokens import TOKEN_SOURCES, BoxPrompts, SamPositionTokens
+from .position_tokens import MASK_PROMPT_LOGIT, TOKEN_SOURCES, BoxPrompts, SamPositionTokens
 from .precision import check_encoder_precision
 
 logger = logging.getLogger(__name__)
@@ -283,16 +283,28 @@ class Sam2PositionTokens(SamPositionTokens):
             corners: (n, 2, 2) box corners in SAM 2's input frame.
             image_index: (n,) int64, the image of each box.
         """
-        model = self.sam
-        decoder = model.sam_mask_decoder
         n = corners.shape[0]
         labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).expand(n, -1)
-        sparse, dense = model.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        sparse, dense = self.sam.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        return self._decode_prompts(image_embeddings, sparse, dense, image_index, with_masks)
+
+    def _decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
+                        image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
+        """SAM 2's mask decoder on n encoded prompts (boxes, or clicks and masks).
+
+        Args:
+            image_embeddings: the batch's dict (:meth:`encode_images`).
+            sparse, dense: the prompt encoder's (n, k, 256) and (n, 256, g, g) embeddings.
+            image_index: (n,) int64 ascending, the image of each prompt.
+        """
+        model = self.sam
+        decoder = model.sam_mask_decoder
+        n = sparse.shape[0]
         if self.token_source == "prompt_encoder" and not with_masks:
             return BoxPrompts(sparse[:, :2].mean(dim=1).float(), None, None)  # the two corners (not the pad point)
         image_pe = model.sam_prompt_encoder.get_dense_pe()
         s = 1 if decoder.pred_obj_scores else 0
-        if not with_masks:  # the transformer only: predict_masks' first steps, for boxes of several images
+        if not with_masks:  # the transformer only: predict_masks' first steps, for prompts of several images
             weights = [decoder.obj_score_token.weight] if s else []
             output_tokens = torch.cat(weights + [decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
             queries = torch.cat([output_tokens[None].expand(n, -1, -1), sparse], dim=1)
@@ -315,6 +327,37 @@ class Sam2PositionTokens(SamPositionTokens):
             masks.append(mask)
             ious.append(iou[:, 0])
         return BoxPrompts(torch.cat(tokens).float(), torch.cat(masks).float(), torch.cat(ious).float())
+
+    # ----------------------------------------------------------------- clicks and masks
+    def click_coordinates(self, points: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """(K, 2) XY pixels of an (H, W) image -> SAM 2's square input frame (normalised by the
+        image's size, times the input side: ``SAM2Transforms.transform_coords``)."""
+        return self.transforms.transform_coords(points, normalize=True, orig_hw=tuple(image_size))
+
+    def encode_clicks(self, points: Optional[Tuple[torch.Tensor, torch.Tensor]], mask_input: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's prompt encoder on one region's clicks and/or low-resolution mask logits, as
+        ``SAM2ImagePredictor._predict`` calls it (points padded with "not a point")."""
+        if points is not None:
+            points = (points[0], points[1].to(torch.int))
+        return self.sam.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+
+    def mask_to_sam_input(self, mask: torch.Tensor, sam_input_size: Tuple[int, int],
+                          logit: float = MASK_PROMPT_LOGIT) -> torch.Tensor:
+        """A binary mask of the whole image as SAM 2's ``mask_input``: (1, 1, 4g, 4g) float32
+        logits. SAM 2's input is the whole image squashed to a square, so the mask is resized
+        (bilinear) straight to 4g x 4g, then +``logit`` inside and -``logit`` outside.
+
+        Raises:
+            ValueError: ``mask`` is not a non-empty 2-D array.
+        """
+        mask = torch.as_tensor(mask, device=self.device)
+        if mask.dim() != 2 or mask.numel() == 0:
+            raise ValueError(f"mask must be an (H, W) bool array covering the image, got shape {tuple(mask.shape)}")
+        low = tuple(self.sam.sam_prompt_encoder.mask_input_size)
+        low_res = torch.nn.functional.interpolate(mask.float()[None, None], size=low, mode="bilinear",
+                                                  align_corners=False)
+        return torch.where(low_res > 0.5, logit, -logit).float()
 
     def _token(self, mask_token: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         if self.token_source == "mlp":

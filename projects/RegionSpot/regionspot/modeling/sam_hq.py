@@ -124,7 +124,7 @@ class SamHqPositionTokens(SamPositionTokens):
     The interface and switches of :class:`SamPositionTokens` (token sources, box chunks,
     precision, SDPA attention: SAM-HQ's image encoder is SAM's ViT, :mod:`.fast_attention`
     switches its blocks); the image embedding is a dict (see :meth:`encode_images`), and
-    :meth:`_decode` runs ``MaskDecoderHQ``'s steps for boxes of several images at once.
+    :meth:`_decode_prompts` runs ``MaskDecoderHQ``'s steps for boxes of several images at once.
 
     Memory: tokens alone (training, the SAM-token cache) cost what SAM's do. With masks, each box
     also holds its copy of its image's HQ features and ``embedding_maskfeature``'s maps, at 4g x 4g
@@ -172,20 +172,20 @@ class SamHqPositionTokens(SamPositionTokens):
         vit_features = image_embeddings["interm"].permute(0, 3, 1, 2)
         return decoder.embedding_encoder(image_embeddings["image"]) + decoder.compress_vit_feat(vit_features)
 
-    def _decode(self, image_embeddings: Dict[str, torch.Tensor], boxes_sam: torch.Tensor, image_index: torch.Tensor,
-                with_masks: bool) -> BoxPrompts:
-        """SAM-HQ's prompt encoder and single-mask HQ decoder on one chunk of n boxes.
+    def _decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
+                        image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
+        """SAM-HQ's single-mask HQ decoder on n encoded prompts (boxes from ``_decode``, or clicks
+        and masks from ``prompt_points``).
 
         ``MaskDecoderHQ.forward`` with ``multimask_output=False, hq_token_only=False``, except
-        that each box reads its own image's embedding and HQ features
+        that each prompt reads its own image's embedding and HQ features
         (``[image_index]``) and only mask token 0 and the HQ token are turned into masks.
 
         Args:
             image_embeddings: ``{"image": (B, 256, g, g), "interm": (B, g, g, vit_dim)}``.
-            boxes_sam: (n, 4) boxes in SAM's resized input frame.
-            image_index: (n,) int64, the image of each box.
+            sparse, dense: the prompt encoder's (n, k, 256) and (n, 256, g, g) embeddings.
+            image_index: (n,) int64, the image of each prompt.
         """
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes_sam, masks=None)
         if self.token_source == "prompt_encoder" and not with_masks:
             return BoxPrompts(sparse.mean(dim=1).float(), None, None)
         decoder = self.sam.mask_decoder
