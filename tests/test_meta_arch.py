@@ -187,3 +187,24 @@ def test_precomputed_text_embeddings(model):
     assert torch.equal(model.text_embeddings, emb)
     with pytest.raises(ValueError, match=r"\(2, 32\)"):
         model.set_vocabulary(["a", "b"], text_embeddings=emb)
+
+
+def test_live_logits_are_the_released_region_logits_bit_for_bit(tiny_model):
+    """recognize() keeps unit region embeddings for later scoring, yet its logits are exactly the
+    released computation (region_logits of the head's raw output), not a re-normalised copy."""
+    from detectron2.structures import Boxes, Instances
+
+    from regionspot.modeling.head import region_logits
+
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    proposals = Instances((120, 160))
+    proposals.proposal_boxes = Boxes(torch.tensor([[5.0, 5.0, 90.0, 100.0], [40.0, 20.0, 150.0, 110.0]]))
+    proposals.objectness_logits = torch.ones(2)
+    with torch.no_grad():
+        features = tiny_model.encode_images([image])
+        text = tiny_model.text_classifier.embed(["cat", "dog", "car"])
+        (recognition,) = tiny_model.recognize(features, [proposals], text, with_masks=False)
+        prompts = tiny_model.prompt_boxes(features, [proposals], with_masks=False)
+        (raw,) = tiny_model.head.embed_regions([prompts[0].tokens], features[0].semantic[None])
+    assert torch.equal(recognition.logits, region_logits(raw, text, tiny_model.logit_scale))
+    assert torch.allclose(recognition.embeddings.norm(dim=-1), torch.ones(2))
