@@ -107,7 +107,13 @@ def build_page(app: RegionSpotApp, registered: List[str]):
     def on_clear(request: gr.Request):
         key = key_of(request)
         app.clear_prompts(key)
-        return "Prompts cleared.", app.prompt_image(key)
+        return "Prompts cleared.", app.prompt_image(key), None
+
+    def on_mask(path, request: gr.Request):
+        try:
+            return app.set_mask(key_of(request), path)
+        except user_errors as e:
+            return f"**Error:** {e}"
 
     def on_recognise(vocabulary, mode, show_masks, layer, request: gr.Request):
         key = key_of(request)
@@ -147,6 +153,8 @@ def build_page(app: RegionSpotApp, registered: List[str]):
                 mode = gr.Radio(list(MODES), value=EVERYTHING, label="Prompt", elem_id="mode")
                 polarity = gr.Radio(["positive", "negative"], value="positive", label="Point clicks are",
                                     elem_id="polarity")
+                mask_file = gr.File(label="Mask prompt (optional, with Points): a black-and-white image of the "
+                                          "object, the whole photo", type="filepath", elem_id="mask-upload")
                 clear = gr.Button("Clear prompts", elem_id="clear")
                 preset = gr.Dropdown(list(presets(registered)), label="Vocabulary preset", value=None,
                                      elem_id="preset")
@@ -171,7 +179,9 @@ def build_page(app: RegionSpotApp, registered: List[str]):
         upload.upload(on_upload, [upload], outputs, show_progress="full")
         use_bundled.click(on_bundled, [bundled], outputs, show_progress="full")
         prompt_view.select(on_click, [mode, polarity], [status, prompt_view])
-        clear.click(on_clear, None, [status, prompt_view])
+        clear.click(on_clear, None, [status, prompt_view, mask_file])
+        mask_file.upload(on_mask, [mask_file], [status])
+        mask_file.clear(on_mask, [mask_file], [status])
         preset.change(on_preset, [preset], [vocabulary])
         run.click(on_recognise, [vocabulary, mode, show_masks, layer],
                   [status, result, table, region, attention, download])

@@ -95,3 +95,31 @@ def test_sessions_are_bounded(tiny_model, photos):
     assert list(app.sessions) == ["b", "c"]
     app.forget("b")
     assert list(app.sessions) == ["c"]
+
+
+def test_a_mask_prompt_alone_or_with_clicks(app, photos, tmp_path):
+    """A mask image of the photo (any resolution, same aspect ratio) is a prompt in Points mode,
+    alone or with clicks; bad masks are one-line messages; Clear drops it."""
+    app.set_image("carol", photos[0])  # 320 x 240
+    mask = np.zeros((120, 160), np.uint8)  # half resolution
+    mask[20:80, 30:110] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert "4,800 pixels" in app.set_mask("carol", str(tmp_path / "mask.png"))
+    status, count = app.recognise("carol", "cat, dog", POINTS)
+    assert count == 1, status
+    alone = app.session("carol").predictions
+    app.click("carol", POINTS, 100.0, 90.0)
+    _, count = app.recognise("carol", "cat, dog", POINTS)
+    assert count == 1 and not np.array_equal(app.session("carol").predictions.masks, alone.masks)
+    Image.fromarray(np.zeros((100, 300), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.raises(InputError, match="same aspect ratio"):
+        app.set_mask("carol", str(tmp_path / "wide.png"))
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(InputError, match="is empty"):
+        app.set_mask("carol", str(tmp_path / "empty.png"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="is not an image"):
+        app.set_mask("carol", str(tmp_path / "notes.txt"))
+    app.clear_prompts("carol")
+    with pytest.raises(InputError, match="no positive click"):
+        app.recognise("carol", "cat, dog", POINTS)

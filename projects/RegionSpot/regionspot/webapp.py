@@ -66,6 +66,7 @@ class Session:
         self.boxes: List[List[float]] = []
         self.corner: Optional[Tuple[float, float]] = None
         self.points: List[Tuple[float, float, int]] = []
+        self.mask: Optional[np.ndarray] = None  # (H, W) bool mask prompt of one object (with Points)
         self.predictions = None
         self.folder = tempfile.mkdtemp(prefix="regionspot-app-")
 
@@ -171,6 +172,7 @@ class RegionSpotApp:
             session.predictor.set_image(image)
         session.image, session.name = image, name
         session.boxes, session.points, session.corner, session.predictions = [], [], None, None
+        session.mask = None
         return (f"Encoded **{name}** ({image.shape[1]}x{image.shape[0]}) in {time.perf_counter() - start:.2f} s. "
                 f"Type a vocabulary, choose how to prompt and press Recognise.")
 
@@ -197,7 +199,41 @@ class RegionSpotApp:
 
     def clear_prompts(self, key: str) -> None:
         session = self.session(key)
-        session.boxes, session.points, session.corner = [], [], None
+        session.boxes, session.points, session.corner, session.mask = [], [], None, None
+
+    def set_mask(self, key: str, path: Optional[str]) -> str:
+        """A mask prompt of one object for Points mode, from an image file (white or any non-zero
+        pixel, or opaque alpha, is the object) covering the whole photo at any resolution (same
+        aspect ratio); None clears it. Returns a status line.
+
+        Raises:
+            InputError: no photo yet, not an image, another aspect ratio, or an empty mask.
+        """
+        from regionspot.data.validation import InputError, read_image
+
+        session = self.session(key)
+        if path is None:
+            session.mask = None
+            return "Mask prompt cleared."
+        if session.image is None:
+            raise InputError("upload a photo before its mask")
+        name = os.path.basename(path)
+        try:
+            pixels = read_image(path, "RGB")
+        except InputError:
+            raise InputError(f"{name} is not an image: a mask prompt is a black-and-white image of the photo") \
+                from None
+        h, w = session.image.shape[:2]
+        mh, mw = pixels.shape[:2]
+        if abs(mh / mw - h / w) > 0.02:
+            raise InputError(f"the mask {name} is {mw}x{mh} but the photo is {w}x{h}: give a mask of the whole photo "
+                             f"(same aspect ratio)")
+        mask = pixels.max(axis=2) > 127
+        if not mask.any():
+            raise InputError(f"the mask {name} is empty: white (or any bright) pixels mark the object")
+        session.mask = mask
+        return (f"Mask prompt {name}: {int(mask.sum()):,} pixels of {mw}x{mh}. Choose Points and press Recognise "
+                f"(clicks optional).")
 
     def prompt_image(self, key: str) -> Optional[np.ndarray]:
         """The session's image with its boxes and clicks drawn (green positive, red negative)."""
@@ -256,11 +292,12 @@ class RegionSpotApp:
                     raise InputError("no boxes yet: click two opposite corners of a box on the image")
                 out = predictor.predict(session.boxes, names, return_attention=True)
             elif mode == POINTS:
-                if not any(label for _, _, label in session.points):
-                    raise InputError("no positive click yet: click the object on the image")
-                out = predictor.predict(points=[p[:2] for p in session.points],
-                                        point_labels=[p[2] for p in session.points], vocabulary=names,
-                                        return_attention=True)
+                if not any(label for _, _, label in session.points) and session.mask is None:
+                    raise InputError("no positive click yet: click the object on the image (or give a mask prompt)")
+                clicked = bool(session.points)
+                out = predictor.predict(points=[p[:2] for p in session.points] if clicked else None,
+                                        point_labels=[p[2] for p in session.points] if clicked else None,
+                                        mask=session.mask, vocabulary=names, return_attention=True)
             else:
                 raise InputError(f"unknown prompt mode {mode!r}")
         seconds = time.perf_counter() - start
