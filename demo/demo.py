@@ -46,8 +46,6 @@ is reported with its file name and the others go on; the exit code is then 1.
 """
 
 import argparse
-import glob
-import json
 import logging
 import os
 import sys
@@ -60,7 +58,14 @@ from regionspot.attention_maps import attention_figure
 from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
-from regionspot.data.validation import InputError, check_boxes, image_size, read_image
+from regionspot.data.validation import (
+    InputError,
+    check_boxes,
+    expand_inputs,
+    image_size,
+    read_boxes_file,
+    read_image,
+)
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
 from regionspot.drawing import draw_predictions
 from regionspot.engine.trainer import head_weights_record
@@ -146,30 +151,6 @@ def setup_cfg(args):
                          "head on purpose")
     cfg.freeze()
     return cfg
-
-
-def expand_inputs(patterns):
-    """Paths in the order given; a pattern that matches nothing is kept to be reported."""
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        paths.extend(matches if matches else [pattern])
-    return paths
-
-
-def read_boxes_file(path: str) -> dict:
-    """The --boxes JSON object; errors name the file (and the line of a syntax error)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"--boxes file not found: {path!r}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--boxes {path!r} is not valid JSON: {e}") from None
-    if not isinstance(table, dict):
-        raise InputError(f"--boxes {path!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}, "
-                         f"got a {type(table).__name__}")
-    return table
 
 
 def boxes_for(table: dict, path: str, boxes_file: str):

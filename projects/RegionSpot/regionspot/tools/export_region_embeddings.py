@@ -186,30 +186,20 @@ def export(args) -> int:
 
 
 def expand(patterns: Sequence[str]) -> List[str]:
-    """Paths of ``--input`` in the order given (a pattern matching nothing is kept, to be reported)."""
-    import glob
+    """Paths of ``--input`` in the order given (the demo's :func:`~regionspot.data.validation.expand_inputs`)."""
+    from regionspot.data.validation import expand_inputs
 
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        paths.extend(matches if matches else [pattern])
+    paths = expand_inputs(patterns)
     if not paths:
         raise ToolError("--input matched no file")
     return paths
 
 
 def read_boxes_table(path: str) -> dict:
-    """The --boxes JSON object (the demo's format)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except FileNotFoundError:
-        raise ToolError(f"--boxes file not found: {path!r}") from None
-    except json.JSONDecodeError as e:
-        raise ToolError(f"--boxes {path!r} is not valid JSON: {e}") from None
-    if not isinstance(table, dict):
-        raise ToolError(f"--boxes {path!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}")
-    return table
+    """The --boxes JSON object (the demo's format, :func:`~regionspot.data.validation.read_boxes_file`)."""
+    from regionspot.data.validation import read_boxes_file
+
+    return read_boxes_file(path)
 
 
 # ----------------------------------------------------------------------------- search
