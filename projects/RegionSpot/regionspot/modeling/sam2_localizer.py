@@ -110,6 +110,8 @@ def load_sam2(path: str, config: str = "") -> Tuple[nn.Module, Dict[str, object]
             ``SAM2_CONFIG``, or tensors that do not fit the config (missing/unexpected keys
             or shapes named). Loading is strict: nothing is silently left random.
     """
+    import sam2
+
     path = require_file(path, "SAM 2")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,24 +127,29 @@ def load_sam2(path: str, config: str = "") -> Tuple[nn.Module, Dict[str, object]
         arch = sam2_architecture(state)
     except WeightsError as e:
         raise WeightsError(f"MODEL.REGIONSPOT.SAM_WEIGHTS {path!r} (LOCALIZER sam2): {e}") from e
-    config_file = sam2_config_path(config or arch["config"]) if (config or arch["config"]) else None
+    name = config or arch["config"]
+    config_file = sam2_config_path(name) if name else None
     if config_file is None:
         raise WeightsError(f"MODEL.REGIONSPOT.SAM_WEIGHTS {path!r}: a SAM {arch['version']} Hiera of width "
                            f"{arch['embed_dim']} and stages {arch['stages']} has no official config; set "
                            f"MODEL.REGIONSPOT.SAM2_CONFIG to its yaml")
     model = build_sam2_model(config_file)
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise WeightsError(f"SAM 2 weights file {path!r} does not fit the config {config_file}: "
-                           f"{len(mismatches)} tensors of other shapes, e.g. {mismatches[:1]}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(f"SAM 2 weights file {path!r} does not fit the config {config_file}: "
-                           f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), unexpected "
-                           f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)})")
-    arch = dict(arch, config=os.path.relpath(config_file, os.path.dirname(__import__("sam2").__file__))
-                if config_file.startswith(os.path.dirname(__import__("sam2").__file__)) else config_file)
+        model.load_state_dict(state)  # strict: nothing of the model left random, nothing of the file ignored
+    except RuntimeError as e:  # torch lists missing keys, unexpected keys and shape mismatches, a line each
+        lines = [line.strip() for line in str(e).splitlines()]
+        shapes = [line for line in lines if line.startswith("size mismatch")]
+        keys = {kind: next((line.split(":", 1)[1].count('"') // 2 for line in lines if line.startswith(kind)), 0)
+                for kind in ("Missing key(s)", "Unexpected key(s)")}
+        raise WeightsError(f"SAM 2 weights file {path!r} does not fit the config {config_file}: {len(shapes)} "
+                           f"tensors of other shapes, {keys['Missing key(s)']} missing, "
+                           f"{keys['Unexpected key(s)']} unexpected (e.g. {(shapes or lines[1:] or [''])[0][:200]})"
+                           ) from e
+    package_dir = os.path.dirname(sam2.__file__)
+    if config_file.startswith(package_dir):
+        arch = dict(arch, config=os.path.relpath(config_file, package_dir))
+    else:
+        arch = dict(arch, config=config_file)
     logger.info("Loaded SAM %s from %s (Hiera width %d, stages %s; %s)", arch["version"], path, arch["embed_dim"],
                 arch["stages"], arch["config"])
     return model.requires_grad_(False), arch
