@@ -118,16 +118,27 @@ def build_sam_localizer(cfg) -> nn.Module:
     from .position_tokens import SamPositionTokens
     from .weights import load_sam
 
+    return _vit_sam_localizer(cfg, load_sam, SamPositionTokens, "SAM")
+
+
+def _vit_sam_localizer(cfg, load, localizer_class, what: str) -> nn.Module:
+    """A localizer around a ViT SAM (SAM, SAM-HQ) loaded from ``SAM_WEIGHTS``, with the part's
+    switches; warns when the loader's resize (``SAM_INPUT_SIZE``) is not the model's input."""
     rs = cfg.MODEL.REGIONSPOT
-    sam = load_sam(rs.SAM_WEIGHTS)
+    sam = load(rs.SAM_WEIGHTS)
     if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
-        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM's input is %d px: the loader's "
+        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this %s's input is %d px: the loader's "
                        "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
-                       rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
-    localizer = SamPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
-    if rs.COMPILE:
-        localizer.compile_encoder()
-    return localizer
+                       rs.SAM_INPUT_SIZE, what, sam.image_encoder.img_size, sam.image_encoder.img_size)
+    return _compiled(cfg, localizer_class(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
+                                          rs.SAM_ATTENTION))
+
+
+def _compiled(cfg, part: nn.Module) -> nn.Module:
+    """``part`` with its image encoder compiled when ``MODEL.REGIONSPOT.COMPILE`` asks."""
+    if cfg.MODEL.REGIONSPOT.COMPILE:
+        part.compile_encoder()
+    return part
 
 
 @register_localizer("sam2")
@@ -141,11 +152,8 @@ def build_sam2_localizer(cfg) -> nn.Module:
 
     rs = cfg.MODEL.REGIONSPOT
     model, arch = load_sam2(rs.SAM_WEIGHTS, rs.SAM2_CONFIG)
-    localizer = Sam2PositionTokens(model, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
-                                   rs.SAM_ATTENTION, identity=arch)
-    if rs.COMPILE:
-        localizer.compile_encoder()
-    return localizer
+    return _compiled(cfg, Sam2PositionTokens(model, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION,
+                                             rs.SAM_ATTENTION, identity=arch))
 
 
 @register_localizer("sam_hq")
@@ -156,16 +164,7 @@ def build_sam_hq_localizer(cfg) -> nn.Module:
     plus the HQ mask; the speed switches are SAM's (its image encoder is SAM's ViT)."""
     from .sam_hq import SamHqPositionTokens, load_sam_hq
 
-    rs = cfg.MODEL.REGIONSPOT
-    sam = load_sam_hq(rs.SAM_WEIGHTS)
-    if rs.LOADER_RESIZE and rs.SAM_INPUT_SIZE != sam.image_encoder.img_size:
-        logger.warning("MODEL.REGIONSPOT.SAM_INPUT_SIZE is %d but this SAM-HQ's input is %d px: the loader's "
-                       "resize is not used and the model resizes each image again; set SAM_INPUT_SIZE %d",
-                       rs.SAM_INPUT_SIZE, sam.image_encoder.img_size, sam.image_encoder.img_size)
-    localizer = SamHqPositionTokens(sam, rs.TOKEN_SOURCE, rs.BOX_CHUNK_SIZE, rs.ENCODER_PRECISION, rs.SAM_ATTENTION)
-    if rs.COMPILE:
-        localizer.compile_encoder()
-    return localizer
+    return _vit_sam_localizer(cfg, load_sam_hq, SamHqPositionTokens, "SAM-HQ")
 
 
 @register_vl_model("openai_clip")
@@ -180,10 +179,8 @@ def build_openai_clip(cfg) -> VisionLanguageModel:
 
     rs = cfg.MODEL.REGIONSPOT
     clip_model = load_clip(rs.CLIP_WEIGHTS)
-    semantic_encoder = ClipSemanticFeatures(clip_model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
-                                            rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION)
-    if rs.COMPILE:
-        semantic_encoder.compile_encoder()
+    semantic_encoder = _compiled(cfg, ClipSemanticFeatures(clip_model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                                           rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION))
     return VisionLanguageModel(semantic_encoder, TextClassifier.from_config(cfg, clip_model), "openai_clip")
 
 
@@ -205,11 +202,9 @@ def build_open_clip(cfg) -> VisionLanguageModel:
     rs = cfg.MODEL.REGIONSPOT
     loaded = load_open_clip(rs.CLIP_WEIGHTS, rs.OPENCLIP_MODEL, rs.OPENCLIP_TOKENIZER)
     encoder_class = TimmSemanticFeatures if loaded.tower == "timm" else ClipSemanticFeatures
-    semantic_encoder = encoder_class(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
-                                     rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
-                                     pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std)
-    if rs.COMPILE:
-        semantic_encoder.compile_encoder()
+    semantic_encoder = _compiled(cfg, encoder_class(loaded.model, rs.CLIP_INPUT_SIZE, rs.USE_CLASS_TOKEN,
+                                                    rs.CLIP_RESIZE_ANTIALIAS, rs.ENCODER_PRECISION,
+                                                    pixel_mean=loaded.pixel_mean, pixel_std=loaded.pixel_std))
     text_classifier = TextClassifier.from_config(
         cfg, loaded.model, weights_id=f"open_clip:{loaded.name}:{weights_fingerprint(loaded.weights_file)}",
         tokenizer=loaded.tokenizer)
