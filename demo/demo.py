@@ -60,6 +60,7 @@ from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
 from regionspot.data.validation import (
     InputError,
+    boxes_for,
     check_boxes,
     expand_inputs,
     image_size,
@@ -151,14 +152,6 @@ def setup_cfg(args):
                          "head on purpose")
     cfg.freeze()
     return cfg
-
-
-def boxes_for(table: dict, path: str, boxes_file: str):
-    """(key, boxes) of an image in the --boxes table (keys: the path as given or the file name)."""
-    for key in (path, os.path.normpath(path), os.path.basename(path)):
-        if key in table:
-            return key, table[key]
-    raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")
 
 
 def check_images(paths, box_table, boxes_file):

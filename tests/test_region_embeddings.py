@@ -89,3 +89,28 @@ def test_search_by_text_by_region_and_with_a_vocabulary(export):
     assert code == 0 and "4 classes" in stdout and stdout.count("region ") == 3
     code, _, stderr = search("--region", "7")
     assert code == 2 and "regions 0..2" in stderr
+
+
+def test_text_search_checks_the_vision_language_model_only(export, tmp_path):
+    """Text lives in the VL model's space: an export whose localizer is named otherwise (e.g.
+    SAM 2.1's "sam2:<config>") is searched, one of another VL model is refused."""
+    import json
+    import shutil
+
+    from regionspot.tools.export_region_embeddings import INDEX
+
+    out = tmp_path / "copy"
+    shutil.copytree(export["folder"] / "out", out)
+    index_path = out / INDEX
+    index = json.loads(index_path.read_text())
+    vl_model = index["pair"]["vl_model"]
+
+    def search_with(pair):
+        index["pair"] = pair
+        index_path.write_text(json.dumps(index))
+        return subprocess.run(export["base"] + ["--search", str(out), "--text", "a cat", "--opts"] + export["opts"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    assert search_with({"localizer": "sam2:sam2.1_hiera_s", "vl_model": vl_model}).returncode == 0
+    refused = search_with({"localizer": "sam", "vl_model": "open_clip:ViT-B-16"})
+    assert refused.returncode == 2 and "vision-language model 'open_clip:ViT-B-16'" in refused.stderr

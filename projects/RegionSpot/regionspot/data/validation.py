@@ -222,3 +222,16 @@ def read_boxes_file(path: str) -> dict:
                          f"got a {type(table).__name__}")
     return table
 
+
+def boxes_for(table: dict, path: str, boxes_file: str):
+    """(key, boxes) of an image in a ``--boxes`` table (:func:`read_boxes_file`; keys: the path
+    as given, normalised, or the file name).
+
+    Raises:
+        InputError: the table has no boxes for the image (the message names it and the file).
+    """
+    for key in (path, os.path.normpath(path), os.path.basename(path)):
+        if key in table:
+            return key, table[key]
+    raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")
+

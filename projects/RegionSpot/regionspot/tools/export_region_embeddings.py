@@ -115,7 +115,7 @@ def export(args) -> int:
     from safetensors.torch import save
 
     from regionspot import RegionSpotPredictor
-    from regionspot.data.validation import InputError, check_boxes, image_size, read_image
+    from regionspot.data.validation import InputError, boxes_for, check_boxes, image_size, read_image
     from regionspot.engine.trainer import head_weights_record
     from regionspot.io import atomic_write, write_json_atomic
 
@@ -135,10 +135,8 @@ def export(args) -> int:
                 size = image_size(path)
                 boxes = None
                 if table is not None:
-                    key = next((k for k in (path, os.path.normpath(path), os.path.basename(path)) if k in table), None)
-                    if key is None:
-                        raise InputError(f"no boxes for image {path!r} in {args.boxes}")
-                    boxes = check_boxes(table[key], size, f"the boxes of {key!r} in {args.boxes}").tolist()
+                    key, given = boxes_for(table, path, args.boxes)
+                    boxes = check_boxes(given, size, f"the boxes of {key!r} in {args.boxes}").tolist()
             except InputError as e:
                 raise ToolError(str(e)) from None
             items.append({"file_name": path, "image_id": None, "boxes": boxes, "categories": None})
@@ -267,10 +265,11 @@ def search(args) -> int:
         return 0
     cfg = load_config(args.config_file, args.opts, cpu_fallback=True)
     _, text_classifier, vl_identity = build_vl_model(cfg)
-    pair = {"localizer": cfg.MODEL.REGIONSPOT.LOCALIZER, "vl_model": vl_identity}
-    if store.index.get("pair") != pair:
-        raise ToolError(f"the export was made with {store.index.get('pair')}, this config gives {pair}: text "
-                        "embeddings of another model do not live in the same space")
+    # text is scored in the VL model's space: the localizer (and its name in the pair) does not matter here
+    exported = (store.index.get("pair") or {}).get("vl_model")
+    if exported != vl_identity:
+        raise ToolError(f"the export was made with the vision-language model {exported!r}, this config gives "
+                        f"{vl_identity!r}: text embeddings of another model do not live in the same space")
     device = "cpu"
     if args.text is not None:
         text = text_classifier.embed(check_vocabulary([args.text], "--text"), device)[0].cpu()
