@@ -263,7 +263,8 @@ def test_pristine_sdist_does_not_import_and_the_patched_one_does(sdist_trees):
 
 def test_chromium_step_installs_by_apt_or_says_why_it_cannot(monkeypatch, tmp_path, capsys):
     """The web app's browser test needs Debian's chromium: installed with apt-get where that works
-    as root, never a failure of the install (the test then skips and prints the reason)."""
+    as root, never a failure of the install (the test then skips with the reason listed, and fails
+    under CI=true)."""
     missing = tmp_path / "chromium"
     monkeypatch.setattr(inst, "CHROMIUM", missing)
     calls = []
@@ -284,9 +285,22 @@ def test_chromium_step_installs_by_apt_or_says_why_it_cannot(monkeypatch, tmp_pa
     missing.unlink()
     monkeypatch.setattr(inst.os, "geteuid", lambda: 1000)
     inst.ensure_chromium()
-    assert "not usable as root here: the browser test will be skipped" in capsys.readouterr().out
+    assert "not usable as root here: the browser test will be skipped (under CI=true it fails" in \
+        capsys.readouterr().out
 
     monkeypatch.setattr(inst.os, "geteuid", lambda: 0)
     monkeypatch.setattr(inst.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 100, "", "E: no"))
     inst.ensure_chromium()  # a failing apt is reported, not raised
     assert "exited with 100" in capsys.readouterr().out
+
+
+def test_an_up_to_date_environment_still_checks_chromium(monkeypatch, capsys):
+    """The stamp covers the environment, not Debian's chromium: after an apt attempt that failed,
+    a later run that finds the environment up to date still looks for the browser (and tries apt
+    again) instead of saying "environment up to date" over a browser test that cannot run."""
+    calls = []
+    monkeypatch.setattr(inst, "up_to_date", lambda: True)
+    monkeypatch.setattr(inst, "ensure_chromium", lambda: calls.append("chromium"))
+    monkeypatch.setattr(inst, "ensure_torch", lambda: pytest.fail("an up-to-date run installs nothing"))
+    assert inst.main([]) == 0
+    assert calls == ["chromium"] and "environment up to date" in capsys.readouterr().out

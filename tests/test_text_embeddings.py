@@ -253,6 +253,23 @@ def test_encode_errors(model):
 # ----------------------------------------------------------------------------- cache
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_twins_are_encoded_once_and_copied(model, fast, caplog):
+    """Names that CLIP reads as one text ("Person"/"person": the tokenizer lower-cases) are encoded
+    once and the twin gets a copy of the row (equal by construction, not by two encodings at other
+    batch rows rounding alike); the other names' rows are the names encoded alone."""
+    names = ["Person", "car", "person", "dog", "PERSON", "Car"]
+    with caplog.at_level("INFO", logger=te.__name__):
+        out, stats = te._encode_with_stats(model, names, fast=fast)
+    assert stats["classes"] == 6 and stats["distinct_classes"] == 3
+    assert stats["prompts"] == 3 * len(PROMPT_TEMPLATES)  # only the distinct texts ran
+    assert torch.equal(out[0], out[2]) and torch.equal(out[0], out[4]) and torch.equal(out[1], out[5])
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[3])
+    alone = te._encode_with_stats(model, ["Person", "car", "dog"], fast=fast)[0]
+    torch.testing.assert_close(out[[0, 1, 3]], alone, rtol=0, atol=1e-6)
+    assert any("3 of the 6 names read the same to CLIP" in r.getMessage() for r in caplog.records)
+
+
 def _cache_files(d):
     return sorted(f for f in os.listdir(d) if f.startswith("text_") and f.endswith(".pt"))
 

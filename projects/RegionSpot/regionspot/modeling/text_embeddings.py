@@ -307,6 +307,44 @@ def _tokenize_ragged(cleaned: List[str], templates: List[str], context_length: i
     return torch.cat(pieces), lengths_t, torch.cumsum(lengths_t, 0) - lengths_t
 
 
+def _ragged_class_keys(flat: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor,
+                       num_templates: int) -> List[bytes]:
+    """Per class, the bytes of its ``T`` prompts' tokens as :func:`_tokenize_ragged` laid them out
+    (class-major, back to back): two classes have the same key exactly when CLIP reads the same
+    prompts for both."""
+    num_classes = len(lengths) // num_templates
+    ends = (offsets + lengths).view(num_classes, num_templates)
+    starts = offsets.view(num_classes, num_templates)
+    return [flat[int(starts[c, 0]):int(ends[c, -1])].numpy().tobytes() + lengths[c * num_templates:(c + 1)
+            * num_templates].numpy().tobytes() for c in range(num_classes)]
+
+
+def _class_keys(cleaned: List[str], templates: List[str], tokenizer: Callable) -> List[bytes]:
+    """Per class, the bytes of ``tokenizer`` applied to its ``T`` prompts (the plain path's
+    tokens), in chunks of about ``_TOKENIZE_CHUNK`` prompts."""
+    per_chunk = max(1, _TOKENIZE_CHUNK // len(templates))
+    keys: List[bytes] = []
+    for first in range(0, len(cleaned), per_chunk):
+        chunk = cleaned[first:first + per_chunk]
+        tokens = torch.as_tensor(tokenizer(_prompt_texts(chunk, templates, 0, len(chunk) * len(templates))))
+        keys += [rows.numpy().tobytes() for rows in tokens.view(len(chunk), -1)]
+    return keys
+
+
+def _distinct_keys(keys: List[bytes]) -> Tuple[List[int], torch.Tensor]:
+    """``(distinct, inverse)``: the index of the first class of each distinct key, in order, and
+    int64 ``(C,)`` the position in ``distinct`` of each class's key."""
+    position: Dict[bytes, int] = {}
+    distinct: List[int] = []
+    inverse = []
+    for c, key in enumerate(keys):
+        if key not in position:
+            position[key] = len(distinct)
+            distinct.append(c)
+        inverse.append(position[key])
+    return distinct, torch.tensor(inverse, dtype=torch.long)
+
+
 def _length_batches(lengths: torch.Tensor, batch_size: int):
     """Yield ``(indices, length)``: the prompts sorted by length (stable), in batches of at most
     ``batch_size`` prompts that all have the same length, so no padding is run."""
@@ -391,11 +429,23 @@ def _encode_with_stats(
 
     cleaned = [clean_class_name(n) for n in names]
     num_classes, num_templates = len(cleaned), len(templates)
-    total = num_classes * num_templates
-    logger.info("Encoding %d classes x %d templates = %d prompts with CLIP's text tower on %s (%s, %s)",
-                num_classes, num_templates, total, device, str(dtype).replace("torch.", ""),
+    if use_fast:
+        flat, lengths, offsets = _tokenize_ragged(cleaned, templates, context_length)
+        keys = _ragged_class_keys(flat, lengths, offsets, num_templates)
+    else:
+        keys = _class_keys(cleaned, templates, tokenizer)
+    # Names that CLIP reads as the same text ("Timer"/"timer": the tokenizer lower-cases) are
+    # encoded once and the others get a copy of that row: equal by construction, on any device.
+    distinct, inverse = _distinct_keys(keys)
+    num_distinct = len(distinct)
+    total = num_distinct * num_templates
+    logger.info("Encoding %d classes x %d templates = %d prompts with CLIP's text tower on %s (%s, %s)%s",
+                num_distinct, num_templates, total, device, str(dtype).replace("torch.", ""),
                 "fast path: sequences cut at the end-of-text token" if use_fast
-                else f"plain encode_text path: {reason}")
+                else f"plain encode_text path: {reason}",
+                "" if num_distinct == num_classes else
+                f"; {num_classes - num_distinct} of the {num_classes} names read the same to CLIP as an earlier "
+                "one and get a copy of its embedding")
     t0 = time.perf_counter()
     sums: Optional[torch.Tensor] = None
     tokens_run = 0
@@ -403,7 +453,9 @@ def _encode_with_stats(
     mean_prompt_tokens = None
     with torch.no_grad(), _no_autocast(device), _progress_bar(total, progress) as bar:
         if use_fast:
-            flat, lengths, offsets = _tokenize_ragged(cleaned, templates, context_length)
+            # the distinct classes' prompts, distinct-class-major (prompt k: class k // T)
+            chosen = (torch.tensor(distinct).unsqueeze(1) * num_templates + torch.arange(num_templates)).flatten()
+            lengths, offsets = lengths[chosen], offsets[chosen]
             mean_prompt_tokens = float(lengths.double().mean())
             blocks = _text_blocks(clip_model)
             full_masks = [block.attn_mask for block in blocks]
@@ -416,7 +468,7 @@ def _encode_with_stats(
                     feats = _truncated_tower(clip_model, blocks, full_masks, tokens.long().to(device), eot, dtype,
                                              sliced)
                     if sums is None:
-                        sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float32, device=feats.device)
+                        sums = torch.zeros(num_distinct, feats.shape[1], dtype=torch.float32, device=feats.device)
                     sums.index_add_(0, (idx // num_templates).to(feats.device), feats.float())
                     tokens_run += length * len(idx)
                     batches += 1
@@ -425,9 +477,10 @@ def _encode_with_stats(
                 for block, mask in zip(blocks, full_masks):
                     block.attn_mask = mask
         else:
+            distinct_cleaned = [cleaned[i] for i in distinct]
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
-                texts = _prompt_texts(cleaned, templates, start, stop)
+                texts = _prompt_texts(distinct_cleaned, templates, start, stop)
                 tokens = tokenizer(texts).to(device)
                 feats = clip_model.encode_text(tokens)
                 if feats.dim() != 2 or feats.shape[0] != len(texts):
@@ -437,7 +490,7 @@ def _encode_with_stats(
                     )
                 feats = feats.float()
                 if sums is None:
-                    sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float32, device=feats.device)
+                    sums = torch.zeros(num_distinct, feats.shape[1], dtype=torch.float32, device=feats.device)
                 class_index = torch.arange(start, stop, device=feats.device) // num_templates
                 sums.index_add_(0, class_index, feats)
                 tokens_run += tokens.shape[1] * len(texts)
@@ -449,9 +502,9 @@ def _encode_with_stats(
     norms = mean.norm(dim=-1, keepdim=True)
     degenerate = ~torch.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
     if bool(degenerate.any()):
-        bad = [names[i] for i in torch.nonzero(degenerate).flatten().tolist()]
+        bad = [names[distinct[i]] for i in torch.nonzero(degenerate).flatten().tolist()]
         raise RuntimeError(f"text embeddings with zero or non-finite norm for classes: {bad[:10]}")
-    out = (mean / norms).cpu().contiguous()
+    out = (mean / norms).cpu()[inverse].contiguous()  # row c = its distinct text's row, copied
     seconds = time.perf_counter() - t0
     rate = total / seconds if seconds > 0 else float("inf")
     logger.info("Encoded %d prompts (%d classes) in %.2f s: %.1f prompts/s", total, num_classes, seconds, rate)
@@ -459,6 +512,7 @@ def _encode_with_stats(
         "path": "fast" if use_fast else "plain",
         "reason": reason if not use_fast else None,
         "classes": num_classes,
+        "distinct_classes": num_distinct,
         "templates": num_templates,
         "prompts": total,
         "seconds": seconds,
@@ -518,6 +572,11 @@ def encode_class_names(
       class): the normalized embeddings match the plain path to ~1e-6 (float32).
     * **plain** (``fast=False``, or a model without such a tower): class-major batches of
       ``batch_size`` prompts through ``clip_model.encode_text`` on full 77-token sequences.
+
+    Class names whose prompts tokenize identically (names that differ only in case, such as
+    V3Det's "Timer" and "timer": CLIP's tokenizer lower-cases) are encoded once, and every such
+    twin gets a copy of that row, so their embeddings are bit-identical by construction on any
+    device and thread count (not two encodings that happen to round alike).
 
     A tqdm progress bar (prompts, rate, ETA) is drawn on stderr and one INFO line is logged at
     the start (classes x templates, device, dtype, path) and one at the end (seconds,
