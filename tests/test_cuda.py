@@ -237,7 +237,7 @@ def test_every_proposal_source_runs_on_cuda(tmp_path, bb_weights, datasets_dir):
 
 
 # ----------------------------------------------------------------------------- device placement
-def test_no_host_device_copies_in_the_forward_beyond_the_inputs():
+def test_no_host_device_copies_in_the_forward_beyond_the_inputs(tmp_path):
     """A warm forward of a batch of 4 (BB, float16 encoders, SDPA) under the profiler: the bytes
     copied host -> device are those of the inputs (images, boxes) plus a small allowance; every
     parameter and buffer of the model is on the GPU and the outputs are made there."""
@@ -271,12 +271,19 @@ def test_no_host_device_copies_in_the_forward_beyond_the_inputs():
             outputs = model(batch)
             torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    htod = [e for e in prof.events() if "Memcpy HtoD" in e.name]
-    htod_bytes = sum(getattr(e, "nbytes", 0) or 0 for e in htod)
-    record("forward_host_to_device", {"copies": len(htod), "bytes": htod_bytes, "input_bytes": input_bytes,
+    # the copies' sizes: the "bytes" argument of each host-to-device memcpy in the profiler's
+    # Chrome trace (FunctionEvent has no byte count)
+    trace = str(tmp_path / "forward_trace.json")
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        htod = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    sizes = [e.get("args", {}).get("bytes") for e in htod]
+    image_bytes = sum(x["image"].numel() * x["image"].element_size() for x in batch)
+    record("forward_host_to_device", {"copies": len(htod), "bytes": sum(b or 0 for b in sizes),
+                                      "input_bytes": input_bytes,
                                       "peak_memory_bytes_per_image_fp16_batch4": peak / 4})
     assert all(o["instances"].scores.device.type == "cuda" for o in outputs)
+    assert htod and None not in sizes, f"memcpy events without a byte count: {htod[:3]}"
     # one copy per input tensor and a few scalars; never a weight or a feature map per call
-    assert len(htod) <= 20 * len(batch) + 50, [e.name for e in htod][:50]
-    if htod_bytes:
-        assert htod_bytes <= input_bytes + (1 << 20)
+    assert len(htod) <= 20 * len(batch) + 50, [e["name"] for e in htod][:50]
+    assert image_bytes <= sum(sizes) <= input_bytes + (1 << 20), (sum(sizes), image_bytes, input_bytes)

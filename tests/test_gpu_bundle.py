@@ -154,3 +154,49 @@ def test_check_summary_reports_each_stage_and_fails_on_a_timeout(tmp_path):
     assert report["headline"]["train_images_per_second"] == {"bl_online": 40.0, "bl_cached": 600.0}
     assert report["headline"]["targets_met"]["bl_train_cached_images_per_second"] is True
     assert report["headline"]["targets_met"]["bl_gt_eval_images_per_second"] is None  # no end-to-end figures
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.test_cuda" name="a"/>
+<testcase classname="tests.test_cuda" name="b"><skipped message="needs a CUDA device"/></testcase>
+<testcase classname="tests.test_cuda" name="c"><failure message="boom"/></testcase>
+<testcase classname="tests.test_cuda" name="d"><error message="fixture"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_junit_counts_read_what_ran(tmp_path):
+    from check_report import junit_counts
+
+    (tmp_path / "cuda_tests.xml").write_text(JUNIT)
+    assert junit_counts(tmp_path / "cuda_tests.xml") == {"tests": 4, "passed": 1, "skipped": 1, "failed": 2}
+    assert junit_counts(tmp_path / "missing.xml") == {"tests": 0, "passed": 0, "skipped": 0, "failed": 0}
+
+
+def _cuda_stage(tmp_path, *extra):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # a machine where torch sees no GPU
+    return subprocess.run([sys.executable, "tools/gpu/check_report.py", "cuda", "--out", str(tmp_path),
+                           "--tests", "tests/test_cuda.py", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_cuda_stage_fails_in_one_line_when_no_cuda_test_ran(tmp_path):
+    """pytest exits 0 when every CUDA test skips: outside --dry-run the stage reads the JUnit XML
+    and fails, naming why, unless torch sees the GPU and every CUDA test ran."""
+    proc = _cuda_stage(tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[check] cuda:")]
+    assert len(lines) == 1, proc.stderr
+    assert "FAILED: 0 of" in lines[0] and "torch.cuda.is_available() is False" in lines[0] and "skipped" in lines[0]
+    stage = json.loads((tmp_path / "cuda_stage.json").read_text())
+    assert stage["tests"] >= 8 and stage["skipped"] == stage["tests"] and stage["pytest_exit"] == 0
+
+
+def test_the_dry_run_cuda_stage_says_it_ran_no_cuda_test(tmp_path):
+    proc = _cuda_stage(tmp_path, "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[check] cuda: dry run: ran no CUDA test" in proc.stdout
+    (tmp_path / "stages.tsv").write_text("cuda\t0\t3.0\t220\n")
+    summary = subprocess.run([sys.executable, "tools/gpu/check_report.py", "summary", "--out", str(tmp_path),
+                              "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "dry run: no CUDA test ran" in summary.stdout, summary.stdout
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["results"]["cuda_stage"]["passed"] == 0

@@ -17,7 +17,9 @@
 #             (--dry-run: skipped when everything already imports, which the log says)
 #   imports   every module of the bundle and of regionspot, with torch; GPU and versions -> env.json
 #             (a failure here stops the check: nothing else could run)
-#   cuda      python -m pytest -m cuda tests (tests/test_cuda.py) -> cuda_tests.xml, cuda_figures.json
+#   cuda      python -m pytest -m cuda tests (tests/test_cuda.py) -> cuda_tests.xml, cuda_figures.json;
+#             fails unless torch sees the GPU and every CUDA test ran (counted from the XML);
+#             --dry-run says that it ran none
 #   e2e_bb    tools/benchmark.py --end-to-end, BB: plain vs fast, float32/bfloat16/float16 -> e2e_bb.json
 #   e2e_bl    the same for BL, and the largest batch that fits (--find-max-batch) -> e2e_bl.json
 #   train     tools/benchmark_train.py, BL, with and without the token cache, bfloat16 AMP -> train.json
@@ -32,7 +34,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "check.sh: error: unknown argument $arg (known: --dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -48,7 +50,7 @@ PY="${PY:-python3}"
 LOG="$OUT/check.log"
 : > "$LOG"
 : > "$OUT/stages.tsv"
-rm -f "$OUT"/{env,e2e_bb,e2e_bl,train,eval,cuda_figures,gpu_check}.json
+rm -f "$OUT"/{env,e2e_bb,e2e_bl,train,eval,cuda_figures,cuda_stage,gpu_check}.json
 
 log() { echo "[check] $*" | tee -a "$LOG"; }
 
@@ -120,7 +122,7 @@ else
     EVAL=(--skip-reference)
 fi
 
-stage cuda 220 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs --junitxml "$OUT/cuda_tests.xml"
+stage cuda 220 "$PY" tools/gpu/check_report.py cuda --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run )
 stage e2e_bb 70 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BB[@]}" --quiet \
     --data-dir "$OUT/e2e_data" --output "$OUT/e2e_bb.json"
 stage e2e_bl 90 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BL[@]}" --quiet \

@@ -2,6 +2,7 @@
 """Helpers of ``tools/gpu/check.sh``: the import check (its first step) and the one JSON result.
 
     python tools/gpu/check_report.py imports --wheels wheels --out OUT/env.json
+    python tools/gpu/check_report.py cuda --out OUT [--dry-run] [--tests tests]
     python tools/gpu/check_report.py summary --out OUT [--dry-run]
 
 ``imports``: imports every top-level module of the bundle (``wheels/manifest.json``, else the
@@ -9,6 +10,12 @@ wheels' own lists) and every module of the ``regionspot`` package, with torch, a
 it found: Python, torch (its CUDA and cuDNN), the GPU's name, memory and capability, and each
 package's version and location. Exit status 1 when any import fails (each one named), so
 that nothing else runs on a broken install.
+
+``cuda``: runs the CUDA tests (``pytest -m cuda``, JUnit XML to ``OUT/cuda_tests.xml``) and
+counts from that XML how many ran, skipped and failed (pytest exits 0 when every selected test
+skips, so its exit status alone proves nothing). Outside ``--dry-run`` the stage fails, in one
+line, unless ``torch.cuda.is_available()`` and every CUDA test ran and passed; with ``--dry-run``
+(a CPU machine) it says that it ran no CUDA test. The counts go to ``OUT/cuda_stage.json``.
 
 ``summary``: merges what the stages left in OUT (``stages.tsv``: name, exit status, seconds,
 limit; each stage's JSON) into ``OUT/gpu_check.json``, with the headline figures beside the
@@ -22,8 +29,10 @@ import json
 import os
 import pkgutil
 import platform
+import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +109,58 @@ def check_imports(wheels: Path, out: Path) -> int:
     return 1 if report["failed"] else 0
 
 
+def junit_counts(path: Path) -> dict:
+    """``{"tests", "passed", "skipped", "failed"}`` counted over the ``<testcase>`` elements of a
+    JUnit XML file written by pytest (a test with a ``<failure>`` or ``<error>`` child counts as
+    failed, one with ``<skipped>`` as skipped). A missing or unreadable file counts nothing."""
+    counts = {"tests": 0, "passed": 0, "skipped": 0, "failed": 0}
+    try:
+        cases = ElementTree.parse(path).getroot().iter("testcase")
+    except (OSError, ElementTree.ParseError):
+        return counts
+    for case in cases:
+        counts["tests"] += 1
+        tags = {child.tag for child in case}
+        key = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+        counts[key] += 1
+    return counts
+
+
+def cuda_stage(out: Path, dry_run: bool, tests: str) -> int:
+    """The ``cuda`` stage of check.sh: run ``pytest -m cuda`` and judge it by what ran."""
+    xml = out / "cuda_tests.xml"
+    xml.unlink(missing_ok=True)
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-m", "cuda", tests, "-q", "-p", "no:cacheprovider",
+                          "-rfEs", "--junitxml", str(xml)], cwd=REPO)
+    counts = junit_counts(xml)
+    import torch
+
+    available = torch.cuda.is_available()
+    record = {"pytest_exit": rc, "cuda_available": available, "dry_run": dry_run, **counts}
+    (out / "cuda_stage.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    ran = f"{counts['passed'] + counts['failed']} of {counts['tests']} CUDA tests ran"
+    if dry_run:
+        print(f"[check] cuda: dry run: ran no CUDA test ({counts['tests']} collected, {counts['skipped']} skipped: "
+              f"torch.cuda.is_available() is {available}); pytest exit {rc}")
+        return 0 if rc == 0 else 1
+    problems = []
+    if not available:
+        problems.append("torch.cuda.is_available() is False")
+    if counts["tests"] == 0:
+        problems.append(f"no CUDA test found ({xml} {'is empty' if xml.is_file() else 'missing'})")
+    if counts["skipped"]:
+        problems.append(f"{counts['skipped']} skipped")
+    if counts["failed"]:
+        problems.append(f"{counts['failed']} failed")
+    if rc != 0 and not counts["failed"]:
+        problems.append(f"pytest exited with {rc}")
+    if problems:
+        print(f"[check] cuda: FAILED: {ran}: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    print(f"[check] cuda: {ran}, all passed on {torch.cuda.get_device_name(0)}")
+    return 0
+
+
 def _load(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -164,6 +225,9 @@ def summary(out: Path, dry_run: bool) -> int:
     cuda = _load(out / "cuda_figures.json")
     if cuda is not None:
         results["cuda_tests"] = cuda
+    cuda_stage_counts = _load(out / "cuda_stage.json")
+    if cuda_stage_counts is not None:
+        results["cuda_stage"] = cuda_stage_counts
     env = results.get("env") or {}
     report = {
         "schema": "regionspot-gpu-check/1", "dry_run": dry_run,
@@ -179,6 +243,9 @@ def summary(out: Path, dry_run: bool) -> int:
     os.replace(tmp, out / "gpu_check.json")
     for s in stages:
         print(f"[check] {s['stage']:<12} {s['status']:<18} {s['seconds']:7.1f} s (limit {s['limit_s']} s)")
+    if dry_run:
+        print("[check] dry run: no CUDA test ran (CPU, tiny models); the cuda stage only checked that the "
+              "CUDA tests are collected")
     print(f"[check] {len(stages) - len(failed)}/{len(stages)} stages ok in {report['total_seconds']} s; "
           f"results: {out / 'gpu_check.json'}")
     return 1 if failed else 0
@@ -186,13 +253,16 @@ def summary(out: Path, dry_run: bool) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="check_report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("imports", "summary"))
+    parser.add_argument("command", choices=("imports", "cuda", "summary"))
     parser.add_argument("--wheels", default=str(REPO / "wheels"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--tests", default="tests", help="cuda: where pytest looks for the CUDA tests")
     args = parser.parse_args(argv)
     if args.command == "imports":
         return check_imports(Path(args.wheels), Path(args.out))
+    if args.command == "cuda":
+        return cuda_stage(Path(args.out), args.dry_run, args.tests)
     return summary(Path(args.out), args.dry_run)
 
 
