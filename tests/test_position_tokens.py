@@ -5,6 +5,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+from conftest import assert_same_masks
 from regionspot.modeling.position_tokens import TOKEN_SOURCES, SamPositionTokens
 from regionspot.modeling.weights import load_sam
 
@@ -54,7 +55,8 @@ def test_token_equals_sam_predictor_path(sam, image):
     torch.testing.assert_close(tok, ref_tokens, rtol=0, atol=1e-6)
     torch.testing.assert_close(low_res, ref_low_res, rtol=0, atol=1e-6)
     torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-6)  # SAM's predicted IoU (TAP's protocol)
-    assert torch.equal(tokens.paste_masks(low_res, resized, image.shape[:2]), ref_masks)
+    assert torch.equal(tokens.paste_masks(ref_low_res, resized, image.shape[:2]), ref_masks)  # the same logits
+    assert_same_masks(tokens.paste_masks(low_res, resized, image.shape[:2]), ref_masks)
 
 
 def test_masks_are_pasted_in_chunks_without_changing_them(sam, image, monkeypatch):
@@ -166,12 +168,18 @@ def test_point_prompt_equals_sam_predictor_predict(sam, image):
         embedding = tokens.encode_images(pixels[None])[0]
     ours = tokens.prompt_points(embedding, resized, image.shape[:2], torch.from_numpy(CLICKS),
                                 torch.from_numpy(CLICK_LABELS))
-    masks, iou, low_res = predictor.predict(CLICKS, CLICK_LABELS, multimask_output=False)
+    captured = []  # the two-way transformer's output tokens: hs[:, 1] is mask token 0
+    handle = sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    try:
+        masks, iou, low_res = predictor.predict(CLICKS, CLICK_LABELS, multimask_output=False)
+    finally:
+        handle.remove()
     side = 4 * embedding.shape[-1]
     assert ours.tokens.shape == (1, 256) and ours.low_res_masks.shape == (1, 1, side, side)
+    torch.testing.assert_close(ours.tokens, captured[0][:, 1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.low_res_masks[0].numpy(), low_res, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
-    assert np.array_equal(tokens.paste_masks(ours.low_res_masks, resized, image.shape[:2])[0].numpy(), masks[0])
+    assert_same_masks(tokens.paste_masks(ours.low_res_masks, resized, image.shape[:2])[0], masks[0])
 
     # a mask prompt (here: a rectangle in the image's pixels) enters as SAM's mask_input
     mask = np.zeros(image.shape[:2], bool)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import make_cfg
+from conftest import assert_same_masks, make_cfg
 from regionspot.modeling.sam2_localizer import Sam2PositionTokens, load_sam2, predictor_feature_sizes
 from regionspot.testing.random_backbones import SAM2_TINY_CONFIG, write_random_sam2
 from regionspot.weights_files import WeightsError
@@ -78,7 +78,7 @@ def test_tokens_masks_and_iou_equal_sam2s_own_image_predictor(localizer):
         torch.testing.assert_close(tokens_only.tokens, mine.tokens, rtol=0, atol=1e-5)
         torch.testing.assert_close(mine.iou_predictions, torch.from_numpy(iou), rtol=0, atol=1e-5)
         pasted = localizer.paste_masks(mine.low_res_masks, None, tuple(image.shape[1:]))
-        assert torch.equal(pasted, torch.from_numpy(masks[:, 0] > 0))
+        assert_same_masks(pasted, masks[:, 0] > 0)
         assert pasted.any()
 
 
@@ -247,4 +247,4 @@ def test_clicks_and_a_mask_prompt_equal_sam2s_own_predictor(localizer):
         np.testing.assert_allclose(ours.low_res_masks[0].clamp(-32, 32).numpy(), low_res, rtol=0, atol=1e-5)
         np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
         torch.testing.assert_close(ours.tokens, captured["token"], rtol=0, atol=1e-5)
-        assert np.array_equal(localizer.paste_masks(ours.low_res_masks, sizes[0], (120, 160))[0].numpy(), masks[0] > 0)
+        assert_same_masks(localizer.paste_masks(ours.low_res_masks, sizes[0], (120, 160))[0], masks[0] > 0)

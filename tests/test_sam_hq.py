@@ -13,7 +13,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import make_cfg
+from conftest import assert_same_masks, make_cfg
 from regionspot.modeling.position_tokens import SamPositionTokens
 from regionspot.modeling.sam_hq import SamHqPositionTokens, hq_package, load_sam_hq
 from regionspot.modeling.weights import load_sam
@@ -71,7 +71,7 @@ def test_tokens_masks_and_iou_equal_sam_hq_predictor_batched_over_two_images(hq_
         torch.testing.assert_close(got.tokens, ref_tokens, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.low_res_masks, ref_low_res, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.iou_predictions, ref_iou, rtol=0, atol=1e-5)
-        assert torch.equal(localizer.paste_masks(got.low_res_masks, size, image.shape[:2]), ref_masks)
+        assert_same_masks(localizer.paste_masks(got.low_res_masks, size, image.shape[:2]), ref_masks)
     # the HQ mask is in: SAM's mask 0 alone (hq_token_only=False adds the HQ mask to it) differs
     assert not torch.allclose(prompts[0].low_res_masks, _sam_mask_only(localizer, embeddings, BOXES, images[0]))
 
@@ -336,4 +336,4 @@ def test_clicks_and_a_mask_prompt_equal_sam_hqs_own_predictor(hq_path, images):
         np.testing.assert_allclose(ours.low_res_masks[0].numpy(), low_res, rtol=0, atol=1e-5)
         np.testing.assert_allclose(ours.iou_predictions.numpy(), iou, rtol=0, atol=1e-5)
         torch.testing.assert_close(ours.tokens, captured[0][:, 1], rtol=0, atol=1e-5)
-        assert np.array_equal(localizer.paste_masks(ours.low_res_masks, sizes[0], image.shape[:2])[0].numpy(), masks[0])
+        assert_same_masks(localizer.paste_masks(ours.low_res_masks, sizes[0], image.shape[:2])[0], masks[0])

@@ -115,7 +115,9 @@ def test_sdpa_attention_in_row_chunks_equals_one_call(monkeypatch):
     with torch.no_grad():
         chunked = encoder(x)
     assert len(calls) > len(whole_calls) and max(calls) < max(whole_calls)
-    assert torch.equal(chunked, whole)
+    # the same attention over fewer query rows per call: equal up to the kernel's rounding, which
+    # may depend on the number of rows (a wrong bias slice would change the output by O(1))
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
     with_grad = encoder(x)
     with_grad.sum().backward()
     rel = next(p for n, p in encoder.named_parameters() if "rel_pos" in n)
