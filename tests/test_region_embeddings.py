@@ -3,6 +3,7 @@ scored later against a new vocabulary exactly as the model scores live; text and
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,8 +74,44 @@ def test_stored_embeddings_score_a_new_vocabulary_like_the_live_model(export, ti
     assert torch.equal(later.argmax(1), live.argmax(1))
 
 
+def _listed(stdout: str, pattern: str):
+    """(region index, printed value) of each result line, in the printed order."""
+    return [(int(m.group(2)), float(m.group(1))) for m in
+            (re.match(pattern, line) for line in stdout.splitlines()) if m]
+
+
+def _brute_force_top(scores: torch.Tensor, top: int, exclude=None):
+    """(region, score) of the ``top`` best scores, best first, ``exclude`` left out."""
+    ranked = [(int(i), float(scores[i])) for i in scores.argsort(descending=True) if int(i) != exclude]
+    return ranked[:top]
+
+
+def _assert_same_ranking(listed, expected):
+    """The listed regions are the brute-force ones, best first, with their values to the 4 printed
+    decimals (a near-tie may swap two neighbours whose values agree to that precision)."""
+    assert len(listed) == len(expected) > 0, (listed, expected)
+    assert sorted(r for r, _ in listed) == sorted(r for r, _ in expected), (listed, expected)
+    values = dict(expected)
+    for region, printed in listed:
+        assert abs(printed - values[region]) <= 6e-5, (region, printed, values[region])
+    assert [v for _, v in listed] == sorted((v for _, v in listed), reverse=True)
+
+
+COSINE_LINE = r"^  cosine ([+-]\d\.\d{4})  region (\d+)"
+
+
 def test_search_by_text_by_region_and_with_a_vocabulary(export):
+    """Each search's ranking and cosines are a brute-force computation on the exported file: all
+    cosines between unit rows, the text embedded by the config's VL model, the vocabulary scored
+    as the model scores (score_embeddings)."""
+    from regionspot.modeling.backbones import build_vl_model
+    from regionspot.predictor import score_embeddings
+
     out = str(export["folder"] / "out")
+    stored = load_file(os.path.join(out, "region_embeddings.safetensors"))["embeddings"].double()
+    index = json.loads((export["folder"] / "out" / "region_embeddings.json").read_text())
+    _, text_classifier, _ = build_vl_model(load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"),
+                                                       export["opts"]))
 
     def search(*args):
         run = subprocess.run(export["base"] + ["--search", out, *args, "--opts"] + export["opts"],
@@ -82,11 +119,26 @@ def test_search_by_text_by_region_and_with_a_vocabulary(export):
         return run.returncode, run.stdout, run.stderr
 
     code, stdout, _ = search("--text", "a red umbrella", "--top", "2")
-    assert code == 0 and "nearest to the text 'a red umbrella'" in stdout and stdout.count("cosine") == 2
+    assert code == 0 and "nearest to the text 'a red umbrella':" in stdout
+    text = text_classifier.embed(["a red umbrella"], "cpu")[0].double()
+    _assert_same_ranking(_listed(stdout, COSINE_LINE), _brute_force_top(stored @ text, 2))
+
     code, stdout, _ = search("--region", "0")
-    assert code == 0 and stdout.count("cosine") == 2 and "region 0:" in stdout.splitlines()[0]
+    assert code == 0 and "nearest to region 0:" in stdout
+    _assert_same_ranking(_listed(stdout, COSINE_LINE), _brute_force_top(stored @ stored[0], 5, exclude=0))
+
     code, stdout, _ = search("--classify", ",".join(VOCABULARY))
-    assert code == 0 and "4 classes" in stdout and stdout.count("region ") == 3
+    assert code == 0 and "4 classes, the 3 most confident regions:" in stdout
+    probabilities = score_embeddings(stored.float(), text_classifier.embed(VOCABULARY, "cpu"), index["logit_scale"],
+                                     index["class_score"]).double()
+    best, classes = probabilities.max(dim=1)
+    listed = [(int(m.group(3)), m.group(1), float(m.group(2))) for m in
+              (re.match(r"^  (\w+) (\d\.\d{4})  region (\d+)", line) for line in stdout.splitlines()) if m]
+    assert sorted(r for r, _, _ in listed) == [0, 1, 2], stdout  # every region, labelled
+    for region, name, value in listed:
+        assert name == VOCABULARY[int(classes[region])] and abs(value - float(best[region])) <= 6e-5, (region, name)
+    assert [v for _, _, v in listed] == sorted((v for _, _, v in listed), reverse=True)
+
     code, _, stderr = search("--region", "7")
     assert code == 2 and "regions 0..2" in stderr
 
