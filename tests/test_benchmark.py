@@ -338,8 +338,9 @@ def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
     models = json.loads((tmp_path / "train.json").read_text())["models"]
     assert [models[v]["sam"] for v in variants.split(",")] == ["sam_hq:tiny", "sam2:tiny", "tiny"]
     assert all(m["modes"][mode]["images_per_second"] > 0 for m in models.values() for mode in ("online", "cached"))
-    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "stages", "--models", "small_sam2",
-                             "--num-boxes", "2", "--repeats", "1", "--warmup", "0", "--image-size", "160x200",
+    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "stages",
+                             "--models", "small_sam2", "--num-boxes", "2", "--repeats", "1", "--warmup", "0",
+                             "--image-size", "160x200",
                              "--original-size", "160x200", "--mask-image-size", "160x200", "--text-classes", "4",
                              "--device", "cpu", "--output", str(tmp_path / "stages.json")],
                             cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)

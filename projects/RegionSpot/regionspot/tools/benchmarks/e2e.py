@@ -69,7 +69,7 @@ import torch
 from regionspot.testing.random_backbones import VARIANTS
 from regionspot.tools.benchmarks.e2e_probes import Clock, Recorder, TimedEvaluator, TimedLoader, profile_stages
 from regionspot.tools.benchmarks.e2e_workload import write_synthetic_lvis
-from regionspot.tools.benchmarks.report import format_table, run_header, save_progress
+from regionspot.tools.benchmarks.report import add_run_arguments, format_table, run_header, save_progress
 from regionspot.tools.benchmarks.timing import peak_memory, timed, torch_threads
 from regionspot.tools.common import CONFIGS, REPO, load_config, resolve_device, synchronize
 
@@ -96,9 +96,8 @@ RUN_SWITCHES: Dict[str, Dict[str, object]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This subcommand's options, added to ``p``."""
-    from regionspot.cli import add_debug_argument
-
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    add_run_arguments(p, output="JSON file (default output/benchmark/benchmark_e2e_<model>_<device>.json)",
+                      quick="small model, 4 images, batch 2, no torch.compile (for tests)")
     p.add_argument("--models", default=None,
                    help=f"the one model variant to run, among {','.join(VARIANTS)} (default: bb; --quick small)")
     p.add_argument("--images", type=int, default=None, help="images of the workload (default: CPU 8, CUDA 1024)")
@@ -119,14 +118,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest fast batch that fits")
     p.add_argument("--max-batch", type=int, default=512, help="upper bound of --find-max-batch")
     p.add_argument("--quiet", action="store_true", help="no per-batch progress lines from Detectron2")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None,
-                   help="JSON file (default output/benchmark/benchmark_e2e_<model>_<device>.json); "
-                        "the log goes to OUTPUT.log")
-    p.add_argument("--quick", action="store_true",
-                   help="small model, 4 images, batch 2, no torch.compile (for tests)")
-    add_debug_argument(p)
 
 
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

@@ -3,6 +3,7 @@ atomically as they come, and plain-text tables. Shared by the subcommands of
 ``regionspot-benchmark`` (:mod:`regionspot.tools.benchmark`); imports nothing of them.
 """
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -16,6 +17,20 @@ from regionspot.tools.common import REPO
 # SAM 2 / OpenCLIP, nested tensors in nn.TransformerEncoder) that a benchmark's output omits.
 DEPENDENCY_WARNINGS = (".*pkg_resources is deprecated.*", ".*enable_nested_tensor.*",
                        ".*torch.jit.script.*deprecated.*")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output: str, quick: str) -> None:
+    """The options of a run that measures models: ``--device``, ``--threads``, ``--seed``,
+    ``--output`` (whose help is ``output``: the JSON file and its default; the log goes to
+    OUTPUT.log), ``--quick`` (help ``quick``) and ``--debug``."""
+    from regionspot.cli import add_debug_argument
+
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    parser.add_argument("--output", default=None, help=output + "; the log goes to OUTPUT.log")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    add_debug_argument(parser)
 
 
 @contextlib.contextmanager

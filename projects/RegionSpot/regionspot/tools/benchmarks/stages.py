@@ -94,8 +94,8 @@ import torch
 from regionspot.environment import peak_rss_bytes
 from regionspot.testing.random_backbones import VARIANTS, random_regionspot
 from regionspot.tools.benchmarks.mask_output import measure_mask_output, random_boxes
+from regionspot.tools.benchmarks.report import add_run_arguments, run_header, save_progress
 from regionspot.tools.benchmarks.report import format_table as format_rows
-from regionspot.tools.benchmarks.report import run_header, save_progress
 from regionspot.tools.benchmarks.timing import summary, timed, torch_threads
 from regionspot.tools.common import REPO, resolve_device
 
@@ -142,10 +142,8 @@ def parse_models(text: str) -> List[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This subcommand's options, added to ``p``."""
-    from regionspot.cli import add_debug_argument
-
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda if available, else cpu")
+    add_run_arguments(p, output="JSON file (default output/benchmark/benchmark_<device>.json)",
+                      quick="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
     p.add_argument("--models", type=parse_models, default=None, help=f"comma-separated, among "
                    f"{','.join(CONFIGS)} (default {DEFAULT_MODELS})")
     p.add_argument("--num-boxes", type=parse_int_list, default=None, help="N values (default 1,10,100)")
@@ -170,13 +168,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-pairs", type=int, default=900,
                    help="(box, class) pairs of the mask-output measurement (default 900)")
     p.add_argument("--box-chunk-size", type=int, default=64, help="boxes per mask-decoder call (default 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/benchmark_<device>.json); "
-                                                  "the log goes to OUTPUT.log")
-    p.add_argument("--quick", action="store_true",
-                   help="small model, N=1,10, warmup 1, repeats 2, 480x640 image (for tests)")
-    add_debug_argument(p)
 
 
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
