@@ -43,11 +43,10 @@ def read_version() -> str:
 
 
 # The command-line tools (regionspot/tools/<module>.py, each with main(argv=None) -> int); the
-# same tools run from a checkout as `python tools/<module>.py`.
+# same tools run from a checkout as `python tools/<module>.py`. Every benchmark is a subcommand of
+# regionspot-benchmark (regionspot/tools/benchmark.py).
 TOOLS = {
     "regionspot-benchmark": "benchmark",
-    "regionspot-benchmark-train": "benchmark_train",
-    "regionspot-benchmark-text": "benchmark_text",
     "regionspot-proposals": "proposals",
     "regionspot-summarize": "summarize",
     "regionspot-dump-text-embeddings": "dump_text_embeddings",
@@ -55,8 +54,6 @@ TOOLS = {
     "regionspot-convert-openimages": "convert_openimages",
     "regionspot-run-sample": "run_sample",
     "regionspot-export-region-embeddings": "export_region_embeddings",
-    "regionspot-benchmark-app": "benchmark_app",
-    "regionspot-benchmark-pairs": "benchmark_pairs",
 }
 CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
 

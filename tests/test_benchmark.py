@@ -1,4 +1,5 @@
-"""tools/benchmark.py: the quick CPU run writes a complete, consistent JSON report."""
+"""regionspot-benchmark (tools/benchmark.py) stages, e2e, pairs and train: the quick CPU runs write
+complete, consistent JSON reports; the subcommands import no subcommand and not the dispatcher."""
 
 import json
 import math
@@ -11,13 +12,16 @@ from conftest import load_tool
 from regionspot.modeling.profiling import STAGE_LABELS
 
 
-def _load_tool():
+@pytest.fixture(scope="module")
+def tool():
     return load_tool("benchmark")
 
 
 @pytest.fixture(scope="module")
-def tool():
-    return _load_tool()
+def stages():
+    from regionspot.tools.benchmarks import stages
+
+    return stages
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def report(tool, tmp_path_factory):
     path = tmp_path_factory.mktemp("benchmark") / "b.json"
     threads = torch.get_num_threads()
     # One thread: timings stay sane when other jobs share the machine's cores.
-    assert tool.main(["--quick", "--device", "cpu", "--threads", "1", "--output", str(path)]) == 0
+    assert tool.main(["stages", "--quick", "--device", "cpu", "--threads", "1", "--output", str(path)]) == 0
     assert torch.get_num_threads() == threads  # main() leaves the process's settings as found
     with open(path) as f:
         return json.load(f)
@@ -87,29 +91,71 @@ def test_config_figures(report):
     assert mem["kind"] == "cpu_process_peak_rss" and mem["peak_bytes"] > 10 * 2 ** 20
 
 
-def test_random_boxes_are_valid(tool):
-    boxes = tool.random_boxes(500, 480, 640, torch.Generator().manual_seed(0))
+def test_random_boxes_are_valid(stages):
+    boxes = stages.random_boxes(500, 480, 640, torch.Generator().manual_seed(0))
     assert boxes.shape == (500, 4)
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 640).all() and (boxes[:, 3] <= 480).all()
     assert (boxes[:, 2] - boxes[:, 0] >= 8 - 1e-4).all() and (boxes[:, 3] - boxes[:, 1] >= 8 - 1e-4).all()
 
 
-def test_settings_resolution(tool):
+def test_settings_resolution(tool, stages):
     parser = tool.build_parser()
-    args = tool.resolve_settings(parser.parse_args(["--device", "cpu"]), parser)
+
+    def resolve(*argv):
+        args = parser.parse_args(["stages", *argv])
+        return stages.resolve_settings(args, args.subparser)
+
+    args = resolve("--device", "cpu")
     assert args.models == ["small", "bb", "bl"] and args.num_boxes == [1, 10, 100]
     assert args.image_size == (800, 1066) and args.text_classes == 1
-    assert tool.repeats_for("small", args) == (1, 5) and tool.repeats_for("bl", args) == (0, 1)
+    assert stages.repeats_for("small", args) == (1, 5) and stages.repeats_for("bl", args) == (0, 1)
     assert args.output.endswith(os.path.join("output", "benchmark", "benchmark_cpu.json"))
-    args = tool.resolve_settings(parser.parse_args(["--device", "cpu", "--quick", "--repeats", "3"]), parser)
-    assert args.models == ["small"] and tool.repeats_for("small", args) == (1, 3)
+    args = resolve("--device", "cpu", "--quick", "--repeats", "3")
+    assert args.models == ["small"] and stages.repeats_for("small", args) == (1, 3)
     for bad in (["--models", "small,nope"], ["--num-boxes", "0"], ["--image-size", "800"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
-            tool.resolve_settings(parser.parse_args(["--device", "cpu"] + bad), parser)
+            resolve("--device", "cpu", *bad)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            tool.resolve_settings(parser.parse_args(["--device", "cuda"]), parser)
+            resolve("--device", "cuda")
+
+
+def test_one_command_and_no_import_cycle():
+    """Every benchmark is a subcommand of the one dispatcher; a subcommand module imports neither
+    the dispatcher nor another subcommand (only the shared timing/report modules and helpers)."""
+    import ast
+
+    from regionspot.tools import benchmark
+
+    assert list(benchmark.SUBCOMMANDS) == ["stages", "e2e", "eval", "text", "train", "pairs", "app"]
+    modules = set(benchmark.SUBCOMMANDS.values())
+    folder = os.path.join(os.path.dirname(benchmark.__file__), "benchmarks")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert "regionspot.tools.benchmark" not in imported, name
+        others = {f"regionspot.tools.benchmarks.{m}" for m in modules if m != name[:-3]}
+        assert not imported & others, (name, imported & others)
+
+
+def test_a_bad_subcommand_option_is_one_error_line(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["e2e", "--device", "cpu", "--models", "small,bb"])
+    assert exit_info.value.code == 2
+    assert "benchmark.py e2e: error: e2e measures one model per run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--quick"])  # a subcommand is required
+    assert exit_info.value.code == 2
 
 
 def test_mask_output_memory_does_not_grow_with_pairs(report):
@@ -132,11 +178,11 @@ def test_mask_output_memory_does_not_grow_with_pairs(report):
 def e2e_report(tool, tmp_path_factory):
     """The end-to-end mode on the small model: plain vs fast (batched, SDPA, resizes in the
     loader) vs bfloat16, through the loader, the model and the LVIS evaluator."""
-    from regionspot.tools import benchmark_e2e
+    from regionspot.tools.benchmarks import e2e as benchmark_e2e
 
     folder = tmp_path_factory.mktemp("e2e")
     path = folder / "e2e.json"
-    argv = ["--end-to-end", "--quick", "--device", "cpu", "--threads", "1", "--runs", "plain,fast,bf16",
+    argv = ["e2e", "--quick", "--device", "cpu", "--threads", "1", "--runs", "plain,fast,bf16",
             "--workers", "1", "--data-dir", str(folder / "data"), "--output", str(path), "--quiet"]
     build_model = benchmark_e2e.build_model
 
@@ -211,7 +257,7 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
     """The synthetic workload: LVIS format (1203 categories with LVIS v1's r/c/f split), the
     requested boxes per image, JPEG photos of COCO sizes."""
     from regionspot.data.datasets.user import read_dataset_json
-    from regionspot.tools import benchmark_e2e
+    from regionspot.tools.benchmarks.e2e_workload import PHOTO_SIZES
 
     json_path = e2e_report["settings"]["data_json"]
     data = read_dataset_json(json_path)
@@ -219,7 +265,7 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
     freq = [c["frequency"] for c in data["categories"]]
     assert (freq.count("r"), freq.count("c"), freq.count("f")) == (337, 461, 405)
     for img in data["images"]:
-        assert (img["height"], img["width"]) in benchmark_e2e.PHOTO_SIZES
+        assert (img["height"], img["width"]) in PHOTO_SIZES
         path = os.path.join(os.path.dirname(json_path), "images", img["file_name"])
         with open(path, "rb") as f:
             assert f.read(2) == b"\xff\xd8"  # JPEG
@@ -231,7 +277,7 @@ def test_end_to_end_workload_is_lvis_like(e2e_report):
 
 
 def test_the_pairs_table_counts_each_encoder_and_prices_each_pair(tmp_path):
-    """benchmark.py --pairs (subprocess): per-model FLOPs and time, a FLOP-bound GPU-hours row per
+    """benchmark.py pairs (subprocess): per-model FLOPs and time, a FLOP-bound GPU-hours row per
     pair, JSON + Markdown written; an unknown model name is one error line, exit 2."""
     import json
     import subprocess
@@ -239,7 +285,7 @@ def test_the_pairs_table_counts_each_encoder_and_prices_each_pair(tmp_path):
 
     out = tmp_path / "pairs.json"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--pairs", "--localizers", "SAM 2.1 Hiera-T",
+    cmd = [sys.executable, os.path.join(repo, "tools", "benchmark.py"), "pairs", "--localizers", "SAM 2.1 Hiera-T",
            "--vl-models", "OpenAI CLIP ViT-B/16", "--repeats", "1", "--threads", "1", "--sustained-tflops", "100",
            "--output", str(out)]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
@@ -261,7 +307,7 @@ def test_pairs_flops_include_fused_attention():
     nn.MultiheadAttention's batch-first fast path): otherwise Hiera and OpenCLIP are undercounted."""
     import torch.nn.functional as F
 
-    from regionspot.tools.benchmark_pairs import measure
+    from regionspot.tools.benchmarks.pairs import measure
 
     q = torch.randn(1, 4, 64, 16)
     assert measure(lambda: F.scaled_dot_product_attention(q, q, q), torch.device("cpu"), 1)["gflops"] * 1e9 == \
@@ -275,7 +321,7 @@ def test_pairs_flops_include_fused_attention():
 
 
 def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
-    """benchmark_train.py and benchmark.py (subprocesses) on the small variants of the other pairs
+    """benchmark.py train and stages (subprocesses) on the small variants of the other pairs
     (SAM-HQ, SAM 2.1, OpenCLIP): the same commands as for the released pair, with each pair's head."""
     import json
     import subprocess
@@ -284,7 +330,7 @@ def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     variants = "small_samhq,small_sam2,small_openclip"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark_train.py"), "--models", variants,
+    train = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "train", "--models", variants,
                             "--iters", "1", "--warmup", "0", "--image-size", "160x200", "--device", "cpu",
                             "--output", str(tmp_path / "train.json")],
                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
@@ -292,8 +338,9 @@ def test_the_training_and_stage_benchmarks_run_every_pair_family(tmp_path):
     models = json.loads((tmp_path / "train.json").read_text())["models"]
     assert [models[v]["sam"] for v in variants.split(",")] == ["sam_hq:tiny", "sam2:tiny", "tiny"]
     assert all(m["modes"][mode]["images_per_second"] > 0 for m in models.values() for mode in ("online", "cached"))
-    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "--models", "small_sam2",
-                             "--num-boxes", "2", "--repeats", "1", "--warmup", "0", "--image-size", "160x200",
+    stages = subprocess.run([sys.executable, os.path.join(repo, "tools", "benchmark.py"), "stages",
+                             "--models", "small_sam2", "--num-boxes", "2", "--repeats", "1", "--warmup", "0",
+                             "--image-size", "160x200",
                              "--original-size", "160x200", "--mask-image-size", "160x200", "--text-classes", "4",
                              "--device", "cpu", "--output", str(tmp_path / "stages.json")],
                             cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)

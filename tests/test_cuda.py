@@ -83,9 +83,9 @@ def bb_options(bb_weights, out):
 
 # ----------------------------------------------------------------------------- inference paths
 def e2e(tmp_path, datasets_dir, *argv):
-    """``tools/benchmark.py --end-to-end`` on CUDA (BB, random weights); its JSON report."""
+    """``tools/benchmark.py e2e`` on CUDA (BB, random weights); its JSON report."""
     out = tmp_path / "e2e.json"
-    run([sys.executable, "tools/benchmark.py", "--end-to-end", "--device", "cuda", "--models", "bb", "--no-compile",
+    run([sys.executable, "tools/benchmark.py", "e2e", "--device", "cuda", "--models", "bb", "--no-compile",
          "--workers", "4", "--quiet", "--output", str(out), "--data-dir", str(tmp_path / "data"), *argv],
         env={"DETECTRON2_DATASETS": datasets_dir})
     with open(out) as f:

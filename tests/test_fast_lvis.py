@@ -30,7 +30,7 @@ TOL = 1e-4  # percent points
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("benchmark_eval")
+    return load_tool("benchmarks.evaluator")
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +300,10 @@ def test_config_key(registered):
 # ---- the benchmark tool -----------------------------------------------------------------
 
 def test_benchmark_quick_writes_a_consistent_json(tmp_path):
-    """Through tools/benchmark.py --evaluator, as the README runs it."""
+    """Through tools/benchmark.py eval, as the README runs it."""
     benchmark = load_tool("benchmark")
     path = tmp_path / "eval.json"
-    assert benchmark.main(["--evaluator", "--quick", "--images", "150", "--segm-images", "40",
+    assert benchmark.main(["eval", "--quick", "--images", "150", "--segm-images", "40",
                            "--output", str(path)]) == 0
     with open(path) as f:
         report = json.load(f)

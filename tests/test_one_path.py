@@ -83,7 +83,7 @@ def test_demo_equals_the_predictor(tiny_model, tiny_cfg, photo, tmp_path, sam_pa
 
 
 def test_benchmark_stages_equal_the_evaluator(tiny_model, evaluated):
-    tool = load_tool("benchmark")
+    tool = load_tool("benchmarks.stages")
     inputs, instances = evaluated
     n = len(BOXES)
     _, _, results = tool.stage_pass(tiny_model, inputs["image"], {n: inputs["instances"].gt_boxes.tensor},

@@ -1,4 +1,4 @@
-"""Tests for tools/dump_text_embeddings.py and tools/benchmark_text.py (tiny random CLIP)."""
+"""Tests for tools/dump_text_embeddings.py and ``tools/benchmark.py text`` (tiny random CLIP)."""
 
 import json
 import os
@@ -27,7 +27,7 @@ def dump():
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load_tool("benchmark_text")
+    return _load_tool("benchmarks.text")
 
 
 def _raise(*args, **kwargs):
@@ -135,12 +135,12 @@ def test_dump_runs_on_the_cpu_when_model_device_is_missing(dump, clip_path, tmp_
     assert len(list(cache.glob("*.pt"))) == 1
 
 
-# ----------------------------------------------------------------------------- benchmark_text
+# ----------------------------------------------------------------------------- benchmark.py text
 
 
 def test_benchmark_quick_writes_a_consistent_json(bench, tmp_path, capsys):
     out = tmp_path / "bench" / "text.json"
-    assert bench.main(["--quick", "--output", str(out)]) == 0
+    assert load_tool("benchmark").main(["text", "--quick", "--output", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert sorted(os.listdir(out.parent)) == ["text.json", "text.json.log"]
     with open(out) as f:

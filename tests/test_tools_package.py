@@ -137,7 +137,7 @@ class _Staged(torch.nn.Module):
 
 def test_profile_stages_sums_the_model_labels():
     from regionspot.modeling.profiling import STAGE_LABELS
-    from regionspot.tools.benchmark_e2e import profile_stages
+    from regionspot.tools.benchmarks.e2e_probes import profile_stages
 
     stages = profile_stages(_Staged(), [[1], [2]], torch.device("cpu"))
     wall = stages.pop("profiled_pass_s")

@@ -1,5 +1,5 @@
-"""Inference speed and memory of RegionSpot, stage by stage, on the CPU or a CUDA GPU.
-The tool is :mod:`regionspot.tools.benchmark` (``python -m regionspot.tools.benchmark --help``)."""
+"""Speed and memory of RegionSpot: ``python tools/benchmark.py SUBCOMMAND ...`` (stages, e2e, eval,
+text, train, pairs, app). The tool is :mod:`regionspot.tools.benchmark` (``--help`` for its usage)."""
 
 import sys
 

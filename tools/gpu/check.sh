@@ -20,10 +20,10 @@
 #   cuda      python -m pytest -m cuda tests (tests/test_cuda.py) -> cuda_tests.xml, cuda_figures.json;
 #             fails unless torch sees the GPU and every CUDA test ran (counted from the XML);
 #             --dry-run says that it ran none
-#   e2e_bb    tools/benchmark.py --end-to-end, BB: plain vs fast, float32/bfloat16/float16 -> e2e_bb.json
+#   e2e_bb    tools/benchmark.py e2e, BB: plain vs fast, float32/bfloat16/float16 -> e2e_bb.json
 #   e2e_bl    the same for BL, and the largest batch that fits (--find-max-batch) -> e2e_bl.json
-#   train     tools/benchmark_train.py, BL, with and without the token cache, bfloat16 AMP -> train.json
-#   eval      tools/benchmark_eval.py, the LVIS-val-sized evaluator timing (fast backend) -> eval.json
+#   train     tools/benchmark.py train, BL, with and without the token cache, bfloat16 AMP -> train.json
+#   eval      tools/benchmark.py eval, the LVIS-val-sized evaluator timing (fast backend) -> eval.json
 # Then gpu_check.json (every stage's status, time and figures) and check.log in the output folder.
 # Exit status: 0 when every stage passed, 1 otherwise. Figures go to docs/speed.md ("GPU check").
 set -uo pipefail
@@ -123,12 +123,12 @@ else
 fi
 
 stage cuda 220 "$PY" tools/gpu/check_report.py cuda --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run )
-stage e2e_bb 70 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BB[@]}" --quiet \
+stage e2e_bb 70 "$PY" tools/benchmark.py e2e --device "$DEVICE" "${E2E_BB[@]}" --quiet \
     --data-dir "$OUT/e2e_data" --output "$OUT/e2e_bb.json"
-stage e2e_bl 90 "$PY" tools/benchmark.py --end-to-end --device "$DEVICE" "${E2E_BL[@]}" --quiet \
+stage e2e_bl 90 "$PY" tools/benchmark.py e2e --device "$DEVICE" "${E2E_BL[@]}" --quiet \
     --data-dir "$OUT/e2e_data" --output "$OUT/e2e_bl.json"
-stage train 50 "$PY" tools/benchmark_train.py --device "$DEVICE" "${TRAIN[@]}" --output "$OUT/train.json"
-stage eval 40 "$PY" tools/benchmark_eval.py "${EVAL[@]}" --output "$OUT/eval.json"
+stage train 50 "$PY" tools/benchmark.py train --device "$DEVICE" "${TRAIN[@]}" --output "$OUT/train.json"
+stage eval 40 "$PY" tools/benchmark.py eval "${EVAL[@]}" --output "$OUT/eval.json"
 
 "$PY" tools/gpu/check_report.py summary --out "$OUT" $( [[ $DRY_RUN -eq 1 ]] && echo --dry-run ) | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -110,7 +110,7 @@ def add_regionspot_config(cfg: CN) -> None:
     rs.SAM_AUTO.CROP_N_LAYERS = 0
     rs.SAM_AUTO.MIN_MASK_REGION_AREA = 0
 
-    # Speed switches (docs/speed.md; each measured against float32 by tools/benchmark.py --end-to-end).
+    # Speed switches (docs/speed.md; each measured against float32 by tools/benchmark.py e2e).
     # Precision of the frozen SAM and CLIP (encoders and SAM's mask decoder): "auto" = float16
     # on CUDA (the released autocast) and float32 on the CPU; or "float32", "bfloat16", "float16".
     rs.ENCODER_PRECISION = "auto"

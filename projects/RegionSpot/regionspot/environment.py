@@ -1,4 +1,4 @@
-"""What a benchmark records about the machine it ran on (shared by the tools/benchmark_* scripts)."""
+"""What a benchmark records about the machine it ran on (shared by the ``regionspot-benchmark`` subcommands)."""
 
 import os
 import platform

@@ -1,5 +1,5 @@
 """The web app's logic without Gradio (``demo/app.py`` builds the page around it;
-``regionspot-benchmark-app`` times it): sessions, each with its own
+``regionspot-benchmark app`` times it): sessions, each with its own
 :class:`~regionspot.predictor.RegionSpotPredictor` around one shared model, the image encoded
 once per upload, prompts (two-click boxes, clicked points, "everything"), recognition, drawing,
 the top-5 table, attention maps and the JSON of the predictions.
@@ -72,7 +72,7 @@ class Session:
 
 
 class RegionSpotApp:
-    """The app's logic, without Gradio (the page calls these; so does ``regionspot-benchmark-app``).
+    """The app's logic, without Gradio (the page calls these; so does ``regionspot-benchmark app``).
 
     Args:
         model: a built RegionSpot model (shared by every session, never changed).

@@ -12,7 +12,7 @@ the official module is changed except the bound ``forward`` of each instance.
 
 :func:`set_sam_attention` switches a SAM image encoder between the two; the result differs
 from the official forward by float rounding only (measured: <= 3e-6 on SAM ViT-B's embedding
-in float32; ``tools/benchmark.py --end-to-end`` records it per run).
+in float32; ``tools/benchmark.py e2e`` records it per run).
 """
 
 import sys

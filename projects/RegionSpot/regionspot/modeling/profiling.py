@@ -1,7 +1,7 @@
 """``torch.profiler`` labels of the recognition path's stages.
 
 Each stage runs under ``record_function(STAGE_LABELS[stage])`` (free when no profiler is
-active), so a profiler, ``tools/benchmark_e2e.py`` included, can time the stages without
+active), so a profiler, ``regionspot-benchmark e2e`` included, can time the stages without
 touching the model: the localizer's image encoder and prompt decoder, the semantic encoder,
 the proposal generator, the head and the post-processing.
 """

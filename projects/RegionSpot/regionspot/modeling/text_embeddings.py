@@ -17,7 +17,7 @@ end-of-text token, so the padding after it cannot change the result.  The fast
 path (default) cuts every prompt after its end-of-text token and batches prompts
 of equal length, running ~9-10 instead of 77 positions per LVIS prompt; the
 plain path (``fast=False``) runs ``encode_text`` on full sequences and is kept as
-the reference.  Measured on 2 CPU cores (``tools/benchmark_text.py``, random
+the reference.  Measured on 2 CPU cores (``tools/benchmark.py text``, random
 towers, first 100 LVIS classes): ViT-B/16 text tower 18 -> 206 prompts/s (x11),
 ViT-L/14 10 -> 97 prompts/s (x9.5), max |difference| of the embeddings < 1e-6.
 ``tools/dump_text_embeddings.py`` fills the cache ahead of time.

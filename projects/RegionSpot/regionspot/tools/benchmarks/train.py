@@ -1,9 +1,9 @@
 """Training speed of RegionSpot: iterations and images per second, with and without the SAM-token
 cache, on the CPU or a CUDA GPU.
 
-    python tools/benchmark_train.py [--device cpu|cuda] [--models small,bb,bl] [--batch 2]
-                                    [--boxes 12] [--precision float32|bfloat16|float16]
-                                    [--iters 3] [--warmup 1] [--output FILE] [--quick]
+    regionspot-benchmark train [--device cpu|cuda] [--models small,bb,bl] [--batch 2]
+        [--boxes 12] [--precision float32|bfloat16|float16] [--iters 3] [--warmup 1]
+        [--output FILE] [--quick]
 
 One training step is what ``MixedPrecisionTrainer`` / ``SimpleTrainer`` run: the model's
 forward on a batch (SAM for the boxes' tokens unless they come from the cache, CLIP's feature
@@ -23,35 +23,33 @@ the device, torch, threads and load average. Models have RANDOM weights: the spe
 representative, nothing else is. The budget to compare with: ``docs/speed.md`` (training).
 
 The run's log (the project's lines) goes to the console and ``<output>.log``; an error in the
-input ends with one line ``benchmark_train.py: error: <message>`` and exit status 2
+input ends with one line ``benchmark.py train: error: <message>`` and exit status 2
 (``--debug``: with the traceback).
 """
 
 import argparse
-import datetime
 import os
 import statistics
-import sys
-import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import torch
 
-from regionspot.environment import device_name, load_average, peak_rss_bytes
 from regionspot.testing.random_backbones import VARIANTS, random_regionspot
-from regionspot.tools.common import REPO, resolve_device, synchronize
+from regionspot.tools.benchmarks.report import run_header, save_progress
+from regionspot.tools.benchmarks.timing import peak_memory, timed, torch_threads
+from regionspot.tools.common import REPO, resolve_device
 
 SCHEMA = "regionspot-train-benchmark/1"
-PROG = "benchmark_train.py"
+PROG = "benchmark.py train"
+SUMMARY = "training iterations/s and images/s with and without the SAM-token cache"
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``p``."""
     from regionspot.cli import add_debug_argument
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--models", default=None, help=f"comma-separated among {','.join(VARIANTS)} (default small,bb,bl)")
     p.add_argument("--modes", default="online,cached", help="online (SAM every step) and/or cached (token cache)")
@@ -68,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the log goes to OUTPUT.log")
     p.add_argument("--quick", action="store_true", help="small model, batch 2, 2 timed steps, small images (tests)")
     add_debug_argument(p)
-    return p
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -96,6 +93,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         parser.error("--precision float16 needs CUDA (use bfloat16 on the CPU)")
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = 1 if args.warmup is None and not cuda else (5 if args.warmup is None else args.warmup)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     for name in ("batch", "boxes", "classes", "iters"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
@@ -142,35 +141,37 @@ def benchmark(variant: str, args, device: torch.device) -> Dict[str, object]:
     generator = torch.Generator().manual_seed(0)
     result = {"sam": VARIANTS[variant][0], "clip": VARIANTS[variant][1], "clip_input_size": VARIANTS[variant][2],
               "head_parameters": sum(p.numel() for p in model.head.parameters()), "modes": {}}
+
+    def step(batch) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(batch)["loss_region_focal"]
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        return loss
+
     for mode in args.modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         samples = []
-        for step in range(args.warmup + args.iters):
+        for i in range(args.warmup + args.iters):
             batch = synthetic_batch(args, model, mode, generator)
-            synchronize(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(batch)["loss_region_focal"]
-            optimizer.zero_grad()
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-            synchronize(device)
-            if step >= args.warmup:
-                samples.append(time.perf_counter() - start)
+            loss, ms = timed(lambda batch=batch: step(batch), device)
+            if i >= args.warmup:
+                samples.append(ms / 1000.0)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"[{variant}/{mode}] the loss is not finite: {loss.item()}")
         seconds = statistics.median(samples)
         result["modes"][mode] = {
             "seconds_per_iteration": seconds, "iterations_per_second": 1.0 / seconds,
             "images_per_second": args.batch / seconds, "samples_s": samples,
-            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes(),
+            "peak_bytes": peak_memory(device),
             "peak_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_process_peak_rss",
         }
         print(f"[{variant}] {mode}: {seconds:.3f} s/it, {args.batch / seconds:.2f} images/s", flush=True)
@@ -180,30 +181,23 @@ def benchmark(variant: str, args, device: torch.device) -> Dict[str, object]:
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns the exit status (2 for an input error, in one
-    ``benchmark_train.py: error:`` line; the traceback too with ``--debug``)."""
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark train``: returns the exit status (2 for an input error, in one
+    ``benchmark.py train: error:`` line; the traceback too with ``--debug``)."""
     from regionspot.cli import run_entry_point, setup_logging
 
-    parser = build_parser()
     setup_logging()  # the console; the log file next to the JSON once its path is resolved
-    args = resolve(parser.parse_args(argv), parser)
+    args = resolve(args, parser)
     setup_logging(args.output + ".log")
-    return run_entry_point(lambda: run(args), PROG, args.debug)
+    with torch_threads(args.threads):
+        return run_entry_point(lambda: run(args), PROG, args.debug)
 
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark every model of ``args.models`` and write the JSON (see the module docstring)."""
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from regionspot.io import write_json_atomic
-
     device = torch.device(args.device)
     report = {
-        "schema": SCHEMA, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": device.type, "name": device_name(device)}, "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(), "load_average_before": load_average(),
+        **run_header(SCHEMA, device),
         "settings": {"batch": args.batch, "boxes_per_image": args.boxes, "classes": args.classes,
                      "image_size": list(args.image_size), "original_size": [480, 640], "precision": args.precision,
                      "iters": args.iters, "warmup": args.warmup, "modes": args.modes,
@@ -211,18 +205,10 @@ def run(args: argparse.Namespace) -> int:
                              "in-memory inputs; data loading excluded; RANDOM weights: speed only"},
         "models": {},
     }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for variant in args.models:
-                report["models"][variant] = benchmark(variant, args, device)
-                report["load_average_after"] = load_average()
-                write_json_atomic(args.output, report)  # what is done survives a later failure
-    finally:
-        torch.set_num_threads(previous)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for variant in args.models:
+            report["models"][variant] = benchmark(variant, args, device)
+            save_progress(args.output, report)  # what is done survives a later failure
     print(f"wrote {os.path.abspath(args.output)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

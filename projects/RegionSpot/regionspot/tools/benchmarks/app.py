@@ -1,6 +1,6 @@
 """Time the web app and the cost of recording attention maps; write the figures to a JSON file.
 
-    python tools/benchmark_app.py [--output output/benchmark_app.json] [--repeats 5] [--threads 2] [--browser]
+    regionspot-benchmark app [--output output/benchmark_app.json] [--repeats 5] [--threads 2] [--browser]
 
 On the CPU with the bundled sample's RANDOM weights (``demo/app.py``'s default; the numbers are
 about speed only), on a bundled photo (scikit-image's astronaut, 512 x 512):
@@ -33,9 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from regionspot.tools.common import REPO
+
+SUMMARY = "the web app's handlers (and page, with --browser) and the cost of recording attention maps"
 
 PHOTO = "astronaut"
 VOCABULARY = "person, cat, dog, cup, rocket, motorcycle, flower, building"
@@ -44,9 +46,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmark_app.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``parser``."""
     parser.add_argument("--output", default=os.path.join(REPO, "output", "benchmark_app.json"),
                         help="JSON file for the figures")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each measurement (medians)")
@@ -58,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screenshots", metavar="DIR", default=None,
                         help="also write DIR/app.png (the page, with --browser) and DIR/attention_fig4.png (a "
                              "Fig.-4-style attention figure), small PNGs (the ones in docs/)")
-    return parser
 
 
 def median_s(samples: Sequence[float]) -> float:
@@ -285,12 +285,8 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark app``: returns the exit status (2 for a bad option)."""
     if args.repeats < 1 or args.boxes < 1 or args.threads < 1:
-        build_parser().error("--repeats, --boxes and --threads must be at least 1")
+        parser.error("--repeats, --boxes and --threads must be at least 1")
     return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

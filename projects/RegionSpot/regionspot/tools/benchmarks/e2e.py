@@ -1,6 +1,6 @@
-"""End-to-end mode of ``tools/benchmark.py`` (``--end-to-end``): the real evaluation loop.
+"""The evaluation loop end to end (``regionspot-benchmark e2e``): plain vs fast paths in one process.
 
-    python tools/benchmark.py --end-to-end [--models bb] [--images 16] [--boxes-per-image 10]
+    regionspot-benchmark e2e [--models bb] [--images 16] [--boxes-per-image 10]
         [--batch-size 4] [--runs plain,fast,fast_bf16] [--compile|--no-compile] [--dataset NAME]
         [--device cpu|cuda] [--workers W] [--find-max-batch] [--output FILE] [--quick]
 
@@ -15,7 +15,7 @@ bundled real photos). Every run goes through what ``train_net.py --eval-only`` r
 ``--workers`` workers, the model (random weights of ``--models``; ground-truth boxes as
 proposals, box AP, ``MASK_ON`` off), the RegionSpot LVIS evaluator and Detectron2's
 ``inference_on_dataset``. No model method is replaced: the model runs as built, and the
-figures come from the profiler, hooks (:class:`Recorder`) and wrappers of the loader and the
+figures come from the profiler, hooks (:class:`~.e2e_probes.Recorder`) and wrappers of the loader and the
 evaluator. The runs share the process, the images, the weights (same seed) and
 the text embeddings (random unit vectors of the vocabulary's shape), so their ratios hold on a
 noisy machine; each run builds its own model.
@@ -58,16 +58,24 @@ On CUDA, ``--find-max-batch`` also doubles the batch of the ``fast`` run until i
 (or ``--max-batch``) and records the largest that fits with its peak memory and images/s.
 """
 
-import json
+import argparse
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
-import numpy as np
 import torch
 
-from regionspot.tools.common import CONFIGS, REPO, load_config, synchronize
+from regionspot.testing.random_backbones import VARIANTS
+from regionspot.tools.benchmarks.e2e_probes import Clock, Recorder, TimedEvaluator, TimedLoader, profile_stages
+from regionspot.tools.benchmarks.e2e_workload import write_synthetic_lvis
+from regionspot.tools.benchmarks.report import add_run_arguments, format_table, run_header, save_progress
+from regionspot.tools.benchmarks.timing import peak_memory, timed, torch_threads
+from regionspot.tools.common import CONFIGS, REPO, load_config, resolve_device, synchronize
+
+SCHEMA = "regionspot-benchmark-e2e/1"
+PROG = "benchmark.py e2e"
+SUMMARY = "the evaluation loop end to end (loader, model, evaluator), plain vs fast paths, with deviations"
 
 # Run presets: switches on top of "plain".
 PLAIN = dict(batch=1, precision="float32", attention="official", compile=False, worker_resize=False)
@@ -85,23 +93,81 @@ RUN_SWITCHES: Dict[str, Dict[str, object]] = {
                       precision="float16"),
 }
 
-# Image sizes (H, W) of COCO/LVIS val photos: the common ones.
-PHOTO_SIZES = [(480, 640), (427, 640), (640, 480), (640, 427), (375, 500), (500, 375), (424, 640),
-               (612, 612), (480, 640), (427, 640)]
 
-STAGES = ("data_wait", "sam_image_encoder", "clip_semantic", "proposals", "sam_prompt_decoder", "head",
-          "postprocess", "evaluator_process")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``p``."""
+    add_run_arguments(p, output="JSON file (default output/benchmark/benchmark_e2e_<model>_<device>.json)",
+                      quick="small model, 4 images, batch 2, no torch.compile (for tests)")
+    p.add_argument("--models", default=None,
+                   help=f"the one model variant to run, among {','.join(VARIANTS)} (default: bb; --quick small)")
+    p.add_argument("--images", type=int, default=None, help="images of the workload (default: CPU 8, CUDA 1024)")
+    p.add_argument("--boxes-per-image", type=int, default=10, help="ground-truth boxes per synthetic image (10)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="TEST.IMS_PER_BATCH of the batched runs "
+                        "(default: CPU 1, as TEST.IMS_PER_BATCH 0 gives there, CUDA 32)")
+    p.add_argument("--runs", default=None, help="comma-separated runs (default: CPU plain,fast,fast_bf16; CUDA "
+                                                "plain,fast,fast_bf16,fast_fp16); see above")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the encoders in the fast runs (default; the compilation is in the "
+                        "untimed warm-up)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--dataset", default=None, help="a registered dataset instead of the synthetic one "
+                                                   "(e.g. regionspot_sample)")
+    p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: CPU 1, CUDA 8)")
+    p.add_argument("--data-dir", default=None, help="where the synthetic workload is written (and reused)")
+    p.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest fast batch that fits")
+    p.add_argument("--max-batch", type=int, default=512, help="upper bound of --find-max-batch")
+    p.add_argument("--quiet", action="store_true", help="no per-batch progress lines from Detectron2")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``benchmark.py --end-to-end ARGS`` (this mode's options are :mod:`regionspot.tools.benchmark`'s);
-    returns the exit status."""
-    import sys
+def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill the defaults: explicit flags > --quick > per device (a bad value ends in
+    ``parser.error``: exit 2)."""
+    args.device = resolve_device(args.device, parser)
+    cuda = args.device == "cuda"
+    models = [m.strip().lower() for m in (args.models or ("small" if args.quick else "bb")).split(",") if m.strip()]
+    if len(models) != 1:
+        parser.error("e2e measures one model per run: give one of --models")
+    if models[0] not in VARIANTS:
+        parser.error(f"models must be among {sorted(VARIANTS)}, got {args.models!r}")
+    args.model = models[0]
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.quick:
+        args.images = args.images or 4
+        args.batch_size = args.batch_size or 2
+        args.compile = False if args.compile is None else args.compile
+    args.images = args.images or (1024 if cuda else 8)
+    args.batch_size = args.batch_size or (32 if cuda else 1)
+    args.workers = (8 if cuda else 1) if args.workers is None else args.workers
+    args.compile = True if args.compile is None else args.compile
+    runs = args.runs or ("plain,fast,fast_bf16,fast_fp16" if cuda else "plain,fast,fast_bf16")
+    args.runs = [r.strip() for r in runs.split(",") if r.strip()]
+    for name in args.runs:
+        if name not in RUN_SWITCHES:
+            parser.error(f"--runs: unknown run {name!r}; runs: {', '.join(RUN_SWITCHES)}")
+    for name in ("images", "batch_size", "boxes_per_image"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    args.data_dir = args.data_dir or os.path.join(REPO, "output", "benchmark", "e2e_data")
+    if args.output is None:
+        args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_e2e_{args.model}_{args.device}.json")
+    return args
 
-    from regionspot.tools import benchmark
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return benchmark.main(["--end-to-end"] + [a for a in argv if a != "--end-to-end"])
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark e2e``: resolve the defaults, log to ``<output>.log`` (the project's
+    and Detectron2's lines) and run; returns the exit status (2 for bad options, in one
+    ``benchmark.py e2e:`` error line; the traceback too with ``--debug``)."""
+    from regionspot.cli import run_entry_point, setup_logging
+
+    setup_logging()  # the console; the log file next to the JSON once its path is resolved
+    args = resolve_settings(args, parser)
+    setup_logging(args.output + ".log")
+    with torch_threads(args.threads):  # main() may be called in-process (tests): threads restored
+        return run_entry_point(lambda: run_end_to_end(args), PROG, args.debug)
 
 
 def run_settings(name: str, batch_size: int, compile_default: bool) -> Dict[str, object]:
@@ -118,237 +184,6 @@ def run_settings(name: str, batch_size: int, compile_default: bool) -> Dict[str,
             value = batch_size if key == "batch" else compile_default
         settings[key] = value
     return settings
-
-
-# ----------------------------------------------------------------------------- workload
-def synthetic_photo(rng: np.random.RandomState, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) uint8: smooth colour fields plus mild noise, so JPEG sizes and decoding cost are
-    those of photos rather than of white noise."""
-    low = rng.rand(max(2, height // 32), max(2, width // 32), 3).astype(np.float32)
-    field = torch.nn.functional.interpolate(torch.from_numpy(low).permute(2, 0, 1)[None], size=(height, width),
-                                            mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
-    noise = rng.randn(height, width, 3).astype(np.float32) * 0.04
-    return (np.clip(field + noise, 0, 1) * 255).astype(np.uint8)
-
-
-def random_xywh(rng: np.random.RandomState, height: int, width: int, n: int) -> List[List[float]]:
-    """n boxes [x, y, w, h] inside the image, each side >= 8 px, sizes spread like LVIS's."""
-    out = []
-    for _ in range(n):
-        w = float(np.clip(width * rng.beta(1.2, 3.0), 8, width))
-        h = float(np.clip(height * rng.beta(1.2, 3.0), 8, height))
-        x = float(rng.uniform(0, width - w))
-        y = float(rng.uniform(0, height - h))
-        out.append([round(x, 2), round(y, 2), round(w, 2), round(h, 2)])
-    return out
-
-
-def write_synthetic_lvis(folder: str, num_images: int, boxes_per_image: int, seed: int = 0) -> str:
-    """Write (or reuse) the synthetic LVIS-val-like workload: ``folder/images/*.jpg`` and
-    ``folder/lvis_synthetic.json`` (LVIS format: 1203 categories with frequencies, per-image
-    ``neg_category_ids``/``not_exhaustive_category_ids``). Reused when a manifest says the same
-    size, boxes and seed. Returns the json path."""
-    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
-    from PIL import Image
-
-    from regionspot.data.vocabularies import get_vocabulary
-    from regionspot.io import write_json_atomic
-
-    json_path = os.path.join(folder, "lvis_synthetic.json")
-    manifest_path = os.path.join(folder, "manifest.json")
-    manifest = {"num_images": num_images, "boxes_per_image": boxes_per_image, "seed": seed, "version": 2}
-    if os.path.isfile(json_path) and os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            if json.load(f) == manifest:
-                return json_path
-    names = get_vocabulary("lvis")  # LVIS v1's names in category-id order (ids 1..1203)
-    frequencies = [c["frequency"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
-    rng = np.random.RandomState(seed)
-    categories = [{"id": i + 1, "name": n, "frequency": f, "synset": n, "image_count": 1, "instance_count": 1}
-                  for i, (n, f) in enumerate(zip(names, frequencies))]
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        h, w = PHOTO_SIZES[rng.randint(len(PHOTO_SIZES))]
-        file_name = f"{i + 1:012d}.jpg"
-        Image.fromarray(synthetic_photo(rng, h, w)).save(os.path.join(folder, "images", file_name), quality=90)
-        cats = rng.randint(1, len(names) + 1, size=boxes_per_image)
-        negatives = sorted(set(rng.randint(1, len(names) + 1, size=8).tolist()) - set(cats.tolist()))
-        images.append({"id": i + 1, "height": h, "width": w, "file_name": file_name,
-                       "neg_category_ids": negatives, "not_exhaustive_category_ids": []})
-        for box, cat in zip(random_xywh(rng, h, w, boxes_per_image), cats.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat, "bbox": box,
-                                "area": box[2] * box[3], "iscrowd": 0,
-                                "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0] + box[2],
-                                                  box[1] + box[3], box[0], box[1] + box[3]]]})
-    write_json_atomic(json_path, {"images": images, "annotations": annotations, "categories": categories,
-                                  "info": {"description": "synthetic LVIS-val-like workload (random content)"},
-                                  "licenses": []})
-    write_json_atomic(manifest_path, manifest)
-    return json_path
-
-
-# ----------------------------------------------------------------------------- instrumentation
-class Clock:
-    """Wall time summed per key, measured outside the model (data wait, evaluator ``process``);
-    the device is synchronised around each measurement on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.totals: Dict[str, float] = {}
-
-    def add(self, key: str, seconds: float) -> None:
-        self.totals[key] = self.totals.get(key, 0.0) + seconds
-
-
-class TimedLoader:
-    """A data loader whose waits for the next batch are added to ``clock`` as ``data_wait``.
-
-    Args:
-        loader: an iterable of batches with ``len``.
-        clock: where the waits go (None: not timed).
-        limit: at most this many batches.
-    """
-
-    def __init__(self, loader, clock: Optional[Clock], limit: Optional[int] = None):
-        self.loader, self.clock, self.limit = loader, clock, limit
-
-    def __len__(self):
-        return len(self.loader) if self.limit is None else min(self.limit, len(self.loader))
-
-    def __iter__(self):
-        iterator = iter(self.loader)
-        for _ in range(len(self)):
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            if self.clock is not None:
-                self.clock.add("data_wait", time.perf_counter() - start)
-            yield batch
-
-
-class TimedEvaluator:
-    """A Detectron2 ``DatasetEvaluator`` around another: ``process`` time goes to ``clock`` as
-    ``evaluator_process``; ``loop_end`` is when ``evaluate`` was called (the end of the timed loop)
-    and ``evaluate_s`` how long it took. (A wrapper object: nothing of the evaluator is replaced.)"""
-
-    def __init__(self, evaluator, clock: Clock):
-        self.evaluator, self.clock = evaluator, clock
-        self.loop_end: Optional[float] = None
-        self.evaluate_s: Optional[float] = None
-
-    def reset(self):
-        self.evaluator.reset()
-
-    def process(self, inputs, outputs):
-        synchronize(self.clock.device)
-        start = time.perf_counter()
-        self.evaluator.process(inputs, outputs)
-        synchronize(self.clock.device)
-        self.clock.add("evaluator_process", time.perf_counter() - start)
-
-    def evaluate(self):
-        synchronize(self.clock.device)
-        self.loop_end = time.perf_counter()
-        result = self.evaluator.evaluate()
-        self.evaluate_s = time.perf_counter() - self.loop_end
-        return result
-
-
-class Recorder:
-    """Per image (by ``image_id``): the position-aware tokens (N, T) and the logits (N, C) of its
-    boxes, taken with hooks (nothing of the model is replaced):
-
-    - a forward pre-hook on the model notes the batch's image ids;
-    - a forward hook on ``model.head`` (called as ``head(tokens (B, N, T), semantic (B, L, D),
-      padding_mask (B, N) bool or None)``, returning (B, N, E) region embeddings) takes each
-      image's tokens and turns its embeddings into logits with
-      :func:`regionspot.modeling.head.region_logits` and ``model.logit_scale``.
-
-    The head sees only the images that have boxes: when a batch has fewer head rows than
-    images, the rows are matched to the images whose ``instances`` are not empty.
-
-    Args:
-        text_embeddings: (C, E) the vocabulary's text embeddings the model was given.
-    """
-
-    def __init__(self, text_embeddings: torch.Tensor):
-        self.text_embeddings = text_embeddings
-        self.tokens: Dict[int, torch.Tensor] = {}
-        self.logits: Dict[int, torch.Tensor] = {}
-        self._ids: List[int] = []
-        self._with_boxes: List[int] = []
-
-    def attach(self, model) -> List:
-        """Register the hooks on ``model``; returns their handles (``remove()`` each when done)."""
-        from regionspot.modeling.head import region_logits
-
-        def note_images(module, args):
-            batched_inputs = args[0]
-            self._ids = [x["image_id"] for x in batched_inputs]
-            self._with_boxes = [x["image_id"] for x in batched_inputs
-                                if "instances" not in x or len(x["instances"]) > 0]
-
-        def record_head(module, args, output):
-            tokens, padding_mask = args[0], (args[2] if len(args) > 2 else None)
-            ids = self._ids if output.shape[0] == len(self._ids) else self._with_boxes
-            if len(ids) != output.shape[0]:
-                raise RuntimeError(f"the head ran on {output.shape[0]} images of a batch of {len(self._ids)} "
-                                   f"({len(self._with_boxes)} with boxes): cannot tell which is which")
-            for b, image_id in enumerate(ids):
-                n = tokens.shape[1] if padding_mask is None else int((~padding_mask[b]).sum())
-                embeddings = output[b, :n].detach().float()
-                self.tokens[image_id] = tokens[b, :n].detach().float().cpu()
-                self.logits[image_id] = region_logits(
-                    embeddings, self.text_embeddings.to(embeddings.device), model.logit_scale).cpu()
-
-        return [model.register_forward_pre_hook(note_images), model.head.register_forward_hook(record_head)]
-
-
-def _event_seconds(event, device: torch.device) -> float:
-    """An averaged profiler event's total time in seconds: the device's on CUDA (the stage's
-    kernels), else the CPU's (inclusive of everything under the label)."""
-    if device.type == "cuda":
-        us = getattr(event, "device_time_total", None)
-        us = getattr(event, "cuda_time_total", 0.0) if us is None else us
-        if us:
-            return us / 1e6
-    return event.cpu_time_total / 1e6
-
-
-def profile_stages(model, loader, device: torch.device, recorder: Optional[Recorder] = None) -> Dict[str, float]:
-    """Seconds spent in each model stage over one pass of ``loader``, from the ``record_function``
-    labels the model emits (:data:`regionspot.modeling.meta_arch.STAGE_LABELS`), measured with
-    ``torch.profiler.profile``; the recorder's hooks record tokens and logits during the pass.
-
-    Returns:
-        ``{stage: seconds}`` for every stage of ``STAGE_LABELS`` (0.0 for a stage that did not
-        run) and ``"profiled_pass_s"``: the pass's wall time (profiler overhead included).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    from regionspot.modeling.profiling import STAGE_LABELS
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    handles = recorder.attach(model) if recorder is not None else []
-    try:
-        synchronize(device)
-        start = time.perf_counter()
-        with profile(activities=activities) as prof, torch.no_grad():
-            for batch in loader:
-                model(batch)
-            synchronize(device)
-        wall = time.perf_counter() - start
-    finally:
-        for handle in handles:
-            handle.remove()
-    events = {e.key: e for e in prof.key_averages()}
-    stages = {stage: _event_seconds(events[label], device) if label in events else 0.0
-              for stage, label in STAGE_LABELS.items()}
-    stages["profiled_pass_s"] = wall
-    return stages
 
 
 # ----------------------------------------------------------------------------- runs
@@ -397,12 +232,6 @@ def build_model(cfg, variant: str, seed: int, text_embeddings: torch.Tensor, cla
         model.compile_encoders()
     model.set_vocabulary(class_names, text_embeddings=text_embeddings, allow_duplicates=True)
     return model
-
-
-def peak_memory(device: torch.device) -> int:
-    from regionspot.environment import peak_rss_bytes
-
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
 
 def run_once(name: str, settings: Dict[str, object], args, dataset: str, class_names: Sequence[str],
@@ -533,11 +362,8 @@ def find_max_batch(args, dataset, class_names, text_embeddings, work_dir) -> Dic
             with torch.no_grad():
                 times = []
                 for inputs in loader:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    model(inputs)
-                    synchronize(device)
-                    times.append(time.perf_counter() - start)
+                    _, ms = timed(lambda inputs=inputs, model=model: model(inputs), device)
+                    times.append(ms / 1000.0)
             tried.append({"batch": batch, "fits": True, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
                           "images_per_second_model_only": batch / times[-1]})
         except torch.cuda.OutOfMemoryError:
@@ -552,15 +378,16 @@ def find_max_batch(args, dataset, class_names, text_embeddings, work_dir) -> Dic
             "note": "two batches of the fast run per size; model time of the second (warm) batch"}
 
 
-def run_end_to_end(args) -> int:
-    """Entry point of ``tools/benchmark.py --end-to-end`` (arguments parsed there)."""
-    import datetime
-    import platform
+def run_end_to_end(args: argparse.Namespace) -> int:
+    """The runs of ``args.runs`` one after the other (see the module docstring), the JSON written
+    after each; returns 0.
 
+    Raises:
+        ToolError, ValueError: a bad dataset or switch (one error line through ``run_command``).
+    """
     from regionspot.data.datasets.user import register_dataset
     from regionspot.data.vocabularies import vocabulary_by_name
-    from regionspot.environment import device_name, git_commit, load_average
-    from regionspot.io import write_json_atomic
+    from regionspot.testing.random_backbones import random_vl_model
 
     device = torch.device(args.device)
     json_path = None
@@ -575,20 +402,12 @@ def run_end_to_end(args) -> int:
             register_dataset(dataset, json_path, os.path.join(args.data_dir, "images"))
     class_names = vocabulary_by_name(dataset)
     g = torch.Generator().manual_seed(args.seed)
-    from regionspot.testing.random_backbones import VARIANTS, random_vl_model
-
     _, vl_spec, clip_size = VARIANTS[args.model]
     embed_dim = random_vl_model(vl_spec, clip_size, with_text=False)[0].embed_dim
     text_embeddings = torch.nn.functional.normalize(torch.randn(len(class_names), embed_dim, generator=g), dim=-1)
 
     report = {
-        "schema": "regionspot-benchmark-e2e/1",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count(),
-                   "cuda_version": torch.version.cuda if device.type == "cuda" else None},
-        "torch_version": torch.__version__, "python_version": platform.python_version(),
-        "git_commit": git_commit(REPO), "threads": torch.get_num_threads(),
-        "load_average_before": load_average(),
+        **run_header(SCHEMA, device),
         "settings": {"model": args.model, "dataset": dataset, "data_json": json_path, "images": args.images,
                      "boxes_per_image": args.boxes_per_image if not args.dataset else None,
                      "num_classes": len(class_names), "batch_size": args.batch_size, "workers": args.workers,
@@ -612,8 +431,7 @@ def run_end_to_end(args) -> int:
             result["deviation"]["against"] = reference[0]
             result["speedup"] = result["images_per_second"] / reference[2]["images_per_second"]
         report["runs"][name] = result
-        report["load_average_after"] = load_average()
-        write_json_atomic(args.output, report)
+        save_progress(args.output, report)
         extra = ""
         if "speedup" in result:
             d = result["deviation"]
@@ -623,7 +441,7 @@ def run_end_to_end(args) -> int:
               f"(warm-up {result['warmup_s']:.1f}s){extra}", flush=True)
     if args.find_max_batch and device.type == "cuda":
         report["max_batch"] = find_max_batch(args, dataset, class_names, text_embeddings, work_dir)
-        write_json_atomic(args.output, report)
+        save_progress(args.output, report)
     print(format_e2e_table(report), flush=True)
     print(f"\nwrote {os.path.abspath(args.output)}", flush=True)
     return 0
@@ -642,9 +460,7 @@ def format_e2e_table(report: Dict[str, object]) -> str:
                      f"{per['sam_prompt_decoder']:.0f}", f"{per['data_wait']:.0f}",
                      f"{d['tokens_max_abs']:.1e}" if d else "-", f"{d['logits_max_abs']:.1e}" if d else "-",
                      f"{d['top1_changed']}/{d['boxes']}" if d else "-"])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     s = report["settings"]
     return "\n".join([f"\nRegionSpot end to end: {s['model']} on {report['device']['name']}, {s['images']} images of "
                       f"{s['dataset']}, {s['num_classes']} classes (RANDOM weights: speed only)", *lines])

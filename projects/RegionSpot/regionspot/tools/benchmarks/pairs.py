@@ -1,4 +1,4 @@
-"""The pairs table: what each foundation model costs RegionSpot per image (``benchmark.py --pairs``).
+"""The pairs table: what each foundation model costs RegionSpot per image (``regionspot-benchmark pairs``).
 
 For every supported localizer and vision-language model, at the input size RegionSpot runs it
 (SAM / SAM-HQ / SAM 2.1: their 1024-px input; CLIP: ``CLIP_INPUT_SIZE``), the image encoder's
@@ -27,18 +27,17 @@ next to it (``.md``), and prints the table.
 """
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import sys
-import time
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List
 
 import torch
 
-PROG = "benchmark.py --pairs"
+from regionspot.tools.benchmarks.report import run_header
+from regionspot.tools.benchmarks.timing import timed, torch_threads
+
+PROG = "benchmark.py pairs"
+SUMMARY = "each localizer's and vision-language model's cost per image, and each pair's FLOP-bound GPU-hours"
 
 # name -> (family, builder key): localizers at their own input size
 LOCALIZERS = {
@@ -60,8 +59,8 @@ VL_MODELS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``p``."""
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--localizers", default=",".join(LOCALIZERS),
                    help="comma-separated, among: " + ", ".join(LOCALIZERS))
@@ -76,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=None)
     p.add_argument("--debug", action="store_true")
-    return p
 
 
 def _names(text: str, known: Dict[str, object], option: str) -> List[str]:
@@ -123,20 +121,18 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> Dic
                 fn()  # also the warm-up
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+        times = [timed(fn, device)[1] / 1000.0 for _ in range(repeats)]
     return {"seconds": statistics.median(times), "gflops": counter.get_total_flops() / 1e9}
 
 
 def run(args: argparse.Namespace) -> int:
-    from regionspot.environment import device_name, git_commit, load_average
+    """Measure every model of ``--localizers`` and ``--vl-models``, price every pair, write the
+    JSON and the Markdown table next to it; returns 0.
+
+    Raises:
+        ValueError: an unknown model name.
+    """
+    from regionspot.environment import load_average
     from regionspot.io import atomic_write, write_json_atomic
 
     device = torch.device(args.device)
@@ -174,11 +170,8 @@ def run(args: argparse.Namespace) -> int:
             pairs.append(dict(localizer=loc, vl_model=vl, cache_gpu_hours=cache, train_gpu_hours=train,
                               total_gpu_hours=cache + train))
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count()},
-        "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        **run_header(None, device),
         "load_average_before": load_before, "load_average_after": load_average(),
-        "python_version": platform.python_version(), "git_commit": git_commit(os.getcwd()),
         "settings": {"image": [800, 1066], "dtype": "float32", "repeats": args.repeats,
                      "schedule_images": args.schedule_images, "cache_images": args.cache_images,
                      "sustained_tflops": args.sustained_tflops,
@@ -220,20 +213,12 @@ def format_table(report: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``benchmark.py --pairs``: returns the exit status (2 with one error line for bad options)."""
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark pairs``: returns the exit status (2 with one error line for bad options)."""
     from regionspot.cli import run_entry_point, setup_logging
 
-    parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     setup_logging()
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        with warnings.catch_warnings():
-            for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
-                warnings.filterwarnings("ignore", message=message)
-            return run_entry_point(lambda: run(args), PROG, args.debug)
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(args.threads):
+        return run_entry_point(lambda: run(args), PROG, args.debug)

@@ -1,8 +1,8 @@
 """Measure the plain and the fast CLIP text-embedding paths on the CPU (LVIS vocabulary).
 
-    python tools/benchmark_text.py [--towers tiny ViT-B/16 ViT-L/14] [--classes K]
-                                   [--tiny-classes K] [--threads N] [--batch-size B]
-                                   [--output output/benchmark/text_embeddings_cpu.json] [--quick]
+    regionspot-benchmark text [--towers tiny ViT-B/16 ViT-L/14] [--classes K]
+        [--tiny-classes K] [--threads N] [--batch-size B]
+        [--output output/benchmark/text_embeddings_cpu.json] [--quick]
 
 For each randomly initialised CLIP text tower (``regionspot.testing.random_backbones``:
 "tiny", and the full-size text towers of "ViT-B/16" and "ViT-L/14"; random weights have the
@@ -29,16 +29,14 @@ towers (``--classes``; the plain path runs ~20 prompts/s for ViT-B/16 on 2 cores
 all of LVIS). ``--quick`` (for tests): tiny tower, 8 classes.
 
 The project's log lines are shown on the console and written to ``<output>.log`` next to the
-JSON. Bad options print one line ``benchmark_text.py: error: <message>`` and exit with status
+JSON. Bad options print one line ``benchmark.py text: error: <message>`` and exit with status
 2 (``--debug``: with the traceback).
 """
 
 import argparse
 import os
 import platform
-import sys
 import time
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 from regionspot.environment import device_name, load_average
@@ -47,15 +45,14 @@ from regionspot.tools.common import run_tool
 TOWERS = ("tiny", "ViT-B/16", "ViT-L/14")
 DEFAULT_OUTPUT = os.path.join("output", "benchmark", "text_embeddings_cpu.json")
 QUICK_CLASSES = 8
-PROG = "benchmark_text.py"
+PROG = "benchmark.py text"
+SUMMARY = "the plain and fast CLIP text-embedding paths on the LVIS vocabulary (CPU)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``parser``."""
     from regionspot.cli import add_debug_argument
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", nargs="+", default=None, choices=TOWERS,
                         help=f"text towers to measure (default: {' '.join(TOWERS)})")
     parser.add_argument("--classes", type=int, default=100,
@@ -70,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny tower only, first {QUICK_CLASSES} classes (for tests)")
     add_debug_argument(parser)
-    return parser
 
 
 def vocabulary_token_stats(names: Sequence[str], templates: Sequence[str], context_length: int = 77) -> dict:
@@ -226,14 +222,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns the exit status (2 for a bad option, in one line)."""
-    args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():  # import-time deprecation noise of dependencies
-        for message in (".*torch.jit.script.*deprecated.*", ".*pkg_resources is deprecated.*"):
-            warnings.filterwarnings("ignore", message=message)
-        return run_tool(lambda: run(args), PROG, args.debug)  # the log file next to the JSON (run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark text``: returns the exit status (2 for a bad option, in one line)."""
+    return run_tool(lambda: run(args), PROG, args.debug)  # the log file next to the JSON (run)

@@ -1,8 +1,7 @@
 """Time the two LVIS evaluator backends on a synthetic LVIS-val-sized set and check they agree.
 
-    python tools/benchmark_eval.py [--images 19809] [--dets-per-image 300] [--seed 0]
-                                   [--segm] [--segm-images 1000] [--skip-reference]
-                                   [--output FILE] [--quick]
+    regionspot-benchmark eval [--images 19809] [--dets-per-image 300] [--seed 0]
+        [--segm] [--segm-images 1000] [--skip-reference] [--output FILE] [--quick]
 
 The set (:func:`make_synthetic_lvis`, seeded, written as LVIS v1 json under a temporary
 folder in /tmp and removed afterwards) imitates LVIS v1 val: ``--images`` images (19,809 by
@@ -33,7 +32,7 @@ settings, set statistics, per task the seconds of each backend, their ratio (spe
 metric dicts and the max absolute difference. ``--quick`` (for the tests): 300 images, 300
 results each, box and mask AP (on 100 images) unless ``--images``/``--segm-images`` say otherwise.
 The run's log (the project's and Detectron2's lines) goes to the console and ``<output>.log``;
-an input error ends with one line ``benchmark_eval.py: error: <message>`` and exit status 2
+an input error ends with one line ``benchmark.py eval: error: <message>`` and exit status 2
 (``--debug``: with the traceback).
 """
 
@@ -55,7 +54,8 @@ import numpy as np
 from regionspot.tools.common import REPO, run_tool
 
 SCHEMA = "regionspot-eval-benchmark/1"
-PROG = "benchmark_eval.py"
+PROG = "benchmark.py eval"
+SUMMARY = "the LVIS evaluator backends (LVIS API vs faster-coco-eval) on a synthetic LVIS-val-sized set"
 FREQUENCY_WEIGHT = {"f": 30.0, "c": 3.0, "r": 0.3}
 
 
@@ -306,12 +306,10 @@ def _host() -> str:
     return platform.node().split(".")[0] or "host"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line, with the ``--quick`` defaults filled in."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This subcommand's options, added to ``p``."""
     from regionspot.cli import add_debug_argument
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=None,
                    help="images of the box-AP set (default 19809, LVIS v1 val; --quick 300)")
     p.add_argument("--dets-per-image", type=int, default=300, help="results per image (default 300)")
@@ -325,7 +323,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                   "the log goes to OUTPUT.log")
     p.add_argument("--quick", action="store_true", help="a small run for the tests (300 images; masks on 100)")
     add_debug_argument(p)
-    args = p.parse_args(argv)
+
+
+def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The ``--quick`` and default sizes filled in (a bad value ends in ``parser.error``: exit 2)."""
     if args.quick:
         args.segm = True
     if args.images is None:
@@ -333,19 +334,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.segm_images is None:
         args.segm_images = 100 if args.quick else 1000
     if args.images < 1 or args.dets_per_image < 1 or args.segm_images < 1:
-        p.error("--images, --dets-per-image and --segm-images must be positive")
+        parser.error("--images, --dets-per-image and --segm-images must be positive")
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Build the set(s), time both backends, write the JSON; 0 if the backends agree, else 1 (2
-    for an input error, in one ``benchmark_eval.py: error:`` line)."""
-    args = parse_args(argv)
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``regionspot-benchmark eval``: build the set(s), time both backends, write the JSON; 0 if
+    the backends agree, else 1 (2 for an input error, in one ``benchmark.py eval: error:`` line)."""
+    args = resolve_settings(args, parser)
     return run_tool(lambda: run(args), PROG, args.debug)  # the log file next to the JSON (run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """:func:`main` once the command line is parsed."""
+    """:func:`run_command` once the command line is parsed and resolved."""
     import faster_coco_eval
     import lvis
 
@@ -395,7 +396,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"the backends DISAGREE (max |diff| {report['max_abs_diff']} > {args.tolerance})", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
