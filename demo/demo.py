@@ -55,18 +55,17 @@ import numpy as np
 
 from regionspot import RegionSpotPredictor
 from regionspot.attention_maps import attention_figure
-from regionspot.cli import add_debug_argument, run_entry_point, setup_logging
+from regionspot.cli import (
+    add_debug_argument,
+    boxes_for,
+    expand_inputs,
+    read_boxes_file,
+    run_entry_point,
+    setup_logging,
+)
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
-from regionspot.data.validation import (
-    InputError,
-    boxes_for,
-    check_boxes,
-    expand_inputs,
-    image_size,
-    read_boxes_file,
-    read_image,
-)
+from regionspot.data.validation import InputError, check_boxes, image_size, read_image
 from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_name
 from regionspot.drawing import draw_predictions
 from regionspot.engine.trainer import head_weights_record

@@ -44,7 +44,7 @@ def _photo():
 def test_build_model_resolves_auto_and_starts_with_the_config_vocabulary(cfg):
     model = build_model(cfg)
     assert cfg.MODEL.DEVICE in ("cpu", "cuda") and model.device.type == cfg.MODEL.DEVICE
-    assert model.pending_vocabulary == list(MetadataCatalog.get("regionspot_sample").thing_classes)
+    assert model.vocabularies.pending == list(MetadataCatalog.get("regionspot_sample").thing_classes)
 
 
 def test_detection_checkpointer_reports_only_head_keys(cfg, tmp_path, caplog):
@@ -125,7 +125,7 @@ def test_a_paper_config_in_a_detectron2_users_first_lines(sam_path, tmp_path, ca
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     assert "not found" not in caplog.text and "localizer." not in caplog.text and "semantic_encoder." not in caplog.text
     lvis_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
-    assert len(lvis_classes) == 1203 and model.pending_vocabulary == list(lvis_classes)
+    assert len(lvis_classes) == 1203 and model.vocabularies.pending == list(lvis_classes)
 
     cfg.MODEL.REGIONSPOT.PROPOSALS = "sam_auto"
     cfg.MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE = 4

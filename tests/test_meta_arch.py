@@ -153,15 +153,16 @@ def test_config_vocabulary_is_encoded_once_and_set_vocabulary_replaces_it(tiny_c
     """build_model gives the config's vocabulary; its text embeddings are computed on the first
     inference, once; after set_vocabulary the forward never encodes text."""
     model = build_model(tiny_cfg).eval()
-    assert model.text_embeddings is None and model.pending_vocabulary == vocabulary_from_config(tiny_cfg)
+    assert model.text_embeddings is None and model.vocabularies.pending == vocabulary_from_config(tiny_cfg)
     calls = []
-    original = model.set_vocabulary
-    monkeypatch.setattr(model, "set_vocabulary", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = model.text_classifier.embed
+    monkeypatch.setattr(model.text_classifier, "embed", lambda *a, **k: calls.append(a) or original(*a, **k))
     model([BATCH[0]])
     model([BATCH[0]])
     assert len(calls) == 1 and model.class_names == vocabulary_from_config(tiny_cfg)
+    assert model.vocabularies.pending is None
     model.set_vocabulary(["cat", "dog"])
-    monkeypatch.setattr(model, "encode_vocabulary", lambda *a: pytest.fail("text encoded in the forward"))
+    monkeypatch.setattr(model.text_classifier, "embed", lambda *a, **k: pytest.fail("text encoded in the forward"))
     assert len(model([BATCH[0]])[0]["instances"]) == 4
 
 
@@ -187,6 +188,25 @@ def test_precomputed_text_embeddings(model):
     assert torch.equal(model.text_embeddings, emb)
     with pytest.raises(ValueError, match=r"\(2, 32\)"):
         model.set_vocabulary(["a", "b"], text_embeddings=emb)
+
+
+def test_vocabulary_state_is_one_object_that_moves_with_the_model_and_stays_out_of_checkpoints(model):
+    """The evaluation vocabulary's embeddings are a buffer of the model (model.to moves them, a
+    float64 cast shows it on the CPU) yet never a state-dict key; the training vocabularies and
+    the evaluation one live side by side in model.vocabularies."""
+    emb = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    model.set_vocabulary(["a", "b", "c"], text_embeddings=emb, ancestors={2: [0]})
+    model.set_vocabulary(["x", "y"], torch.nn.functional.normalize(torch.randn(2, 32), dim=-1), dataset="D")
+    assert any(b is model.text_embeddings for b in model.buffers())
+    assert not [k for k in model.state_dict() if "vocabular" in k or "text_embeddings" in k]
+    assert model.vocabularies.for_training({"dataset": "D"}).names == ["x", "y"]
+    fallback = model.vocabularies.for_training({"dataset": "unknown"})
+    assert fallback.names == ["a", "b", "c"] and fallback.ancestors == {2: [0]}
+    model.to(torch.float64)  # the fixture is this test's own model
+    assert model.text_embeddings.dtype == torch.float64
+    assert model.vocabularies.for_training({}).text_embeddings.dtype == torch.float64
+    with pytest.raises(AttributeError):
+        model.text_embeddings = emb  # read-only: set_vocabulary sets it
 
 
 def test_live_logits_are_the_released_region_logits_bit_for_bit(tiny_model):

@@ -126,6 +126,27 @@ def test_dump_errors(dump, clip_path, tmp_path, capsys):
     assert len(err) == 1 and "vocabulary 'imagenet' is neither" in err[0] and "--register" in err[0]
 
 
+def test_dump_batch_size_reaches_the_text_tower(dump, clip_path, tmp_path, monkeypatch):
+    """--batch-size is the number of prompts per text-tower call (the classifier's embed option),
+    and the embeddings are those of the config's TEXT_BATCH_SIZE up to float rounding."""
+    from regionspot.modeling import text_classifier
+
+    seen = []
+    original = text_classifier.load_or_compute_text_embeddings
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(text_classifier, "load_or_compute_text_embeddings", record)
+    small, default = tmp_path / "small.pt", tmp_path / "default.pt"
+    assert dump.main(_dump_args(clip_path, "", "--batch-size", "5", "--output", str(small))) == 0
+    assert dump.main(_dump_args(clip_path, "", "--output", str(default))) == 0
+    assert seen == [5, 256]  # 256: TEXT_BATCH_SIZE of the config
+    a, b = (torch.load(f, map_location="cpu", weights_only=True)["embeddings"] for f in (small, default))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of a missing GPU")
 def test_dump_runs_on_the_cpu_when_model_device_is_missing(dump, clip_path, tmp_path, capsys):
     cache = tmp_path / "cache"

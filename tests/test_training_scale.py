@@ -140,9 +140,9 @@ def test_training_two_datasets_and_resuming_continues_the_data_order(tmp_path, s
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 4 and trainer.train_sampler.start_iter == 4
-    assert set(trainer.model.training_vocabularies) == {"pretend_a", "pretend_b"}
-    assert len(trainer.model.training_vocabularies["pretend_a"].names) != len(
-        trainer.model.training_vocabularies["pretend_b"].names)
+    assert set(trainer.model.vocabularies.by_dataset) == {"pretend_a", "pretend_b"}
+    assert len(trainer.model.vocabularies.by_dataset["pretend_a"].names) != len(
+        trainer.model.vocabularies.by_dataset["pretend_b"].names)
     expected = next(iter(ResumableBatchSampler(trainer.train_sampler.sizes, [1.0, 3.0], batch_per_rank=4,
                                                seed=trainer.train_sampler.seed, start_iter=4)))
     dicts = trainer._trainer.data_loader.dataset._dataset
@@ -309,7 +309,7 @@ def test_classes_with_the_same_text_are_never_each_others_negatives(tiny_cfg):
     with pytest.raises(ValueError, match="duplicate"):
         model.set_vocabulary(["Timer", "clock", "timer"], dataset="v3det_like")
     model.set_vocabulary(["Timer", "clock", "timer"], dataset="v3det_like", allow_duplicates=True)
-    vocabulary = model.training_vocabularies["v3det_like"]
+    vocabulary = model.vocabularies.by_dataset["v3det_like"]
     assert vocabulary.aliases == {0: [2], 2: [0]}
     assert torch.equal(vocabulary.text_embeddings[0], vocabulary.text_embeddings[2])
     ignore = model.criterion.ignored_negatives({}, torch.tensor([2, 1]), vocabulary)
@@ -352,8 +352,8 @@ def test_periodic_evaluation_during_training_keeps_the_training_vocabularies(tmp
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    before = {k: v.text_embeddings.clone() for k, v in trainer.model.training_vocabularies.items()}
+    before = {k: v.text_embeddings.clone() for k, v in trainer.model.vocabularies.by_dataset.items()}
     trainer.train()
     assert os.path.exists(os.path.join(out, "inference", "pretend_b", "metrics.json"))
-    assert trainer.model.class_names == trainer.model.training_vocabularies["pretend_a"].names  # restored
-    assert all(torch.equal(before[k], v.text_embeddings) for k, v in trainer.model.training_vocabularies.items())
+    assert trainer.model.class_names == trainer.model.vocabularies.by_dataset["pretend_a"].names  # restored
+    assert all(torch.equal(before[k], v.text_embeddings) for k, v in trainer.model.vocabularies.by_dataset.items())

@@ -15,17 +15,24 @@ does not exist, an unregistered dataset, a missing file, a checkpoint of another
 boxes file). :func:`run_entry_point` reports them as one line ``<prog>: error: <message>`` on
 stderr with exit code 2; the traceback goes to the log file, and to the console with
 ``--debug`` (:func:`add_debug_argument`).
+
+Inputs. The demo and ``regionspot-export-region-embeddings`` read images the same way:
+``--input`` files or glob patterns (:func:`expand_inputs`) and an optional ``--boxes`` JSON
+file (:func:`read_boxes_file`, looked up per image by :func:`boxes_for`).
 """
 
 import argparse
+import glob
+import json
 import logging
 import os
 import sys
 import traceback
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from .checkpoint import CheckpointError
 from .data.token_cache import TokenCacheError
+from .data.validation import InputError
 from .modeling.weights import WeightsError
 
 # ValueError covers ConfigError, InputError, ProposalFileError, LVISFormatError and the tools'
@@ -177,3 +184,46 @@ def run_entry_point(main: Callable[[], Optional[int]], prog: str, debug: bool = 
     except USER_ERRORS as e:
         return report_user_error(prog, e, debug)
     return 0 if code is None else int(code)
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+    """Image paths of ``--input`` (files or glob patterns, ``~`` expanded) in the order given; a
+    pattern that matches nothing is kept as it is, so that reading it names it."""
+    paths: List[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        paths.extend(matches if matches else [pattern])
+    return paths
+
+
+def read_boxes_file(path: str) -> dict:
+    """The ``--boxes`` JSON object ``{image: [[x0, y0, x1, y1], ...]}`` (XYXY_ABS pixels; keys are
+    image paths or file names) of the demo and the tools.
+
+    Raises:
+        InputError: the file is missing, not JSON (the message has the line), or not an object.
+    """
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--boxes file not found: {path!r}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--boxes {path!r} is not valid JSON: {e}") from None
+    if not isinstance(table, dict):
+        raise InputError(f"--boxes {path!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}, "
+                         f"got a {type(table).__name__}")
+    return table
+
+
+def boxes_for(table: dict, path: str, boxes_file: str) -> Tuple[str, list]:
+    """(key, boxes) of an image in a ``--boxes`` table (:func:`read_boxes_file`; keys: the path
+    as given, normalised, or the file name).
+
+    Raises:
+        InputError: the table has no boxes for the image (the message names it and the file).
+    """
+    for key in (path, os.path.normpath(path), os.path.basename(path)):
+        if key in table:
+            return key, table[key]
+    raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")

@@ -1,7 +1,6 @@
 """Checks of user and dataset input, with errors that name the input and what was expected."""
 
-import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -187,51 +186,3 @@ def check_images(batched_inputs: List[Dict]) -> List[torch.Tensor]:
             raise ValueError(f"image {name!r} must be uint8 or float in 0-255, got {image.dtype}")
         images.append(image)
     return images
-
-
-def expand_inputs(patterns: Sequence[str]) -> List[str]:
-    """Image paths of ``--input`` (files or glob patterns, ``~`` expanded) in the order given; a
-    pattern that matches nothing is kept as it is, so that reading it names it."""
-    import glob
-
-    paths: List[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        paths.extend(matches if matches else [pattern])
-    return paths
-
-
-def read_boxes_file(path: str) -> dict:
-    """The ``--boxes`` JSON object ``{image: [[x0, y0, x1, y1], ...]}`` (XYXY_ABS pixels; keys are
-    image paths or file names) of the demo and the tools.
-
-    Raises:
-        InputError: the file is missing, not JSON (the message has the line), or not an object.
-    """
-    import json
-
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"--boxes file not found: {path!r}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--boxes {path!r} is not valid JSON: {e}") from None
-    if not isinstance(table, dict):
-        raise InputError(f"--boxes {path!r} must hold a JSON object {{image: [[x0, y0, x1, y1], ...]}}, "
-                         f"got a {type(table).__name__}")
-    return table
-
-
-def boxes_for(table: dict, path: str, boxes_file: str):
-    """(key, boxes) of an image in a ``--boxes`` table (:func:`read_boxes_file`; keys: the path
-    as given, normalised, or the file name).
-
-    Raises:
-        InputError: the table has no boxes for the image (the message names it and the file).
-    """
-    for key in (path, os.path.normpath(path), os.path.basename(path)):
-        if key in table:
-            return key, table[key]
-    raise InputError(f"no boxes for image {path!r} in {boxes_file} (keys are image paths or file names)")
-

@@ -51,7 +51,7 @@ from .postprocess import RecognitionProtocol, detections_to_instances, resize_ma
 from .profiling import STAGE_LABELS, stage  # noqa: F401  (STAGE_LABELS: the labels profilers look for)
 from .proposals.generator import RegionProposalGenerator
 from .semantic_features import ClipSemanticFeatures
-from .text_classifier import TextClassifier, Vocabulary, build_time_vocabulary
+from .text_classifier import ModelVocabularies, TextClassifier, build_time_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class RegionSpot(nn.Module):
     (:class:`~regionspot.modeling.postprocess.SharedMasks`, (K, H, W) bool); the report says
     what each selection step removed, and the key that controls it.
 
-    The vocabulary ``forward`` scores against is the config's (its text embeddings computed on
-    the first inference) until :meth:`set_vocabulary` sets another (the trainer does it per
-    dataset); the predictor passes its own text embeddings to :meth:`inference` instead and
-    never changes the model. Checkpoints hold only the head
+    The vocabularies ``forward`` scores against are one object, :attr:`vocabularies`
+    (:class:`~regionspot.modeling.text_classifier.ModelVocabularies`): the config's (its text
+    embeddings computed on the first inference) until :meth:`set_vocabulary` sets another, and
+    one per training dataset (the trainer sets them); the predictor passes its own text
+    embeddings to :meth:`inference` instead and never changes the model. Checkpoints hold only the head
     (:func:`~regionspot.checkpoint.register_head_only_state`).
     """
 
@@ -119,11 +120,9 @@ class RegionSpot(nn.Module):
         self.mask_on = mask_on
         self.logit_scale = logit_scale
         self.pair = dict(pair or RELEASED_PAIR)
-        # What forward() scores against (set_vocabulary), and one vocabulary per training dataset.
-        self.class_names: Optional[List[str]] = None
-        self.register_buffer("text_embeddings", None, persistent=False)
-        self.training_vocabularies: Dict[str, Vocabulary] = {}
-        self.pending_vocabulary: Optional[List[str]] = list(vocabulary) if vocabulary else None
+        # What forward() scores against: the config's vocabulary (encoded on first use) until
+        # set_vocabulary sets another, and one vocabulary per training dataset.
+        self.vocabularies = ModelVocabularies(text_classifier, vocabulary)
         register_head_only_state(self)
 
     @classmethod
@@ -166,6 +165,17 @@ class RegionSpot(nn.Module):
         self.semantic_encoder.compile_encoder(**options)
 
     # ----------------------------------------------------------------- vocabulary
+    @property
+    def text_embeddings(self) -> Optional[torch.Tensor]:
+        """(C, E) float32 text embeddings of the evaluation vocabulary on the model's device, or
+        None before one is set (read-only: :meth:`set_vocabulary` sets them)."""
+        return self.vocabularies.text_embeddings
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The C names of the evaluation vocabulary, or None before one is set (read-only)."""
+        return self.vocabularies.names
+
     def encode_vocabulary(self, class_names: Sequence[str]) -> torch.Tensor:
         """(C, E) float32 L2-normalised text embeddings of ``class_names`` on the model's device
         (:meth:`TextClassifier.embed`: prompt ensemble, class-name style, disk cache). It does
@@ -200,15 +210,8 @@ class RegionSpot(nn.Module):
         Raises:
             ValueError: the vocabulary is not valid, or ``text_embeddings`` is not (C, E).
         """
-        vocabulary = self.text_classifier.vocabulary(class_names, text_embeddings, ancestors=ancestors,
-                                                     allow_duplicates=allow_duplicates, device=self.device)
-        if dataset is not None:
-            self.training_vocabularies[dataset] = vocabulary
-            return
-        self.text_embeddings = vocabulary.text_embeddings
-        self.class_names = vocabulary.names
-        self._vocabulary = vocabulary
-        self.pending_vocabulary = None
+        self.vocabularies.set(class_names, text_embeddings, dataset=dataset, ancestors=ancestors,
+                              allow_duplicates=allow_duplicates, device=self.device)
 
     def needs_sam_masks(self, protocol: Optional[RecognitionProtocol] = None, mask_on: Optional[bool] = None) -> bool:
         """Whether recognition must compute SAM's masks: for ``MASK_ON`` and for the TAP protocol
@@ -368,37 +371,17 @@ class RegionSpot(nn.Module):
         images = check_images(batched_inputs)
         if self.training:
             return self.losses(batched_inputs, images)
-        if self.text_embeddings is None and self.pending_vocabulary:
-            logger.info("Text embeddings of the config's vocabulary (%d classes), once", len(self.pending_vocabulary))
-            self.set_vocabulary(self.pending_vocabulary, allow_duplicates=True)
-        if self.text_embeddings is None:
-            raise RuntimeError("RegionSpot has no vocabulary to score against: call "
-                               "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
+        vocabulary = self.vocabularies.for_inference(self.device)  # the config's is encoded on first use
         features = self.encode_images(images, [x.get("sam_input") for x in batched_inputs],
                                       [x.get("clip_input") for x in batched_inputs])
         reports = [report_of_input(x) for x in batched_inputs]  # + a proposal file's selection
         proposals = self.propose(batched_inputs, features, reports)
         sizes = [(x.get("height", f.image_size[0]), x.get("width", f.image_size[1]))
                  for x, f in zip(batched_inputs, features)]
-        results = self.inference(features, proposals, self.text_embeddings, sizes, reports=reports)
+        results = self.inference(features, proposals, vocabulary.text_embeddings, sizes, reports=reports)
         return [{"instances": r, "filters": report} for r, report in zip(results, reports)]
 
     # ----------------------------------------------------------------- training
-    def vocabulary_of(self, inputs: Dict) -> Vocabulary:
-        """The training vocabulary of one input: its dataset's (``inputs["dataset"]``), else the
-        vocabulary set without a dataset.
-
-        Raises:
-            RuntimeError: no vocabulary was set for it.
-        """
-        name = inputs.get("dataset")
-        if name is not None and name in self.training_vocabularies:
-            return self.training_vocabularies[name]
-        if self.text_embeddings is None:
-            raise RuntimeError(f"no vocabulary for training image {inputs.get('file_name', '?')!r} (dataset "
-                               f"{name!r}): call model.set_vocabulary(names, dataset=...) first (train_net.py does)")
-        return self._vocabulary
-
     def losses(self, batched_inputs: List[Dict], images: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The criterion on every region of the batch, each image against its own dataset's
         vocabulary (paper Sec. 3, :class:`~regionspot.modeling.losses.RegionSpotCriterion`).
@@ -409,7 +392,7 @@ class RegionSpot(nn.Module):
         missing = [x.get("file_name", "?") for x in batched_inputs if "instances" not in x]
         if missing:
             raise ValueError(f"image {missing[0]!r} has no 'instances': training needs gt_boxes and gt_classes")
-        vocabularies = [self.vocabulary_of(x) for x in batched_inputs]
+        vocabularies = [self.vocabularies.for_training(x) for x in batched_inputs]
         tokens = self.localizer.training_tokens(batched_inputs, images)
         keep = [i for i, t in enumerate(tokens) if t.shape[0] > 0]
         if not keep:  # keep every head parameter in the graph (DDP) with a zero loss

@@ -7,8 +7,10 @@ weights). The model, the trainer, the predictor and ``tools/dump_text_embeddings
 its :meth:`TextClassifier.embed`, so they share one cache entry per vocabulary.
 
 The vocabulary a config names (``VOCABULARY``, ``CUSTOM_VOCABULARY``, a dataset's
-``thing_classes``) is read by :func:`vocabulary_from_config`; a training dataset's vocabulary,
-with its embeddings, class hierarchy and aliases, is a :class:`Vocabulary`.
+``thing_classes``) is read by :func:`vocabulary_from_config`; a vocabulary with its embeddings,
+class hierarchy and aliases is a :class:`Vocabulary`; what a model scores against (the
+evaluation vocabulary, one per training dataset, the config's until it is encoded) is its one
+:class:`ModelVocabularies`.
 """
 
 import logging
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from ..data.vocabularies import (
     check_vocabulary,
@@ -134,6 +137,15 @@ class TextClassifier:
                    class_name_style=rs.CLASS_NAME_STYLE, cache_dir=rs.TEXT_CACHE_DIR or None,
                    batch_size=rs.TEXT_BATCH_SIZE, tokenizer=tokenizer)
 
+    def to(self, device) -> "TextClassifier":
+        """Move the CLIP it encodes with to ``device`` (in place, as ``nn.Module.to``); returns self.
+
+        A tool that builds only the text side (``regionspot-dump-text-embeddings``) encodes on
+        its device this way; inside a model the CLIP moves with ``model.to``.
+        """
+        self.clip.to(device)
+        return self
+
     @property
     def embed_dim(self) -> int:
         """E, the width of CLIP's joint embedding space."""
@@ -161,13 +173,16 @@ class TextClassifier:
         return {i: [j for j in g if j != i] for g in groups for i in g}
 
     @torch.no_grad()
-    def embed(self, class_names: Sequence[str], device=None) -> torch.Tensor:
+    def embed(self, class_names: Sequence[str], device=None, *, batch_size: Optional[int] = None) -> torch.Tensor:
         """Text embeddings of a vocabulary (read from the cache, or computed and written there).
 
         Args:
             class_names: C names (:func:`~regionspot.data.vocabularies.check_vocabulary`;
                 names that read the same are allowed, they get the same embedding).
             device: where to return them (default: CLIP's device).
+            batch_size: prompts per text-tower call on a cache miss (default: the classifier's,
+                ``TEXT_BATCH_SIZE``); the embeddings do not depend on it beyond float rounding,
+                and the cache key does not include it.
 
         Returns:
             (C, E) float32, rows L2-normalised.
@@ -178,7 +193,8 @@ class TextClassifier:
         names = check_vocabulary(class_names, allow_duplicates=True)
         embeddings = load_or_compute_text_embeddings(
             self.clip, self.texts(names), weights_id=self.weights_id, cache_dir=self.cache_dir,
-            templates=self.templates, batch_size=self.batch_size, tokenizer=self.tokenizer)
+            templates=self.templates, batch_size=self.batch_size if batch_size is None else batch_size,
+            tokenizer=self.tokenizer)
         return embeddings.to(device if device is not None else _model_device(self.clip))
 
     def check_embeddings(self, text_embeddings: torch.Tensor, num_classes: int, device=None) -> torch.Tensor:
@@ -208,6 +224,104 @@ class TextClassifier:
             text_embeddings = self.embed(names, device)
         text_embeddings = self.check_embeddings(text_embeddings, len(names), device)
         return Vocabulary(names, text_embeddings, ancestors, self.aliases(names))
+
+
+class ModelVocabularies(nn.Module):
+    """The vocabularies a RegionSpot model scores against, owned in one place (``model.vocabularies``).
+
+    - The **evaluation vocabulary**: what ``forward`` scores against at inference (and training
+      inputs without a "dataset" key): :attr:`names`, their aliases and class hierarchy, and
+      :attr:`text_embeddings`, (C, E) float32 L2-normalised, a non-persistent buffer: it moves
+      with ``model.to(device)`` and never enters the state dict, hence never a checkpoint.
+    - :attr:`by_dataset`: one :class:`Vocabulary` per training dataset; each training image is
+      scored against its own dataset's.
+    - :attr:`pending`: the config's class names, not encoded yet: building a model encodes no
+      text; :meth:`for_inference` encodes them (or reads the cache) on first use, once.
+
+    Args:
+        text_classifier: the model's :class:`TextClassifier` (encodes and checks vocabularies).
+        pending: the config's class names (:func:`build_time_vocabulary`), or None.
+
+    Source: ours. The released implementation scores the one vocabulary its config names; the
+    per-dataset vocabularies (a batch may mix datasets) and the lazy encoding are this project's.
+    """
+
+    def __init__(self, text_classifier: TextClassifier, pending: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.text_classifier = text_classifier
+        self.names: Optional[List[str]] = None
+        self.register_buffer("text_embeddings", None, persistent=False)
+        self.ancestors: Optional[Dict[int, List[int]]] = None
+        self.aliases: Dict[int, List[int]] = {}
+        self.by_dataset: Dict[str, Vocabulary] = {}
+        self.pending: Optional[List[str]] = list(pending) if pending else None
+
+    def set(self, class_names: Sequence[str], text_embeddings: Optional[torch.Tensor] = None, *,
+            dataset: Optional[str] = None, ancestors: Optional[Dict[int, List[int]]] = None,
+            allow_duplicates: bool = False, device=None) -> Vocabulary:
+        """Check and set a vocabulary (``RegionSpot.set_vocabulary``'s arguments): the evaluation
+        one (``dataset`` None; it replaces :attr:`pending`), else that training dataset's.
+
+        Args:
+            text_embeddings: optional (C, E) embeddings; computed by :meth:`TextClassifier.embed`
+                (or read from its cache) when None.
+            device: where the embeddings are kept (the model's device).
+
+        Returns:
+            the :class:`Vocabulary` set.
+
+        Raises:
+            ValueError: not a valid vocabulary, or ``text_embeddings`` not (C, E).
+        """
+        vocabulary = self.text_classifier.vocabulary(class_names, text_embeddings, ancestors=ancestors,
+                                                     allow_duplicates=allow_duplicates, device=device)
+        if dataset is not None:
+            self.by_dataset[dataset] = vocabulary
+            return vocabulary
+        self.names, self.text_embeddings = vocabulary.names, vocabulary.text_embeddings
+        self.ancestors, self.aliases = vocabulary.ancestors, vocabulary.aliases
+        self.pending = None
+        return vocabulary
+
+    @property
+    def evaluation(self) -> Optional[Vocabulary]:
+        """The evaluation vocabulary (its embeddings where the model is now), or None before one is set."""
+        if self.text_embeddings is None:
+            return None
+        return Vocabulary(self.names, self.text_embeddings, self.ancestors, self.aliases)
+
+    def for_inference(self, device=None) -> Vocabulary:
+        """The evaluation vocabulary; the config's (:attr:`pending`) is encoded now if none is set yet.
+
+        Raises:
+            RuntimeError: no vocabulary at all (neither the config's nor one set).
+        """
+        if self.text_embeddings is None and self.pending:
+            logger.info("Text embeddings of the config's vocabulary (%d classes), once", len(self.pending))
+            self.set(self.pending, allow_duplicates=True, device=device)
+        if self.text_embeddings is None:
+            raise RuntimeError("RegionSpot has no vocabulary to score against: call "
+                               "model.set_vocabulary(class_names) first (train_net.py does it per dataset)")
+        return self.evaluation
+
+    def for_training(self, inputs: Dict) -> Vocabulary:
+        """The vocabulary a training input is scored against: its dataset's
+        (``inputs["dataset"]``), else the evaluation vocabulary.
+
+        Raises:
+            RuntimeError: no vocabulary was set for it.
+        """
+        name = inputs.get("dataset")
+        if name is not None and name in self.by_dataset:
+            return self.by_dataset[name]
+        if self.text_embeddings is None:
+            raise RuntimeError(f"no vocabulary for training image {inputs.get('file_name', '?')!r} (dataset "
+                               f"{name!r}): call model.set_vocabulary(names, dataset=...) first (train_net.py does)")
+        return self.evaluation
+
+    def extra_repr(self) -> str:
+        size = "none" if self.names is None else f"{len(self.names)} classes"
+        return f"evaluation: {size}, datasets: {sorted(self.by_dataset)}, pending: {len(self.pending or [])} names"
 
 
 def vocabulary_from_config(cfg, dataset_name: Optional[str] = None) -> List[str]:

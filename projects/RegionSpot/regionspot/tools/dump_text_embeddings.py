@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
         classifier = build_vl_model(cfg).text_classifier
     except (WeightsError, ConfigError, FileNotFoundError, IsADirectoryError) as e:
         raise ToolError(str(e)) from e
-    classifier.clip.to(device)
-    classifier.batch_size = batch_size
+    classifier.to(device)
     templates = classifier.templates
     print(f"vocabulary {args.vocabulary}: {len(names)} classes x {len(templates)} templates = "
           f"{len(names) * len(templates)} prompts; CLIP {clip_path} on {device}")
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if cache_file is not None:
         print(f"cache file: {cache_file} ({'exists' if os.path.exists(cache_file) else 'new'})")
     start = time.perf_counter()
-    emb = classifier.embed(names)
+    emb = classifier.embed(names, batch_size=batch_size)
     weights_id = classifier.weights_id
     print(f"embeddings {tuple(emb.shape)} float32 in {time.perf_counter() - start:.1f} s")
     if args.output:

@@ -115,7 +115,8 @@ def export(args) -> int:
     from safetensors.torch import save
 
     from regionspot import RegionSpotPredictor
-    from regionspot.data.validation import InputError, boxes_for, check_boxes, image_size, read_image
+    from regionspot.cli import boxes_for
+    from regionspot.data.validation import InputError, check_boxes, image_size, read_image
     from regionspot.engine.trainer import head_weights_record
     from regionspot.io import atomic_write, write_json_atomic
 
@@ -184,8 +185,8 @@ def export(args) -> int:
 
 
 def expand(patterns: Sequence[str]) -> List[str]:
-    """Paths of ``--input`` in the order given (the demo's :func:`~regionspot.data.validation.expand_inputs`)."""
-    from regionspot.data.validation import expand_inputs
+    """Paths of ``--input`` in the order given (the demo's :func:`~regionspot.cli.expand_inputs`)."""
+    from regionspot.cli import expand_inputs
 
     paths = expand_inputs(patterns)
     if not paths:
@@ -194,8 +195,8 @@ def expand(patterns: Sequence[str]) -> List[str]:
 
 
 def read_boxes_table(path: str) -> dict:
-    """The --boxes JSON object (the demo's format, :func:`~regionspot.data.validation.read_boxes_file`)."""
-    from regionspot.data.validation import read_boxes_file
+    """The --boxes JSON object (the demo's format, :func:`~regionspot.cli.read_boxes_file`)."""
+    from regionspot.cli import read_boxes_file
 
     return read_boxes_file(path)
 
