@@ -106,8 +106,9 @@ class Localizer(nn.Module, abc.ABC):
             ``box_chunk_size`` (one line each, the same for every family).
     """
 
-    #: The ``MODEL.REGIONSPOT.LOCALIZER`` name; ``backbones.build_localizer`` sets the registered one.
-    family: str = "sam"
+    #: The ``MODEL.REGIONSPOT.LOCALIZER`` name: a family class's own, and the name it was
+    #: registered under when ``backbones.build_localizer`` built it.
+    family: str = ""
 
     def __init__(self, model: nn.Module, token_source: str = "transformer", box_chunk_size: int = 64,
                  precision: str = "auto", attention: str = "sdpa", identity: Optional[Dict[str, object]] = None):
@@ -126,8 +127,8 @@ class Localizer(nn.Module, abc.ABC):
     def pair_name(self) -> str:
         """The localizer's name in a checkpoint's pair (``RegionSpot.pair``): a head trained on
         one localizer is refused by another. The family name; a family whose models differ in
-        more than their widths (SAM 2's configs) adds the model."""
-        return self.family
+        more than their widths (SAM 2's configs) adds the model. Without a family name, the class name."""
+        return self.family or type(self).__name__
 
     @property
     def device(self) -> torch.device:
