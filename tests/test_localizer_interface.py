@@ -319,3 +319,18 @@ def test_a_builder_that_returns_no_localizer_is_refused(sam_path, clip_path, tmp
             backbones.build_localizer(cfg)
     finally:
         backbones.LOCALIZER_REGISTRY._obj_map.pop("not_a_localizer")
+
+
+def test_every_registered_vl_family_gives_a_semantic_encoder(clip_path, sam_path, tmp_path):
+    """The vision-language side's interface: each family's semantic encoder is a SemanticEncoder."""
+    from regionspot.modeling.semantic_features import SemanticEncoder
+    from regionspot.testing.random_backbones import write_random_open_clip
+
+    files = {"openai_clip": clip_path, "open_clip": write_random_open_clip(str(tmp_path / "tiny-vit"))}
+    assert set(files) == {name for name, _ in backbones.VL_MODEL_REGISTRY}, "a registered family has no test files"
+    for name, path in files.items():
+        cfg = make_cfg(sam_path, path, tmp_path, **{"MODEL.REGIONSPOT.VL_MODEL": name})
+        encoder = backbones.build_vl_model(cfg).semantic_encoder
+        assert isinstance(encoder, SemanticEncoder), name
+        pixels = encoder.preprocess([torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)])
+        assert encoder(pixels).shape == (1, encoder.num_tokens, encoder.width)

@@ -50,9 +50,9 @@ class VisionLanguageModel(NamedTuple):
     """What a vision-language model builder returns: two views of one frozen model.
 
     Attributes:
-        semantic_encoder: ``nn.Module`` with ``encode(images, clip_inputs) -> (B, L, D)``,
-            ``width`` (D) and ``embed_dim`` (E)
-            (:class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`).
+        semantic_encoder: a :class:`~regionspot.modeling.semantic_features.SemanticEncoder`
+            (``encode(images, clip_inputs) -> (B, L, D)``, ``width`` (D), ``embed_dim`` (E)):
+            ``ClipSemanticFeatures`` or ``TimmSemanticFeatures``.
         text_classifier: ``embed(names) -> (C, E)`` and the rest of
             :class:`~regionspot.modeling.text_classifier.TextClassifier`.
         identity: the family and architecture (``"openai_clip"``, ``"open_clip:<name>"``),

@@ -6,20 +6,13 @@ family implements (SAM: :mod:`.position_tokens`, SAM-HQ: :mod:`.sam_hq`, SAM 2:
 :mod:`.sam2_localizer`), in the style of Detectron2's ``Backbone`` (a small abstract base) and
 ``segment_anything``'s ``SamPredictor`` (encode an image once, then prompt it many times):
 
-- written once here, for every family: the image side's batching and precision
-  (:meth:`Localizer.encode`), the prompt side's chunking of the boxes of several images
-  (:meth:`Localizer.prompt`, :attr:`Localizer.box_chunk_size` boxes per decoder call, each box
-  against its own image's embedding), clicks and mask prompts (:meth:`Localizer.prompt_points`),
-  the token-source rule (:meth:`Localizer.select_token`, validated once by
-  :func:`~regionspot.weights_files.check_token_source`, widths by
-  :func:`~regionspot.weights_files.token_width`), the float32 token extraction of training and
-  the SAM-token cache (:meth:`Localizer.extract_tokens`, :meth:`Localizer.training_tokens`),
-  autocast at ``ENCODER_PRECISION`` (:mod:`.precision`), device and dtype, and the checkpoint
-  identity (:attr:`Localizer.pair_name`);
-- abstract, what a family's model does its own way: resize and normalise an image, run its image
-  encoder, put boxes and clicks in its input frame and through its prompt encoder, run its mask
-  decoder, paste masks back into an image, its automatic mask generator (``sam_auto``), its
-  input size and decoder width.
+- written once here: batching and precision of the image side (:meth:`Localizer.encode`),
+  chunked prompting of the boxes of several images (:meth:`Localizer.prompt`), clicks and mask
+  prompts (:meth:`Localizer.prompt_clicks`), the token-source rule
+  (:meth:`Localizer.select_token`; validated and sized by ``weights_files``), the float32 token
+  extraction of training and the SAM-token cache, autocast, device, dtype, :attr:`Localizer.pair_name`;
+- abstract, what a family's model does its own way: preprocessing, image encoder, prompt frames
+  and encoder, mask decoder, mask pasting, automatic mask generator, input size, decoder width.
 
 A new family is one module with a :class:`Localizer` subclass and a builder registered with
 ``regionspot.modeling.backbones.register_localizer`` (``tests/test_localizer_interface.py``
