@@ -2,9 +2,13 @@
 
 - :func:`require_file` / :class:`WeightsError`: a configured weights file exists, else one
   line naming the key, the official file and where it is published;
-- :func:`sam_architecture`: SAM's image-encoder hyper-parameters read from a state dict's
-  tensor shapes; :data:`TOKEN_SOURCES` and :func:`token_dim`: what a position-aware token is
-  and how wide, for a SAM of that architecture;
+- :func:`sam_architecture` (and SAM-HQ's, SAM 2's): a localizer's hyper-parameters read from a
+  state dict's tensor shapes, one reader per family in :data:`ARCHITECTURE_READERS`
+  (:func:`register_architecture_reader`; :func:`localizer_architecture` dispatches on the
+  family name);
+- :data:`TOKEN_SOURCES`, :func:`check_token_source`, :func:`token_width` and :func:`token_dim`:
+  what a position-aware token is and how wide (the token-source rule of every localizer,
+  :class:`regionspot.modeling.localizer.Localizer`, and of the SAM-token cache's identity);
 - :func:`weights_content_hash`: a hash of what a weights file holds (its tensors), which a
   copy, a rename or a lost mtime keeps, and one changed tensor changes. It is computed once
   per file and process, and remembered across processes in an optional sidecar file keyed by
@@ -20,21 +24,42 @@ import json
 import logging
 import os
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .io import write_json_atomic
 
 __all__ = ["CLIP_WEIGHTS_NAMES", "SAM_WEIGHTS_URLS", "TOKEN_SOURCES", "WeightsError", "require_file",
-           "sam_architecture", "sam2_architecture", "sam_hq_architecture", "localizer_architecture",
-           "localizer_state_dict", "token_dim", "weights_content_hash", "CONTENT_HASH_SIDECAR"]
+           "ARCHITECTURE_READERS", "register_architecture_reader", "sam_architecture", "sam2_architecture",
+           "sam_hq_architecture", "localizer_architecture", "localizer_state_dict", "check_token_source",
+           "token_width", "token_dim", "weights_content_hash", "CONTENT_HASH_SIDECAR"]
 
 logger = logging.getLogger(__name__)
 
-# Position-aware token sources of SAM's mask decoder (paper Table 4b; see
-# regionspot.modeling.position_tokens).
+# Position-aware token sources of a localizer's mask decoder (paper Table 4b; which tensor each
+# one is: regionspot.modeling.localizer.Localizer.select_token).
 TOKEN_SOURCES = ("transformer", "prompt_encoder", "mlp")
+
+# Localizer family (MODEL.REGIONSPOT.LOCALIZER) -> fn(state_dict) -> architecture dict (with
+# "out_chans", the mask decoder's width): how the family's weights files are read without
+# building the model (the SAM-token cache's identity). Filled by register_architecture_reader.
+ARCHITECTURE_READERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str, object]]] = {}
+
+
+def register_architecture_reader(family: str):
+    """Decorator: register ``fn(state_dict) -> architecture dict`` as the reader of the weights
+    files of the localizer family ``family`` (:func:`localizer_architecture`).
+
+    The dict must hold ``"out_chans"``, the mask decoder's transformer width (:func:`token_dim`).
+    SAM's, SAM-HQ's and SAM 2's readers register here; another family registers its own with
+    ``regionspot.modeling.backbones.register_localizer(name, architecture=fn)``.
+    """
+    def decorator(fn):
+        ARCHITECTURE_READERS[family] = fn
+        return fn
+
+    return decorator
 
 
 # Where the official files are published; named in the error for a missing file.
@@ -114,6 +139,7 @@ def require_file(path: str, what: str) -> str:
     )
 
 
+@register_architecture_reader("sam")
 def sam_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
     """Read the SAM image-encoder hyper-parameters from a SAM state dict.
 
@@ -160,6 +186,7 @@ def sam_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
     )
 
 
+@register_architecture_reader("sam_hq")
 def sam_hq_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
     """SAM-HQ's hyper-parameters from its state dict (``sam_hq_vit_{b,l,h}.pth``): SAM's
     (:func:`sam_architecture`) plus ``vit_dim``, the width of the early ViT features its HQ decoder
@@ -199,6 +226,7 @@ def localizer_state_dict(obj) -> Dict[str, torch.Tensor]:
     return obj
 
 
+@register_architecture_reader("sam2")
 def sam2_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
     """SAM 2's image-encoder hyper-parameters read from a state dict's tensors.
 
@@ -228,34 +256,55 @@ def sam2_architecture(state_dict: Dict[str, torch.Tensor]) -> Dict[str, object]:
 
 def localizer_architecture(family: str, state_dict: Dict[str, torch.Tensor], path: str = "") -> Dict[str, object]:
     """The architecture of a localizer family (``MODEL.REGIONSPOT.LOCALIZER``) read from its
-    weights (the state dict, or the whole loaded file of SAM 2's format).
+    weights (the state dict, or the whole loaded file of SAM 2's format) by the family's
+    registered reader (:data:`ARCHITECTURE_READERS`).
 
     Raises:
-        WeightsError: an unknown family, or a file that is not of that family (the message
-            names the file).
+        WeightsError: a family with no registered reader, or a file that is not of that family
+            (the message names the file).
     """
-    readers = {"sam": sam_architecture, "sam_hq": sam_hq_architecture, "sam2": sam2_architecture}
-    if family not in readers:
-        raise WeightsError(f"unknown localizer family {family!r} (known: {', '.join(sorted(readers))})")
+    if family not in ARCHITECTURE_READERS:
+        raise WeightsError(f"unknown localizer family {family!r} (known: {', '.join(sorted(ARCHITECTURE_READERS))})")
     try:
-        return readers[family](localizer_state_dict(state_dict))
+        return ARCHITECTURE_READERS[family](localizer_state_dict(state_dict))
     except WeightsError as e:
         raise WeightsError(f"{path or 'the weights file'} (MODEL.REGIONSPOT.SAM_WEIGHTS, LOCALIZER {family}): "
                            f"{e}") from e
 
 
-def token_dim(architecture: Dict[str, object], token_source: str) -> int:
-    """T, the width of one position-aware token of a SAM of ``architecture``
-    (:func:`sam_architecture`): the mask decoder's transformer width (``out_chans``), or an
-    eighth of it after the hypernetwork MLP (``"mlp"``).
+def check_token_source(token_source: str) -> str:
+    """Return ``token_source`` if it is one of :data:`TOKEN_SOURCES`.
+
+    Raises:
+        ValueError: another value, in one line (the same for every localizer family).
+    """
+    if token_source not in TOKEN_SOURCES:
+        raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
+    return token_source
+
+
+def token_width(decoder_width: int, token_source: str) -> int:
+    """T, the width of one position-aware token of a mask decoder whose two-way transformer is
+    ``decoder_width`` wide (256 for SAM, SAM-HQ and SAM 2): that width for the ``"transformer"``
+    and ``"prompt_encoder"`` sources, an eighth of it after the hypernetwork MLP (``"mlp"``,
+    SAM's ``transformer_dim // 8``).
 
     Raises:
         ValueError: ``token_source`` is not one of :data:`TOKEN_SOURCES`.
     """
-    if token_source not in TOKEN_SOURCES:
-        raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
-    dim = int(architecture["out_chans"])  # the mask decoder's transformer_dim (modeling.weights.build_sam)
-    return dim // 8 if token_source == "mlp" else dim
+    check_token_source(token_source)
+    return int(decoder_width) // 8 if token_source == "mlp" else int(decoder_width)
+
+
+def token_dim(architecture: Dict[str, object], token_source: str) -> int:
+    """T, the width of one position-aware token of a localizer of ``architecture`` (a registered
+    reader's dict, :func:`localizer_architecture`): :func:`token_width` of its mask decoder's
+    transformer width ``out_chans``.
+
+    Raises:
+        ValueError: ``token_source`` is not one of :data:`TOKEN_SOURCES`.
+    """
+    return token_width(int(architecture["out_chans"]), token_source)
 
 
 # --------------------------------------------------------------------------- content hash

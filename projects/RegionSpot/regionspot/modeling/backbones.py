@@ -8,11 +8,12 @@ registered function and a yaml line, and ``RegionSpot.from_config`` never names 
 - ``MODEL.REGIONSPOT.LOCALIZER`` (:data:`LOCALIZER_REGISTRY`): ``"sam"`` (SAM ViT-B/L/H from
   ``SAM_WEIGHTS``, architecture read from the file; the released pair), ``"sam_hq"`` (SAM-HQ
   ViT-B/L/H from its official files, :mod:`.sam_hq`) or ``"sam2"`` (SAM 2 / 2.1 Hiera models,
-  :mod:`.sam2_localizer`). A builder takes the config and returns
-  a localizer, an ``nn.Module`` with the interface of
-  :class:`~regionspot.modeling.position_tokens.SamPositionTokens` (``encode``, ``prompt``,
-  ``extract_tokens``, ``training_tokens``, ``paste_masks``, ``token_dim``, ``sam``: the
-  promptable model, also used by the ``sam_auto`` proposal source).
+  :mod:`.sam2_localizer`). A builder takes the config and returns a
+  :class:`~regionspot.modeling.localizer.Localizer` (the interface every family implements:
+  ``encode``, ``prompt``, ``prompt_points``, ``paste_masks``, ``mask_generator`` for the
+  ``sam_auto`` proposal source, ``token_dim``, ``input_size``, ``pair_name``); its family's
+  weights-file reader (the SAM-token cache's identity) is registered with it
+  (``register_localizer(name, architecture=fn)``) unless ``weights_files`` holds it already.
 - ``MODEL.REGIONSPOT.VL_MODEL`` (:data:`VL_MODEL_REGISTRY`): ``"openai_clip"`` (OpenAI CLIP
   ViT from ``CLIP_WEIGHTS``, the released pair) or ``"open_clip"`` (an OpenCLIP model with
   OpenCLIP's own ViT or a timm ViT / Eva image tower such as SigLIP or EVA02,
@@ -26,17 +27,19 @@ embedding width), so a pair of other models gives a head of other shapes.
 """
 
 import logging
-from typing import NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 from detectron2.utils.registry import Registry
 from torch import nn
 
 from ..config import ConfigError
+from ..weights_files import register_architecture_reader
+from .localizer import Localizer
 
 logger = logging.getLogger(__name__)
 
 LOCALIZER_REGISTRY = Registry("REGIONSPOT_LOCALIZER")
-LOCALIZER_REGISTRY.__doc__ = "Localizer builders: fn(cfg) -> localizer module (MODEL.REGIONSPOT.LOCALIZER)."
+LOCALIZER_REGISTRY.__doc__ = "Localizer builders: fn(cfg) -> Localizer (MODEL.REGIONSPOT.LOCALIZER)."
 
 VL_MODEL_REGISTRY = Registry("REGIONSPOT_VL_MODEL")
 VL_MODEL_REGISTRY.__doc__ = ("Vision-language model builders: fn(cfg) -> VisionLanguageModel "
@@ -47,9 +50,9 @@ class VisionLanguageModel(NamedTuple):
     """What a vision-language model builder returns: two views of one frozen model.
 
     Attributes:
-        semantic_encoder: ``nn.Module`` with ``encode(images, clip_inputs) -> (B, L, D)``,
-            ``width`` (D) and ``embed_dim`` (E)
-            (:class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`).
+        semantic_encoder: a :class:`~regionspot.modeling.semantic_features.SemanticEncoder`
+            (``encode(images, clip_inputs) -> (B, L, D)``, ``width`` (D), ``embed_dim`` (E)):
+            ``ClipSemanticFeatures`` or ``TimmSemanticFeatures``.
         text_classifier: ``embed(names) -> (C, E)`` and the rest of
             :class:`~regionspot.modeling.text_classifier.TextClassifier`.
         identity: the family and architecture (``"openai_clip"``, ``"open_clip:<name>"``),
@@ -61,8 +64,19 @@ class VisionLanguageModel(NamedTuple):
     identity: str = "openai_clip"
 
 
-def register_localizer(name: str):
-    """Decorator: register ``fn(cfg) -> localizer`` as the ``MODEL.REGIONSPOT.LOCALIZER`` family ``name``."""
+def register_localizer(name: str, architecture: Optional[Callable[[Dict], Dict[str, object]]] = None):
+    """Decorator: register ``fn(cfg) -> Localizer`` as the ``MODEL.REGIONSPOT.LOCALIZER`` family
+    ``name``: the one registration a new family needs.
+
+    Args:
+        name: the config value.
+        architecture: optional ``fn(state_dict) -> dict`` reading the family's weights files
+            (with ``"out_chans"``, the mask decoder's width), registered with
+            :func:`~regionspot.weights_files.register_architecture_reader` for the SAM-token
+            cache's identity (SAM's, SAM-HQ's and SAM 2's readers live in ``weights_files``).
+    """
+    if architecture is not None:
+        register_architecture_reader(name)(architecture)
     return _register(LOCALIZER_REGISTRY, name)
 
 
@@ -89,13 +103,21 @@ def _lookup(registry: Registry, key: str, name: str):
     return registry.get(name)
 
 
-def build_localizer(cfg) -> nn.Module:
-    """The localizer named by ``MODEL.REGIONSPOT.LOCALIZER``, built from the config.
+def build_localizer(cfg) -> Localizer:
+    """The localizer named by ``MODEL.REGIONSPOT.LOCALIZER``, built from the config; its
+    ``family`` is that name (its :attr:`~.localizer.Localizer.pair_name` in checkpoints).
 
     Raises:
         ConfigError: an unknown name (the message names the key and the known families).
+        TypeError: the family's builder returned something that is not a :class:`Localizer`.
     """
-    return _lookup(LOCALIZER_REGISTRY, "MODEL.REGIONSPOT.LOCALIZER", cfg.MODEL.REGIONSPOT.LOCALIZER)(cfg)
+    name = cfg.MODEL.REGIONSPOT.LOCALIZER
+    localizer = _lookup(LOCALIZER_REGISTRY, "MODEL.REGIONSPOT.LOCALIZER", name)(cfg)
+    if not isinstance(localizer, Localizer):
+        raise TypeError(f"the builder of MODEL.REGIONSPOT.LOCALIZER {name!r} returned a {type(localizer).__name__}, "
+                        f"not a regionspot.modeling.localizer.Localizer")
+    localizer.family = name
+    return localizer
 
 
 def build_vl_model(cfg) -> VisionLanguageModel:
@@ -108,7 +130,7 @@ def build_vl_model(cfg) -> VisionLanguageModel:
 
 
 @register_localizer("sam")
-def build_sam_localizer(cfg) -> nn.Module:
+def build_sam_localizer(cfg) -> Localizer:
     """SAM (``segment_anything``) from ``SAM_WEIGHTS``: the released RegionSpot's localizer.
 
     The position-aware token is ``TOKEN_SOURCE`` (mask token 0 after the mask decoder's
@@ -121,7 +143,7 @@ def build_sam_localizer(cfg) -> nn.Module:
     return _vit_sam_localizer(cfg, load_sam, SamPositionTokens, "SAM")
 
 
-def _vit_sam_localizer(cfg, load, localizer_class, what: str) -> nn.Module:
+def _vit_sam_localizer(cfg, load, localizer_class, what: str) -> Localizer:
     """A localizer around a ViT SAM (SAM, SAM-HQ) loaded from ``SAM_WEIGHTS``, with the part's
     switches; warns when the loader's resize (``SAM_INPUT_SIZE``) is not the model's input."""
     rs = cfg.MODEL.REGIONSPOT
@@ -142,7 +164,7 @@ def _compiled(cfg, part: nn.Module) -> nn.Module:
 
 
 @register_localizer("sam2")
-def build_sam2_localizer(cfg) -> nn.Module:
+def build_sam2_localizer(cfg) -> Localizer:
     """SAM 2 / SAM 2.1 (``sam2`` package) from ``SAM_WEIGHTS`` (an official
     ``sam2.1_hiera_{tiny,small,base_plus,large}.pt``; the package config chosen from its tensors,
     or ``SAM2_CONFIG``), :mod:`.sam2_localizer`. Same token sources, box chunks, precision and
@@ -157,7 +179,7 @@ def build_sam2_localizer(cfg) -> nn.Module:
 
 
 @register_localizer("sam_hq")
-def build_sam_hq_localizer(cfg) -> nn.Module:
+def build_sam_hq_localizer(cfg) -> Localizer:
     """SAM-HQ (``segment_anything_hq``) from ``SAM_WEIGHTS`` (``sam_hq_vit_{b,l,h}.pth``, loaded
     strictly, architecture read from the file; :mod:`.sam_hq`). The token is mask token 0 after
     the HQ decoder's two-way transformer (``TOKEN_SOURCE`` as for SAM); masks are SAM's mask

@@ -144,7 +144,7 @@ class RegionSpot(nn.Module):
             mask_on=cfg.MODEL.MASK_ON,
             logit_scale=rs.LOGIT_SCALE,
             vocabulary=build_time_vocabulary(cfg),
-            pair={"localizer": getattr(localizer, "pair_name", rs.LOCALIZER), "vl_model": vl_identity},
+            pair={"localizer": localizer.pair_name, "vl_model": vl_identity},
         )
 
     @property

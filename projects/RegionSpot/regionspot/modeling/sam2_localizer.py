@@ -36,14 +36,13 @@ a config yaml (a path, or a path inside the ``sam2`` package such as
 import logging
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..weights_files import WeightsError, localizer_state_dict, require_file, sam2_architecture
-from .position_tokens import MASK_PROMPT_LOGIT, TOKEN_SOURCES, BoxPrompts, SamPositionTokens
-from .precision import check_encoder_precision
+from .localizer import BoxPrompts, Localizer, paste_in_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +154,11 @@ def load_sam2(path: str, config: str = "") -> Tuple[nn.Module, Dict[str, object]
     return model.requires_grad_(False), arch
 
 
-class Sam2PositionTokens(SamPositionTokens):
-    """RegionSpot's localizer on SAM 2 / 2.1: box -> (position-aware token, mask, IoU), with the
-    interface of :class:`~.position_tokens.SamPositionTokens` (which it reuses for ``encode``,
-    ``prompt``, ``extract_tokens`` and ``training_tokens``).
+class Sam2PositionTokens(Localizer):
+    """RegionSpot's localizer on SAM 2 / 2.1: box -> (position-aware token, mask, IoU), a peer of
+    SAM's :class:`~.position_tokens.SamPositionTokens` implementing the localizer interface
+    (:class:`~.localizer.Localizer`: batching, chunking, precision and the token-source rule
+    are the interface's).
 
     The image embedding (:meth:`encode_images`) is a dict: ``"image"`` (B, 256, g, g) and the
     decoder's high-resolution maps ``"high_res_0"`` (B, 32, 4g, 4g) and ``"high_res_1"``
@@ -167,55 +167,39 @@ class Sam2PositionTokens(SamPositionTokens):
 
     Args:
         model: a ``sam2.modeling.sam2_base.SAM2Base`` (:func:`load_sam2`).
-        token_source, box_chunk_size, precision: as for ``SamPositionTokens``.
+        token_source, box_chunk_size, precision: as for :class:`~.localizer.Localizer`.
         attention: ``SAM_ATTENTION``; Hiera already computes attention with
             ``scaled_dot_product_attention``, so "sdpa" and "official" are the same here.
-        identity: the architecture dict of :func:`load_sam2` (recorded, shown in logs).
+        identity: the architecture dict of :func:`load_sam2` (recorded, shown in logs; its
+            config names the model in :attr:`pair_name`).
 
     Raises:
         ValueError: unknown ``token_source``, ``precision`` or ``attention``, or non-positive
             ``box_chunk_size``.
     """
 
+    family = "sam2"
+
     def __init__(self, model: nn.Module, token_source: str = "transformer", box_chunk_size: int = 64,
                  precision: str = "auto", attention: str = "sdpa", identity: Optional[Dict[str, object]] = None):
-        nn.Module.__init__(self)
+        super().__init__(model, token_source, box_chunk_size, precision, attention, identity)
         from sam2.utils.transforms import SAM2Transforms
 
-        from .fast_attention import SAM_ATTENTION_KINDS
-
-        if token_source not in TOKEN_SOURCES:
-            raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
-        if box_chunk_size <= 0:
-            raise ValueError(f"box_chunk_size must be positive, got {box_chunk_size}")
-        if attention not in SAM_ATTENTION_KINDS:
-            raise ValueError(f"MODEL.REGIONSPOT.SAM_ATTENTION must be one of {SAM_ATTENTION_KINDS}, "
-                             f"got {attention!r}")
-        self.sam = model.eval().requires_grad_(False)
-        self.token_source = token_source
-        self.box_chunk_size = box_chunk_size
-        self.precision = check_encoder_precision(precision)
-        self.attention = attention
-        self.identity = dict(identity or {})
-        config = str(self.identity.get("config") or "")
-        # recorded in checkpoints (RegionSpot.pair): a head trained on one SAM 2 is refused by another
-        self.pair_name = f"sam2:{os.path.splitext(os.path.basename(config))[0]}" if config else "sam2"
         # the predictor's transforms: square resize + ImageNet normalisation, box and mask frames
         with warnings.catch_warnings():  # SAM2Transforms scripts its resize: torch.jit.script is deprecated
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated.*")
             self.transforms = SAM2Transforms(resolution=model.image_size, mask_threshold=0.0)
 
     @property
+    def pair_name(self) -> str:
+        """``"sam2:<config>"`` (e.g. ``sam2:sam2.1_hiera_s``), recorded in checkpoints
+        (``RegionSpot.pair``): a head trained on one SAM 2 is refused by another."""
+        config = str(self.identity.get("config") or "")
+        return f"{self.family}:{os.path.splitext(os.path.basename(config))[0]}" if config else self.family
+
+    @property
     def device(self) -> torch.device:
         return self.sam.no_mem_embed.device
-
-    def set_attention(self, kind: str) -> None:
-        """No-op: Hiera's attention is ``scaled_dot_product_attention`` already (see the class)."""
-        self.attention = kind
-
-    def compile_encoder(self, **options) -> None:
-        """``torch.compile`` SAM 2's image encoder in place (``COMPILE``)."""
-        self.sam.image_encoder.compile(**options)
 
     @property
     def input_size(self) -> int:
@@ -223,11 +207,9 @@ class Sam2PositionTokens(SamPositionTokens):
         return int(self.sam.image_size)
 
     @property
-    def token_dim(self) -> int:
-        """Channels of one position-aware token: the decoder's transformer width (256), or an
-        eighth of it for the ``"mlp"`` source."""
-        dim = self.sam.sam_mask_decoder.transformer_dim
-        return dim // 8 if self.token_source == "mlp" else dim
+    def decoder_width(self) -> int:
+        """The mask decoder's transformer width (256): tokens are 256-d, or 32-d for ``"mlp"``."""
+        return self.sam.sam_mask_decoder.transformer_dim
 
     # ----------------------------------------------------------------- image side
     def preprocess(self, image: torch.Tensor, resized: Optional[torch.Tensor] = None
@@ -263,40 +245,29 @@ class Sam2PositionTokens(SamPositionTokens):
         return {"image": maps[-1], "high_res_0": maps[0], "high_res_1": maps[1]}
 
     # ----------------------------------------------------------------- prompt side
-    def _prompt(self, image_embeddings: Dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],
-                image_sizes: Sequence[Tuple[int, int]], with_masks: bool) -> List[BoxPrompts]:
-        device = image_embeddings["image"].device
-        counts = [int(b.shape[0]) for b in boxes]
-        corners = [self.transforms.transform_boxes(b.to(device).float(), normalize=True, orig_hw=tuple(size))
-                   for b, size in zip(boxes, image_sizes)]
-        all_corners = torch.cat(corners) if corners else torch.zeros(0, 2, 2, device=device)
-        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=device),
-                                              torch.tensor(counts, device=device))
-        pieces = [self._decode(image_embeddings, all_corners[s:s + self.box_chunk_size],
-                               image_index[s:s + self.box_chunk_size], with_masks)
-                  for s in range(0, all_corners.shape[0], self.box_chunk_size)]
-        if not pieces:
-            pieces = [self._empty(image_embeddings["image"], with_masks)]
-        joined = [torch.cat(parts) if parts[0] is not None else None for parts in zip(*pieces)]
-        split = [t.split(counts) if t is not None else [None] * len(counts) for t in joined]
-        return [BoxPrompts(*per_image) for per_image in zip(*split)]
+    def boxes_to_input(self, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """(N, 4) XYXY_ABS boxes of an (H, W) image -> (N, 2, 2) corners in SAM 2's input frame
+        (``SAM2Transforms.transform_boxes``)."""
+        return self.transforms.transform_boxes(boxes, normalize=True, orig_hw=tuple(image_size))
 
-    def _decode(self, image_embeddings: Dict[str, torch.Tensor], corners: torch.Tensor, image_index: torch.Tensor,
-                with_masks: bool) -> BoxPrompts:
-        """SAM 2's prompt encoder and mask decoder on one chunk of n boxes.
-
-        Args:
-            image_embeddings: the batch's dict (:meth:`encode_images`).
-            corners: (n, 2, 2) box corners in SAM 2's input frame.
-            image_index: (n,) int64, the image of each box.
-        """
+    def encode_boxes(self, corners: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's prompt encoder on n boxes given as (n, 2, 2) corners, two points labelled 2
+        and 3 (``SAM2ImagePredictor._predict``): (n, 3, 256) sparse (with the "not a point" pad)
+        and (n, 256, g, g) dense embeddings."""
         n = corners.shape[0]
         labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).expand(n, -1)
-        sparse, dense = self.sam.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
-        return self._decode_prompts(image_embeddings, sparse, dense, image_index, with_masks)
+        return self.sam.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
 
-    def _decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
-                        image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
+    def prompt_token(self, sparse: torch.Tensor) -> torch.Tensor:
+        """The ``"prompt_encoder"`` token: the two corner embeddings averaged (not the pad point)."""
+        return sparse[:, :2].mean(dim=1)
+
+    def hypernetwork(self, mask_token: torch.Tensor) -> torch.Tensor:
+        """SAM 2's hypernetwork MLP 0 (``output_hypernetworks_mlps[0]``): (n, 256) -> (n, 32)."""
+        return self.sam.sam_mask_decoder.output_hypernetworks_mlps[0](mask_token)
+
+    def decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
+                       image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
         """SAM 2's mask decoder on n encoded prompts (boxes, or clicks and masks).
 
         Args:
@@ -307,8 +278,6 @@ class Sam2PositionTokens(SamPositionTokens):
         model = self.sam
         decoder = model.sam_mask_decoder
         n = sparse.shape[0]
-        if self.token_source == "prompt_encoder" and not with_masks:
-            return BoxPrompts(sparse[:, :2].mean(dim=1).float(), None, None)  # the two corners (not the pad point)
         image_pe = model.sam_prompt_encoder.get_dense_pe()
         s = 1 if decoder.pred_obj_scores else 0
         if not with_masks:  # the transformer only: predict_masks' first steps, for prompts of several images
@@ -317,7 +286,7 @@ class Sam2PositionTokens(SamPositionTokens):
             queries = torch.cat([output_tokens[None].expand(n, -1, -1), sparse], dim=1)
             source = image_embeddings["image"][image_index] + dense
             hs, _ = decoder.transformer(source, image_pe.expand(n, -1, -1, -1), queries)
-            return BoxPrompts(self._token(hs[:, s + 1], sparse).float(), None, None)
+            return BoxPrompts(self.select_token(hs[:, s + 1], sparse).float(), None, None)
         tokens, masks, ious = [], [], []
         for i in image_index.unique_consecutive().tolist():  # the package's decoder, one image at a time
             rows = (image_index == i).nonzero()[:, 0]
@@ -330,12 +299,26 @@ class Sam2PositionTokens(SamPositionTokens):
                 mask, iou = decoder._dynamic_multimask_via_stability(all_masks, all_iou)
             else:
                 mask, iou = all_masks[:, 0:1], all_iou[:, 0:1]
-            tokens.append(self._token(mask_tokens[:, 0], sparse[rows]))
+            tokens.append(self.select_token(mask_tokens[:, 0], sparse[rows]))
             masks.append(mask)
             ious.append(iou[:, 0])
         return BoxPrompts(torch.cat(tokens).float(), torch.cat(masks).float(), torch.cat(ious).float())
 
     # ----------------------------------------------------------------- clicks and masks
+    def prompt_points(self, image_embedding: Dict[str, torch.Tensor], sam_input_size: Tuple[int, int],
+                      image_size: Tuple[int, int], points: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> BoxPrompts:
+        """SAM 2's prompt encoder and mask decoder on clicks and/or a mask: one region
+        (:meth:`~.localizer.Localizer.prompt_clicks`, whose arguments it takes), as
+        ``SAM2ImagePredictor.predict(point_coords, point_labels, mask_input=...,
+        multimask_output=False)`` computes it (``tests/test_sam2_localizer.py`` checks it).
+
+        Raises:
+            ValueError: neither points nor a mask; points not (K, 2) finite or labels not (K,)
+                of 0/1.
+        """
+        return self.prompt_clicks(image_embedding, sam_input_size, image_size, points, labels, mask)
+
     def click_coordinates(self, points: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """(K, 2) XY pixels of an (H, W) image -> SAM 2's square input frame (normalised by the
         image's size, times the input side: ``SAM2Transforms.transform_coords``)."""
@@ -349,35 +332,19 @@ class Sam2PositionTokens(SamPositionTokens):
             points = (points[0], points[1].to(torch.int))
         return self.sam.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
 
-    def mask_to_sam_input(self, mask: torch.Tensor, sam_input_size: Tuple[int, int],
-                          logit: float = MASK_PROMPT_LOGIT) -> torch.Tensor:
-        """A binary mask of the whole image as SAM 2's ``mask_input``: (1, 1, 4g, 4g) float32
-        logits. SAM 2's input is the whole image squashed to a square, so the mask is resized
-        (bilinear) straight to 4g x 4g, then +``logit`` inside and -``logit`` outside.
-
-        Raises:
-            ValueError: ``mask`` is not a non-empty 2-D array.
-        """
-        mask = torch.as_tensor(mask, device=self.device)
-        if mask.dim() != 2 or mask.numel() == 0:
-            raise ValueError(f"mask must be an (H, W) bool array covering the image, got shape {tuple(mask.shape)}")
+    def mask_to_low_res(self, mask: torch.Tensor, sam_input_size: Tuple[int, int]) -> torch.Tensor:
+        """An (H, W) float mask in SAM 2's mask-input frame: SAM 2's input is the whole image
+        squashed to a square, so the mask is resized (bilinear) straight to 4g x 4g
+        (``sam_input_size`` unused): (1, 1, 4g, 4g) float32."""
         low = tuple(self.sam.sam_prompt_encoder.mask_input_size)
-        low_res = torch.nn.functional.interpolate(mask.float()[None, None], size=low, mode="bilinear",
-                                                  align_corners=False)
-        return torch.where(low_res > 0.5, logit, -logit).float()
+        return torch.nn.functional.interpolate(mask[None, None], size=low, mode="bilinear", align_corners=False)
 
-    def _token(self, mask_token: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        if self.token_source == "mlp":
-            return self.sam.sam_mask_decoder.output_hypernetworks_mlps[0](mask_token)
-        if self.token_source == "prompt_encoder":
-            return sparse[:, :2].mean(dim=1)
-        return mask_token
-
+    # ----------------------------------------------------------------- masks out
     def paste_masks(self, low_res_masks: torch.Tensor, resized_size: Tuple[int, int],
                     output_size: Tuple[int, int]) -> torch.Tensor:
         """Binary masks in an output frame, as ``SAM2ImagePredictor`` post-processes them
         (bilinear upsampling of the whole square to ``output_size``, threshold 0; no hole or
-        sprinkle filling, the predictor's default).
+        sprinkle filling, the predictor's default), :data:`~.localizer.MASK_PASTE_CHUNK` at a time.
 
         Args:
             low_res_masks: (K, 1, 4g, 4g) from :meth:`prompt`.
@@ -387,13 +354,8 @@ class Sam2PositionTokens(SamPositionTokens):
         Returns:
             (K, H_out, W_out) bool.
         """
-        from .position_tokens import MASK_PASTE_CHUNK
-
-        out = torch.empty(low_res_masks.shape[0], *output_size, dtype=torch.bool, device=low_res_masks.device)
-        for start in range(0, low_res_masks.shape[0], MASK_PASTE_CHUNK):
-            chunk = low_res_masks[start:start + MASK_PASTE_CHUNK]
-            out[start:start + chunk.shape[0]] = self.transforms.postprocess_masks(chunk, tuple(output_size))[:, 0] > 0
-        return out
+        return paste_in_chunks(low_res_masks, tuple(output_size),
+                               lambda chunk: self.transforms.postprocess_masks(chunk, tuple(output_size))[:, 0] > 0)
 
     def mask_generator(self, settings: Dict[str, object], image_shape: Tuple[int, int],
                        embedding: Dict[str, torch.Tensor], input_size: Tuple[int, int]):

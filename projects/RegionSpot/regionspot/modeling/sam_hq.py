@@ -121,10 +121,12 @@ def load_sam_hq(path: str) -> nn.Module:
 class SamHqPositionTokens(SamPositionTokens):
     """RegionSpot's localizer on SAM-HQ: position-aware tokens, masks and IoU of box prompts.
 
-    The interface and switches of :class:`SamPositionTokens` (token sources, box chunks,
-    precision, SDPA attention: SAM-HQ's image encoder is SAM's ViT, :mod:`.fast_attention`
-    switches its blocks); the image embedding is a dict (see :meth:`encode_images`), and
-    :meth:`_decode_prompts` runs ``MaskDecoderHQ``'s steps for boxes of several images at once.
+    SAM-HQ is SAM with one more decoder: it implements the localizer interface
+    (:class:`~.localizer.Localizer`) through SAM's class, whose ViT code path it shares
+    (preprocessing, box and click frames, mask prompts and pasting, SDPA attention:
+    :mod:`.fast_attention` switches its blocks). The image embedding is a dict (see
+    :meth:`encode_images`), and :meth:`decode_prompts` runs ``MaskDecoderHQ``'s steps for
+    prompts of several images at once.
 
     Memory: tokens alone (training, the SAM-token cache) cost what SAM's do. With masks, each box
     also holds its copy of its image's HQ features and ``embedding_maskfeature``'s maps, at 4g x 4g
@@ -136,6 +138,8 @@ class SamHqPositionTokens(SamPositionTokens):
         sam: a ``segment_anything_hq.modeling.Sam`` with ``MaskDecoderHQ`` (:func:`load_sam_hq`).
         other arguments: as :class:`SamPositionTokens`.
     """
+
+    family = "sam_hq"
 
     def __init__(self, sam: nn.Module, *args, **kwargs):
         MaskDecoderHQ = hq_package().modeling.MaskDecoderHQ
@@ -159,9 +163,6 @@ class SamHqPositionTokens(SamPositionTokens):
         image, interm = self.sam.image_encoder(pixels)
         return {"image": image, "interm": interm[0]}
 
-    def _empty(self, image_embeddings: Dict[str, torch.Tensor], with_masks: bool) -> BoxPrompts:
-        return super()._empty(image_embeddings["image"], with_masks)
-
     def hq_features(self, image_embeddings: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The HQ features of B images (``MaskDecoderHQ.forward``'s first step).
 
@@ -172,10 +173,10 @@ class SamHqPositionTokens(SamPositionTokens):
         vit_features = image_embeddings["interm"].permute(0, 3, 1, 2)
         return decoder.embedding_encoder(image_embeddings["image"]) + decoder.compress_vit_feat(vit_features)
 
-    def _decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
-                        image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
-        """SAM-HQ's single-mask HQ decoder on n encoded prompts (boxes from ``_decode``, or clicks
-        and masks from ``prompt_points``).
+    def decode_prompts(self, image_embeddings: Dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
+                       image_index: torch.Tensor, with_masks: bool) -> BoxPrompts:
+        """SAM-HQ's single-mask HQ decoder on n encoded prompts (boxes, or clicks and masks from
+        ``prompt_points``).
 
         ``MaskDecoderHQ.forward`` with ``multimask_output=False, hq_token_only=False``, except
         that each prompt reads its own image's embedding and HQ features
@@ -186,8 +187,6 @@ class SamHqPositionTokens(SamPositionTokens):
             sparse, dense: the prompt encoder's (n, k, 256) and (n, 256, g, g) embeddings.
             image_index: (n,) int64, the image of each prompt.
         """
-        if self.token_source == "prompt_encoder" and not with_masks:
-            return BoxPrompts(sparse.mean(dim=1).float(), None, None)
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]
         # [IoU token, 4 mask tokens, HQ token] as in MaskDecoderHQ.predict_masks, then the prompt
@@ -198,10 +197,8 @@ class SamHqPositionTokens(SamPositionTokens):
         image_pe = self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
         hs, keys = decoder.transformer(source, image_pe, queries)
         mask_token = hs[:, 1]  # mask token 0
-        hyper = decoder.output_hypernetworks_mlps[0](mask_token) if (with_masks or self.token_source == "mlp") else None
-        token = {"transformer": mask_token, "mlp": hyper}.get(self.token_source)
-        if token is None:
-            token = sparse.mean(dim=1)
+        hyper = self.hypernetwork(mask_token) if with_masks else None
+        token = self.select_token(mask_token, sparse, hyper)
         if not with_masks:
             return BoxPrompts(token.float(), None, None)
         _, c, h, w = source.shape

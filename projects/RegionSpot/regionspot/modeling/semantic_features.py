@@ -14,6 +14,7 @@ were trained with a non-antialiased resize (torchvision < 0.17 on tensors); anti
 an explicit option here, off by default, instead of a library default.
 """
 
+import abc
 import logging
 from typing import Optional, Sequence
 
@@ -52,10 +53,14 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_pos, patch_pos])
 
 
-class _SemanticEncoder(nn.Module):
-    """What every semantic encoder shares: the frozen model (``clip``), the input side S, the
-    pixel normalisation, the precision switch, and the resize + normalise + encode path.
-    Subclasses give :meth:`forward`, :attr:`width`, :attr:`embed_dim` and :attr:`num_tokens`."""
+class SemanticEncoder(nn.Module, abc.ABC):
+    """The semantic-encoder interface (the vision-language model's image side), the counterpart
+    of the localizer's :class:`~.localizer.Localizer`. What every family shares is written here:
+    the frozen model (``clip``), the input side S, the pixel normalisation, the precision
+    switch, and the resize + normalise + encode path (:meth:`encode`). A family gives
+    :meth:`forward` ((B, 3, S, S) pixels -> (B, L, D) float32 feature map), :attr:`width` (D),
+    :attr:`embed_dim` (E) and :attr:`num_tokens` (L), and calls :meth:`_setup` in its
+    ``__init__``."""
 
     def _setup(self, clip_model: nn.Module, input_size: int, use_class_token: bool, antialias: bool,
                precision: str, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
@@ -79,6 +84,25 @@ class _SemanticEncoder(nn.Module):
     def compile_encoder(self, **options) -> None:
         """``torch.compile`` the feature-map forward in place (``COMPILE``); parameter names unchanged."""
         self.compile(**options)
+
+    @property
+    @abc.abstractmethod
+    def width(self) -> int:
+        """D, channels of the feature map."""
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int:
+        """E, the model's joint image-text embedding size."""
+
+    @property
+    @abc.abstractmethod
+    def num_tokens(self) -> int:
+        """L, rows of the feature map."""
+
+    @abc.abstractmethod
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels of :meth:`preprocess` -> (B, L, D) float32 semantic feature map."""
 
     @torch.no_grad()
     @stage("clip_semantic")
@@ -122,7 +146,7 @@ class _SemanticEncoder(nn.Module):
         return torch.stack(out)
 
 
-class ClipSemanticFeatures(_SemanticEncoder):
+class ClipSemanticFeatures(SemanticEncoder):
     """RegionSpot's semantic encoder: frozen CLIP ViT -> semantic feature map V (all tokens of
     the last block), at the part's precision (``ENCODER_PRECISION``).
 
@@ -197,7 +221,7 @@ class ClipSemanticFeatures(_SemanticEncoder):
         return x.float()
 
 
-class TimmSemanticFeatures(_SemanticEncoder):
+class TimmSemanticFeatures(SemanticEncoder):
     """RegionSpot's semantic encoder on an OpenCLIP model whose image tower is a timm ViT
     (``open_clip.timm_model.TimmModel``: ``.trunk`` a timm ``VisionTransformer`` (SigLIP, with
     ``global_pool='map'`` and no class token) or ``Eva`` (EVA02), ``.head`` OpenCLIP's
