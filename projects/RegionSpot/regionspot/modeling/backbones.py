@@ -31,7 +31,7 @@ from typing import NamedTuple
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..config import ConfigError
+from ..config_defaults import ConfigError
 
 logger = logging.getLogger(__name__)
 

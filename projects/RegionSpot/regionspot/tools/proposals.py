@@ -124,7 +124,7 @@ def load_dataset_dicts(name: str) -> List[dict]:
     """Dataset dicts of a dataset registered in Detectron2's catalog (RegionSpot's included)."""
     from detectron2.data import DatasetCatalog
 
-    import regionspot  # noqa: F401  (registers regionspot_sample)
+    import regionspot.data.datasets  # noqa: F401  (registers regionspot_sample)
     from regionspot.data.validation import InputError
 
     names = sorted(DatasetCatalog.list())
