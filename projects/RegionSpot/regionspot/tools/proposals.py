@@ -233,7 +233,8 @@ def log_to(output: str, inputs: Sequence[str]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``inspect``: print (and optionally write) statistics, coverage and recall."""
-    from regionspot.data.proposal_files import attach_proposals, read_proposal_file
+    from regionspot.data.dataset_proposals import attach_proposals
+    from regionspot.data.proposal_files import read_proposal_file
     from regionspot.io import write_json_atomic
 
     if args.output:

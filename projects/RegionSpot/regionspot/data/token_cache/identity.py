@@ -144,7 +144,6 @@ def identity_from_config(cfg, dtype: Optional[str] = None) -> CacheIdentity:
                          hash_dir=rs.TOKEN_CACHE_DIR or None, localizer=rs.LOCALIZER)
 
 
-
 def check_shard_metadata(meta: Mapping[str, str], where: str, name: str, dataset_name: str,
                           expected: Optional[CacheIdentity]) -> Tuple[CacheIdentity, List[Any]]:
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != str(CACHE_FORMAT_VERSION):
