@@ -124,12 +124,13 @@ def _owner(name: str, modules: Set[str]) -> Optional[str]:
 def import_graph(root: str = PACKAGE_ROOT) -> Dict[str, List[Tuple[str, int, str]]]:
     """{module: [(imported module, line, path), ...]} over the package's own modules."""
     modules = package_modules(root)
+    names = set(modules)
     graph = {}
     for name, path in modules.items():
         edges = []
-        for line, target in imported_modules(path, root, modules):
-            owner = _owner(target, set(modules))
-            if owner is not None and owner != name and (target == PACKAGE or target.startswith(PACKAGE + ".")):
+        for line, target in imported_modules(path, root, names):
+            owner = _owner(target, names) if target == PACKAGE or target.startswith(PACKAGE + ".") else None
+            if owner is not None and owner != name:
                 edges.append((owner, line, path))
         graph[name] = edges
     return graph
