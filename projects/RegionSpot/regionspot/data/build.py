@@ -2,7 +2,7 @@
 detector's proposals attached when configured).
 
 With ``PROPOSALS`` "file" the dataset dicts get the proposal file's boxes as Detectron2's
-precomputed-proposal keys (``data/proposal_files.py``), and the mapper turns them into
+precomputed-proposal keys (``data/dataset_proposals.py``), and the mapper turns them into
 ``proposals``; the coverage of the file (images it lacks, ids the dataset lacks) is returned
 so the evaluation can report it, and each image's dict carries what the file's selection
 removed from its boxes (``proposal_filters``, :mod:`regionspot.filter_report`),
