@@ -146,6 +146,17 @@ def identity_from_config(cfg, dtype: Optional[str] = None) -> CacheIdentity:
 
 def check_shard_metadata(meta: Mapping[str, str], where: str, name: str, dataset_name: str,
                           expected: Optional[CacheIdentity]) -> Tuple[CacheIdentity, List[Any]]:
+    """Check a shard's header metadata (``meta``, all strings): format and version, dataset, and
+    (when ``expected`` is given) its identity; ``where`` and ``name`` name the cache and the shard
+    in messages.
+
+    Returns:
+        (the shard's :class:`CacheIdentity`, its image ids as stored).
+
+    Raises:
+        TokenCacheError: another format or version, another dataset, unreadable metadata, or an
+            identity that differs from ``expected`` (the differences listed).
+    """
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != str(CACHE_FORMAT_VERSION):
         raise TokenCacheError(f"{where}: shard {name} is not a version-{CACHE_FORMAT_VERSION} SAM-token shard "
                               f"(format {meta.get('format')!r} version {meta.get('format_version')!r}); rebuild it")

@@ -43,20 +43,25 @@ class ShardRecord:
 
 
 def dataset_dir(cache_dir: str, dataset_name: str) -> str:
+    """``<cache_dir>/<dataset_name>`` (``~`` expanded). Raises ``ValueError`` for a name that
+    cannot be one folder (empty, with "/", "." or "..")."""
     if not dataset_name or "/" in dataset_name or dataset_name in (".", ".."):
         raise ValueError(f"dataset name {dataset_name!r} cannot name a cache folder")
     return os.path.join(os.path.expanduser(os.fspath(cache_dir)), dataset_name)
 
 
 def cache_where(cache_dir: str, dataset_name: str) -> str:
+    """How messages name a dataset's cache: ``"SAM-token cache <cache_dir>/<dataset_name>"``."""
     return f"SAM-token cache {os.path.join(os.fspath(cache_dir), dataset_name)}"
 
 
 def image_key(image_id: Any) -> str:
+    """The key of an image in shards and the index: ``str(image_id)`` (tensor names ``tokens/<key>``, ...)."""
     return str(image_id)
 
 
 def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
