@@ -3,7 +3,7 @@
 Every proposal source hands the model Detectron2 proposals whose ``objectness_logits`` are
 the proposal score as a logit (:func:`score_to_logit`, :func:`logit_to_score`); the same
 selection (:func:`select_proposals`: score threshold, class-agnostic NMS, top-k) applies to
-a proposal file's boxes (in the data loader, ``regionspot/data/proposal_files.py``) and to the
+a proposal file's boxes (in the data loader, ``regionspot/data/dataset_proposals.py``) and to the
 boxes the model generates (``rpn``, ``sam_auto``, in ``regionspot/modeling/proposals``).
 :func:`check_proposal_source` validates ``MODEL.REGIONSPOT.PROPOSALS``; :func:`proposal_file_for`
 names the file of the ``file`` source for a test dataset (the test loader reads it, the

@@ -118,7 +118,7 @@ class RegionSpotApp:
 
     def session(self, key: str) -> Session:
         """The session ``key`` (a browser session's hash), created on first use."""
-        from regionspot import RegionSpotPredictor
+        from regionspot.predictor import RegionSpotPredictor
 
         if key not in self.sessions:
             self.sessions[key] = Session(RegionSpotPredictor(self.model, self.min_size, self.max_size))

@@ -2,7 +2,7 @@
 detector's proposals attached when configured).
 
 With ``PROPOSALS`` "file" the dataset dicts get the proposal file's boxes as Detectron2's
-precomputed-proposal keys (``data/proposal_files.py``), and the mapper turns them into
+precomputed-proposal keys (``data/dataset_proposals.py``), and the mapper turns them into
 ``proposals``; the coverage of the file (images it lacks, ids the dataset lacks) is returned
 so the evaluation can report it, and each image's dict carries what the file's selection
 removed from its boxes (``proposal_filters``, :mod:`regionspot.filter_report`),
@@ -32,7 +32,7 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
         (loader, coverage): the loader (:func:`build_batched_test_loader`: ``TEST.IMS_PER_BATCH``
         images per batch, Detectron2's inference sampler) with :class:`RegionSpotDatasetMapper`;
         ``coverage`` is the report of
-        :func:`~regionspot.data.proposal_files.attach_proposals` with ``PROPOSALS`` "file",
+        :func:`~regionspot.data.dataset_proposals.attach_proposals` with ``PROPOSALS`` "file",
         else None.
 
     Raises:
@@ -49,7 +49,8 @@ def build_regionspot_test_loader(cfg, dataset_name: str) -> Tuple[object, Option
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     if rs.PROPOSALS != "file":
         return build_batched_test_loader(cfg, dicts, mapper), None
-    from .proposal_files import attach_proposals, read_proposal_file
+    from .dataset_proposals import attach_proposals
+    from .proposal_files import read_proposal_file
 
     path = proposal_file_for(cfg, dataset_name)
     proposals = read_proposal_file(path, rs.PROPOSAL_FILE_FORMAT)

@@ -7,7 +7,7 @@ is applied once, to the single image that goes to both SAM and CLIP and to its b
 At test time the ground-truth boxes are kept (the proposals with ``PROPOSALS`` "gt"; the
 released test mapper drops them and crashes). With ``PROPOSALS`` "file", the boxes a detector
 wrote, selected (score threshold, NMS, top ``PROPOSAL_TOPK``) and attached to the dataset dicts
-as Detectron2's precomputed-proposal keys (``data/proposal_files.py``), go through Detectron2's
+as Detectron2's precomputed-proposal keys (``data/dataset_proposals.py``), go through Detectron2's
 own ``transform_proposals`` with the same transform as the image and become
 ``dataset_dict["proposals"]`` (the selection is not applied a second time here).
 """
@@ -57,7 +57,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
         kwargs.update(use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
         super().__init__(is_train, **kwargs)
         # The proposal file's selection (score threshold, NMS, top-k) ran once, when the test
-        # loader attached the boxes (data/proposal_files.py, recorded in "proposal_filters"):
+        # loader attached the boxes (data/dataset_proposals.py, recorded in "proposal_filters"):
         # the mapper only transforms them, it does not cut them again.
         self.file_proposals = file_proposals
         self.sam_input_size = sam_input_size

@@ -32,7 +32,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..config import ConfigError
+from ..config_defaults import ConfigError
 from ..weights_files import register_architecture_reader
 from .localizer import Localizer
 

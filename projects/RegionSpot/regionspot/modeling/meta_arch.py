@@ -39,7 +39,7 @@ from detectron2.structures import Instances
 from torch import nn
 
 from ..checkpoint import RELEASED_PAIR, register_head_only_state
-from ..config import resolve_config_device
+from ..config_defaults import resolve_config_device
 from ..data.validation import check_images
 from ..filter_report import FilterReport, report_of_input
 from ..structures import ImageFeatures, RegionRecognition, stack_embeddings

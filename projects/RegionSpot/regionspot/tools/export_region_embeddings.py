@@ -114,11 +114,11 @@ def export(args) -> int:
     import torch
     from safetensors.torch import save
 
-    from regionspot import RegionSpotPredictor
     from regionspot.cli import boxes_for
     from regionspot.data.validation import InputError, check_boxes, image_size, read_image
     from regionspot.engine.trainer import head_weights_record
     from regionspot.io import atomic_write, write_json_atomic
+    from regionspot.predictor import RegionSpotPredictor
 
     if not args.output:
         raise ToolError("--output FOLDER is needed to export")

@@ -9,7 +9,7 @@ Only SAM is loaded (``MODEL.REGIONSPOT.SAM_WEIGHTS``, ``TOKEN_SOURCE``, ``BOX_CH
 ``MODEL.DEVICE``. For every image of the Detectron2 dataset ``--dataset`` (``DatasetCatalog``;
 ``--register`` adds your own COCO/LVIS json first) it stores, for the image and for its
 horizontal flip, one token per non-crowd annotation box, as
-``regionspot.data.token_cache.compute_image_tokens`` defines them (see that module for the
+``regionspot.data.token_cache.compute_image_tokens`` defines them (``docs/token_cache.md`` gives the
 contract and the file layout). The cache goes to ``<output dir>/<dataset>/``; the output dir
 defaults to the config's ``MODEL.REGIONSPOT.TOKEN_CACHE_DIR`` (the key training reads).
 

@@ -124,7 +124,7 @@ def load_dataset_dicts(name: str) -> List[dict]:
     """Dataset dicts of a dataset registered in Detectron2's catalog (RegionSpot's included)."""
     from detectron2.data import DatasetCatalog
 
-    import regionspot  # noqa: F401  (registers regionspot_sample)
+    import regionspot.data.datasets  # noqa: F401  (registers regionspot_sample)
     from regionspot.data.validation import InputError
 
     names = sorted(DatasetCatalog.list())
@@ -233,7 +233,8 @@ def log_to(output: str, inputs: Sequence[str]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``inspect``: print (and optionally write) statistics, coverage and recall."""
-    from regionspot.data.proposal_files import attach_proposals, read_proposal_file
+    from regionspot.data.dataset_proposals import attach_proposals
+    from regionspot.data.proposal_files import read_proposal_file
     from regionspot.io import write_json_atomic
 
     if args.output:
