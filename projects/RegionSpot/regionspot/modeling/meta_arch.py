@@ -45,12 +45,13 @@ from ..filter_report import FilterReport, report_of_input
 from ..structures import ImageFeatures, RegionRecognition, stack_embeddings
 from .backbones import build_localizer, build_vl_model
 from .head import RegionSpotHead, region_logits
+from .localizer import Localizer
 from .losses import RegionSpotCriterion
-from .position_tokens import BoxPrompts, SamPositionTokens
+from .position_tokens import BoxPrompts
 from .postprocess import RecognitionProtocol, detections_to_instances, resize_masks
 from .profiling import STAGE_LABELS, stage  # noqa: F401  (STAGE_LABELS: the labels profilers look for)
 from .proposals.generator import RegionProposalGenerator
-from .semantic_features import ClipSemanticFeatures
+from .semantic_features import SemanticEncoder
 from .text_classifier import ModelVocabularies, TextClassifier, build_time_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class RegionSpot(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, localizer: SamPositionTokens, semantic_encoder: ClipSemanticFeatures,
+    def __init__(self, *, localizer: Localizer, semantic_encoder: SemanticEncoder,
                  head: RegionSpotHead, proposal_generator: RegionProposalGenerator,
                  text_classifier: TextClassifier, criterion: RegionSpotCriterion,
                  protocol: Optional[RecognitionProtocol] = None, mask_on: bool = False,

@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ...weights_files import (
-    TOKEN_SOURCES,
     WeightsError,
+    check_token_source,
     localizer_architecture,
     require_file,
     sam_architecture,
@@ -122,8 +122,7 @@ def make_identity(sam_weights: str, token_source: str, dtype: Optional[str] = "f
         WeightsError: the file is missing or not a state dict of that family.
         ValueError: unknown ``token_source`` or ``dtype``.
     """
-    if token_source not in TOKEN_SOURCES:
-        raise ValueError(f"token_source must be one of {TOKEN_SOURCES}, got {token_source!r}")
+    check_token_source(token_source)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     path = require_file(sam_weights, "SAM")
