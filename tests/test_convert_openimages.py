@@ -3,6 +3,7 @@ boxes, categories, image-level labels, IsGroupOf, and one clear error for each k
 
 import json
 import os
+import sys
 
 import pytest
 from PIL import Image
@@ -127,9 +128,10 @@ def test_streamed_json_across_write_chunks(split, monkeypatch):
                            for key in ("0aaa", "0bbb", "0ccc", "0ddd") for i in range(7)]
     _write(split["tmp"] / "boxes.csv", rows)
     expected = None
+    writer = sys.modules[tool.write_json.__module__]  # the module whose chunk sizes write_json reads
     for image_chunk, box_chunk in ((4096, 16384), (1, 1), (2, 3), (3, 28), (4, 5)):
-        monkeypatch.setattr(tool, "IMAGE_CHUNK", image_chunk)
-        monkeypatch.setattr(tool, "BOX_CHUNK", box_chunk)
+        monkeypatch.setattr(writer, "IMAGE_CHUNK", image_chunk)
+        monkeypatch.setattr(writer, "BOX_CHUNK", box_chunk)
         assert tool.main(_argv(split, "--overwrite")) == 0
         data = json.load(open(split["out"]))
         assert len(data["images"]) == 4 and [a["id"] for a in data["annotations"]] == list(range(1, 29))
