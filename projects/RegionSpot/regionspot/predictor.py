@@ -16,7 +16,6 @@ import logging
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,114 +28,18 @@ from .checkpoint import RegionSpotCheckpointer
 from .data.validation import InputError, check_boxes
 from .data.vocabularies import check_vocabulary
 from .filter_report import FilterReport
+from .predictions import RegionPredictions
+from .predictor_inputs import (  # noqa: F401 (PREDICTOR_SOURCES and the checks: re-exported, demo/demo.py)
+    PREDICTOR_SOURCES,
+    REGION_TOKENS,
+    check_point_labels,
+    check_points,
+)
 
 logger = logging.getLogger(__name__)
 
-PREDICTOR_SOURCES = ("sam_auto", "rpn")
 # Vocabularies whose text embeddings a predictor keeps in memory.
 TEXT_EMBEDDINGS_KEPT = 8
-
-
-@dataclass
-class RegionPredictions:
-    """Predictions for N boxes of one image (all tensors on the CPU), in box order.
-
-    Attributes:
-        boxes: (N, 4) float32, XYXY_ABS pixels of the image given to ``set_image``.
-        classes: (N,) int64 index of the best class in ``vocabulary``.
-        labels: N class names.
-        scores: (N,) float32 score of the best class (proposal score ** power x probability).
-        probabilities: (N, C) float32 class probabilities against the whole vocabulary.
-        proposal_scores: (N,) float32 proposal scores (1 for given boxes).
-        masks: (N, H, W) bool masks in the image's pixels (SAM's box-prompted masks, or the
-            automatic mask generator's with ``proposals="sam_auto"``).
-        vocabulary: the C class names scored against.
-        filters: what each selection step removed on the way (SAM's automatic-mask filters,
-            the ``PROPOSAL_*`` selection, :meth:`above_score`), with the key that controls it
-            (:class:`~regionspot.filter_report.FilterReport`; ``filters.as_dict()``
-            is JSON). Empty for given boxes, which are never filtered.
-        embeddings: (N, E) float32 L2-normalised region embeddings in the vision-language
-            model's joint space (``logits = LOGIT_SCALE * embeddings @ text_embeddings.T``).
-        attention: (N, num_layers, g, g) float32 cross-attention maps of each region's token
-            over the semantic feature map's g x g patch grid (the class token excluded, as in
-            the paper's Fig. 4; heads averaged; the grid covers the whole image, which CLIP
-            sees stretched to a square), or None unless ``predict(..., return_attention=True)``.
-            :func:`regionspot.attention_maps.upsample_attention` brings a map to image pixels.
-        prompt_iou: (N,) float32 SAM's predicted IoU of the mask of a point / mask prompt,
-            or None for other prompts.
-    """
-
-    boxes: torch.Tensor
-    classes: torch.Tensor
-    labels: List[str]
-    scores: torch.Tensor
-    probabilities: torch.Tensor
-    proposal_scores: torch.Tensor
-    masks: torch.Tensor
-    vocabulary: List[str]
-    filters: FilterReport = field(default_factory=FilterReport)
-    embeddings: Optional[torch.Tensor] = None
-    attention: Optional[torch.Tensor] = None
-    prompt_iou: Optional[torch.Tensor] = None
-
-    def select(self, keep: torch.Tensor) -> "RegionPredictions":
-        """The predictions of the boxes where ``keep`` ((N,) bool or int64 indices) says so."""
-        keep = torch.as_tensor(keep)
-
-        def part(t):
-            return None if t is None else t[keep]
-        return RegionPredictions(
-            boxes=self.boxes[keep], classes=self.classes[keep],
-            labels=[self.labels[i] for i in torch.arange(len(self.labels))[keep].tolist()],
-            scores=self.scores[keep], probabilities=self.probabilities[keep],
-            proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary,
-            filters=self.filters.copy(), embeddings=part(self.embeddings), attention=part(self.attention),
-            prompt_iou=part(self.prompt_iou))
-
-    def top_classes(self, k: int = 5) -> List[List[tuple]]:
-        """Per region, its ``k`` most probable classes as (name, probability), best first."""
-        k = min(k, len(self.vocabulary))
-        if not len(self.labels) or k == 0:
-            return [[] for _ in self.labels]
-        values, indices = self.probabilities.topk(k, dim=1)
-        return [[(self.vocabulary[i], float(v)) for v, i in zip(vs, ids)]
-                for vs, ids in zip(values.tolist(), indices.tolist())]
-
-    def above_score(self, min_score: float, key: str = "min_score", where: str = "") -> "RegionPredictions":
-        """The predictions whose score is at least ``min_score``, the step recorded in
-        :attr:`filters` (stage "minimum score", under ``key``, e.g. the demo's "--min-score").
-
-        When it removes every region, one warning is logged naming the step, the counts and
-        ``key``. ``min_score`` <= 0 keeps everything and records no step.
-
-        Args:
-            min_score: the lowest score kept (scores are in [0, 1]).
-            key: the setting's name as the user knows it.
-            where: what is being recognised, for the warning (e.g. the image's path).
-        """
-        kept = self.select(self.scores >= min_score)
-        if min_score > 0:
-            best = f"; the best score was {float(self.scores.max()):.4g}" if len(self.labels) else ""
-            kept.filters.add("minimum score", key, float(min_score), "regions", len(self.labels), len(kept.labels),
-                             "lower it" + best)
-            message = kept.filters.warning(where or "RegionPredictions.above_score")
-            if message and kept.filters.emptying_step() is kept.filters.steps[-1]:
-                logger.warning(message)
-        return kept
-
-    def to_json(self, top_k: int = 0) -> List[dict]:
-        """One dict per box: box (XYXY pixels), label, class index, score, proposal score
-        (+ ``"top_classes"``: the ``top_k`` best [name, probability] pairs, when ``top_k`` > 0)."""
-        rows = [
-            {"box_xyxy": [round(v, 2) for v in box], "label": label, "class_id": int(c), "score": float(s),
-             "proposal_score": float(p)}
-            for box, label, c, s, p in zip(self.boxes.tolist(), self.labels, self.classes, self.scores,
-                                           self.proposal_scores)
-        ]
-        if top_k > 0:
-            for row, top in zip(rows, self.top_classes(top_k)):
-                row["top_classes"] = [[name, round(p, 6)] for name, p in top]
-        return rows
 
 
 @contextmanager
@@ -491,8 +394,6 @@ class RegionSpotPredictor:
                                 self.protocol.class_score).cpu()
 
 
-REGION_TOKENS = ("mask_box", "prompt")
-
 
 def score_embeddings(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float = 100.0,
                      class_score: str = "softmax") -> torch.Tensor:
@@ -508,39 +409,3 @@ def score_embeddings(embeddings: torch.Tensor, text_embeddings: torch.Tensor, lo
     unit = embeddings.numel() == 0 or bool(((embeddings.float().norm(dim=-1) - 1).abs() < 1e-5).all())
     return class_probabilities(region_logits(embeddings, text_embeddings, logit_scale, normalized=unit), class_score)
 
-
-def check_points(points, image_size) -> torch.Tensor:
-    """Clicks as an (K, 2) float32 tensor of XY pixels inside the image.
-
-    Raises:
-        InputError: not (K, 2), K = 0, not finite, or outside [0, W] x [0, H].
-    """
-    try:
-        t = torch.as_tensor(np.asarray(points, dtype=np.float32))
-    except (TypeError, ValueError):
-        raise InputError(f"points must be a (K, 2) array of XY pixels, got {str(points)[:80]}") from None
-    if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] == 0:
-        raise InputError(f"points must be a non-empty (K, 2) array of XY pixels, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise InputError("points contain NaN or infinite values")
-    h, w = image_size
-    outside = (t[:, 0] < 0) | (t[:, 0] > w) | (t[:, 1] < 0) | (t[:, 1] > h)
-    if outside.any():
-        i = int(outside.nonzero()[0])
-        raise InputError(f"point {i} {t[i].tolist()} is outside the {w}x{h} (WxH) image")
-    return t
-
-
-def check_point_labels(labels, count: int) -> torch.Tensor:
-    """(K,) int64 labels of the clicks (1 positive, 0 negative; default all 1).
-
-    Raises:
-        InputError: not K values of 0 or 1.
-    """
-    if labels is None:
-        return torch.ones(count, dtype=torch.int64)
-    t = torch.as_tensor(np.asarray(labels)).flatten()
-    if t.shape[0] != count or not bool(((t == 0) | (t == 1)).all()):
-        raise InputError(f"point_labels must be {count} values of 1 (positive click) or 0 (negative click), got "
-                         f"{t.tolist()}")
-    return t.to(torch.int64)
