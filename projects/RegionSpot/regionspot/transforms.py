@@ -3,7 +3,7 @@
 One implementation of each, so that the data loader, the cache and the model cannot drift:
 
 - :func:`resize_for_sam`: SAM's resize (``SamPredictor.set_image``), made by the mapper in
-  the data-loader workers or by :class:`~regionspot.modeling.position_tokens.SamPositionTokens`;
+  the data-loader workers or by :class:`~regionspot.modeling.localizer.Localizer`;
 - :func:`resize_for_clip`: the released CLIP input resize, made by the mapper or by
   :class:`~regionspot.modeling.semantic_features.ClipSemanticFeatures`;
 - :func:`flip_boxes`: XYXY_ABS boxes of an image mirrored left-right (Detectron2's

@@ -36,10 +36,10 @@ def annotation_boxes(record: Mapping[str, Any]) -> torch.Tensor:
 @torch.no_grad()
 def compute_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """One orientation: SAM's tokens of ``boxes`` on ``image`` at its own size, through the
-    localizer's one token extraction (``SamPositionTokens.extract_tokens``, float32).
+    localizer's one token extraction (``Localizer.extract_tokens``, float32).
 
     Args:
-        position: the localizer, a ``SamPositionTokens`` (frozen SAM).
+        position: the localizer, a ``regionspot.modeling.localizer.Localizer`` (frozen SAM).
         image: (3, H, W) uint8 RGB.
         boxes: (N, 4) XYXY_ABS pixels of ``image``.
 
@@ -57,7 +57,7 @@ def compute_image_tokens(position, image: torch.Tensor, boxes: torch.Tensor) -> 
     of threads; other thread counts or GPU kernels change the last float bits, ~1e-6 relative).
 
     Args:
-        position: a ``SamPositionTokens``.
+        position: a ``regionspot.modeling.localizer.Localizer``.
         image: (3, H, W) uint8 RGB, the original image.
         boxes: (N, 4) XYXY_ABS pixels of ``image`` (e.g. :func:`annotation_boxes`).
 
