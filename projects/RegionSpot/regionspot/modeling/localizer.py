@@ -304,7 +304,7 @@ class Localizer(nn.Module, abc.ABC):
     def extract_tokens(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
                        sam_inputs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
         """Position-aware tokens of training boxes: the one extraction used by online training
-        and by the SAM-token cache (``data/token_cache.py``, ``tools/extract_sam_tokens.py``).
+        and by the SAM-token cache (``data/token_cache/``, ``tools/extract_sam_tokens.py``).
 
         Always float32, whatever ``ENCODER_PRECISION`` says, so that a cached token and one
         computed online agree to float rounding on every device (the released training ran SAM
