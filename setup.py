@@ -71,9 +71,9 @@ setup(
     python_requires=">=3.10",
     package_dir={"": PROJECT_DIR},
     packages=find_packages(where=PROJECT_DIR),
-    # model_zoo/configs is a link to the repository's configs/ in a checkout (the one source):
+    # regionspot/configs is a link to the repository's configs/ in a checkout (the one source):
     # the wheel and the sdist carry the files themselves (regionspot.model_zoo).
-    package_data={PACKAGE: ["*.json", "**/*.json", "*.yaml", "**/*.yaml", "model_zoo/configs/*.yaml"]},
+    package_data={PACKAGE: ["*.json", "**/*.json", "*.yaml", "**/*.yaml", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -82,7 +82,7 @@ def test_the_sdist_holds_what_a_rebuild_needs(built):
     configs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
     for name in ["README.md", "LICENSE", "setup.py", "MANIFEST.in"] + [f"configs/{c}" for c in configs]:
         assert name in names, name
-    bundled = {n.rsplit("/", 1)[1] for n in names if "/model_zoo/configs/" in n and n.endswith(".yaml")}
+    bundled = {n.rsplit("/", 1)[1] for n in names if "/regionspot/configs/" in n and n.endswith(".yaml")}
     assert bundled == set(configs)
 
 
@@ -136,7 +136,8 @@ def test_the_wheel_from_an_empty_folder(built, tmp_path):
           "datasets/regionspot_sample/images/astronaut.png", "--points", "200,150", "--vocabulary", "custom",
           "--custom-vocabulary", "person,rocket", "--output", "output/demo", "--opts", "MODEL.WEIGHTS", str(head)],
          cwd=cwd, env=env)
-    assert (work / "output" / "demo" / "astronaut.jpg").is_file() and (work / "output" / "demo" / "astronaut.json").is_file()
+    assert (work / "output" / "demo" / "astronaut.jpg").is_file()
+    assert (work / "output" / "demo" / "astronaut.json").is_file()
 
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         block = re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)[0]

@@ -54,7 +54,6 @@ import time
 
 import numpy as np
 
-from regionspot import RegionSpotPredictor
 from regionspot.attention_maps import attention_figure
 from regionspot.cli import (
     add_debug_argument,
@@ -71,7 +70,7 @@ from regionspot.data.vocabularies import BUILTIN_VOCABULARIES, vocabulary_by_nam
 from regionspot.drawing import draw_predictions
 from regionspot.engine.trainer import head_weights_record
 from regionspot.io import atomic_write, write_json_atomic
-from regionspot.predictor import PREDICTOR_SOURCES
+from regionspot.predictor import PREDICTOR_SOURCES, RegionSpotPredictor
 
 logger = logging.getLogger("regionspot.demo")
 LOG_FILE = "log.txt"  # in --output, beside the drawings

@@ -1,7 +1,7 @@
 """The configs that ship inside the package, found by name (as ``detectron2.model_zoo`` does for
 Detectron2's own configs).
 
-``regionspot/model_zoo/configs`` holds every yaml of the repository's ``configs/`` folder: in a
+``regionspot/configs`` holds every yaml of the repository's ``configs/`` folder: in a
 checkout it is a link to that folder (the one source; nothing is copied into git), and a wheel
 or an sdist built from the checkout carries the files themselves. The configs sit together, so
 their ``_BASE_`` chains (resolved by Detectron2 relative to the yaml's own folder) work from
