@@ -117,6 +117,10 @@ def test_the_wheel_from_an_empty_folder(built, tmp_path):
     assert "usage: regionspot-train" in help_text.stdout and "./output" in help_text.stdout
     assert "$DETECTRON2_DATASETS" in help_text.stdout
 
+    for command, says in (("regionspot-app", "./output/app_sample"), ("regionspot-run-sample", "./output/sample")):
+        shown = _run([command, "--help"], cwd=cwd, env=env).stdout
+        assert f"usage: {command}" in shown and says in " ".join(shown.split()), command
+
     # the sample config's random SAM and CLIP at its (relative) paths, as regionspot-run-sample writes them
     _run([python, "-c", "from regionspot.testing.random_backbones import write_random_clip, write_random_sam; "
                         "write_random_sam('output/sample/weights/sam_random_tiny.pth', 'tiny', seed=0); "
