@@ -54,6 +54,10 @@ TOOLS = {
     "regionspot-convert-openimages": "convert_openimages",
     "regionspot-run-sample": "run_sample",
     "regionspot-export-region-embeddings": "export_region_embeddings",
+    # The entry points a checkout also runs as train_net.py, demo/demo.py and demo/app.py.
+    "regionspot-train": "train_net",
+    "regionspot-demo": "demo",
+    "regionspot-app": "app",
 }
 CONSOLE_SCRIPTS = [f"{name} = {PACKAGE}.tools.{module}:main" for name, module in TOOLS.items()]
 
@@ -67,7 +71,9 @@ setup(
     python_requires=">=3.10",
     package_dir={"": PROJECT_DIR},
     packages=find_packages(where=PROJECT_DIR),
-    package_data={PACKAGE: ["*.json", "**/*.json", "*.yaml", "**/*.yaml"]},
+    # regionspot/configs is a link to the repository's configs/ in a checkout (the one source):
+    # the wheel and the sdist carry the files themselves (regionspot.model_zoo).
+    package_data={PACKAGE: ["*.json", "**/*.json", "*.yaml", "**/*.yaml", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

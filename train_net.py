@@ -1,208 +1,26 @@
 #!/usr/bin/env python
-"""Train and evaluate RegionSpot with Detectron2's trainer.
+"""Train and evaluate RegionSpot: the checkout's wrapper of ``regionspot-train``
+(:mod:`regionspot.tools.train_net`, same flags; ``--help`` lists them).
 
-Train the head (SAM and CLIP stay frozen):
     python train_net.py --config-file configs/regionspot_bl.yaml --num-gpus 8
-Evaluate on an LVIS-format dataset, with ground-truth boxes, a detector's boxes from a file,
-an RPN or SAM's automatic masks as proposals (configs/eval_lvis_{gt,glip,rpn,sam_auto}.yaml):
-    python train_net.py --config-file configs/eval_lvis_glip.yaml --eval-only \
-        MODEL.WEIGHTS W MODEL.REGIONSPOT.PROPOSAL_FILE glip_lvis_val.json
-Your own COCO- or LVIS-format dataset, its vocabulary from its categories:
-    python train_net.py --config-file configs/regionspot_bl.yaml --eval-only \
-        --register mydata mydata.json images/ MODEL.WEIGHTS W DATASETS.TEST "('mydata',)"
-Several processes (one per GPU; gloo processes on a machine without GPUs) and machines:
-    python train_net.py --config-file configs/regionspot_bl_stage2.yaml --num-gpus 8 \
-        --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:29500
+
+``main(args)`` here is one process's run on parsed arguments (:func:`regionspot.tools.train_net.train`),
+as in Detectron2's ``train_net.py`` scripts.
 """
 
-import fnmatch
-import logging
-import os
 import sys
 
-from detectron2.data import MetadataCatalog
-from detectron2.engine import default_argument_parser, default_setup
-
-from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.cli import USER_ERRORS, add_debug_argument, report_user_error, run_entry_point, setup_logging
-from regionspot.config import load_config
-from regionspot.data.datasets.user import add_register_argument, register_from_args
-from regionspot.engine.launch import launch
-from regionspot.engine.trainer import RegionSpotTrainer as Trainer
-from regionspot.modeling.weights import require_file
-
-logger = logging.getLogger("regionspot")
-
-
-def check_datasets(cfg, eval_only: bool) -> None:
-    """The datasets a run reads are registered (named by key), before anything is built."""
-    from detectron2.data import DatasetCatalog
-
-    keys = [("DATASETS.TEST", cfg.DATASETS.TEST)]
-    if not eval_only:
-        keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] + (keys if cfg.TEST.EVAL_PERIOD > 0 else [])
-    registered = set(DatasetCatalog.list())
-    for key, names in keys:
-        for name in names:
-            if name not in registered:
-                raise ValueError(f"{key} names {name!r}, which is not registered in Detectron2's DatasetCatalog; "
-                                 f"register your own with --register NAME JSON IMAGE_ROOT (Detectron2's built-in "
-                                 f"names such as lvis_v1_val expect their files under $DETECTRON2_DATASETS)")
-
-
-def check_no_overwrite(cfg, args) -> None:
-    """Refuse to start a run whose outputs would be written over one of its inputs."""
-    rs = cfg.MODEL.REGIONSPOT
-    inputs = {"--config-file": args.config_file, "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
-              "MODEL.REGIONSPOT.SAM_WEIGHTS": rs.SAM_WEIGHTS, "MODEL.REGIONSPOT.CLIP_WEIGHTS": rs.CLIP_WEIGHTS,
-              "MODEL.REGIONSPOT.RPN_WEIGHTS": rs.RPN_WEIGHTS, "MODEL.REGIONSPOT.PROPOSAL_FILE": rs.PROPOSAL_FILE}
-    inputs.update({f"DATASETS.PROPOSAL_FILES_TEST[{i}]": f for i, f in enumerate(cfg.DATASETS.PROPOSAL_FILES_TEST)})
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        json_file = MetadataCatalog.get(name).get("json_file", None) if name in MetadataCatalog.list() else None
-        if json_file:
-            inputs[f"the json of {name}"] = json_file
-    out = os.path.realpath(cfg.OUTPUT_DIR)
-    written = [os.path.join(out, f) for f in ("config.yaml", "log.txt")]
-    for name in cfg.DATASETS.TEST:
-        folder = os.path.join(out, "inference", name)
-        written += [os.path.join(folder, f) for f in ("metrics.json", "lvis_instances_results.json",
-                                                      "coco_instances_results.json", "instances_predictions.pth")]
-    patterns = [] if args.eval_only else [os.path.join(out, p)
-                                          for p in ("model_*.pth", "last_checkpoint", "metrics.json")]
-    for key, path in inputs.items():
-        if not path or "://" in path:
-            continue
-        real = os.path.realpath(os.path.expanduser(path))
-        overwritten = real in written or any(fnmatch.fnmatch(real, p) for p in patterns)
-        if overwritten and not (key == "MODEL.WEIGHTS" and args.resume):
-            raise ValueError(f"refusing to start: {key} ({path}) would be overwritten by this run's outputs in "
-                             f"OUTPUT_DIR {cfg.OUTPUT_DIR!r}; choose another OUTPUT_DIR or move the file")
-
-
-def check_inputs(args):
-    """Everything a run reads, checked before any model is built: the config (keys, values,
-    device), ``--register``'ed datasets, the datasets named, that no output overwrites an input,
-    the SAM and CLIP files, and for evaluation a head to evaluate. Returns the config (not frozen).
-
-    Raises:
-        ValueError: an input the run cannot use (the message names it).
-        WeightsError: a SAM or CLIP weights file is missing.
-    """
-    register_from_args(args.register)
-    cfg = load_config(args.config_file, args.opts)
-    check_datasets(cfg, args.eval_only)
-    check_no_overwrite(cfg, args)
-    require_file(cfg.MODEL.REGIONSPOT.SAM_WEIGHTS, "SAM")
-    if cfg.MODEL.REGIONSPOT.VL_MODEL == "openai_clip":  # other families' loaders check their own files
-        require_file(cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS, "CLIP")
-    if args.eval_only and not cfg.MODEL.WEIGHTS and not args.untrained_head:
-        raise ValueError("--eval-only needs the head to evaluate: set MODEL.WEIGHTS to a RegionSpot checkpoint "
-                         "(a released one or one written by train_net.py), or pass --untrained-head to evaluate "
-                         "a randomly initialised head on purpose")
-    return cfg
-
-
-def setup(args):
-    setup_logging(names=("regionspot",))  # the console, from the first line
-    cfg = check_inputs(args)
-    cfg.freeze()
-    default_setup(cfg, args)  # Detectron2's and fvcore's loggers, OUTPUT_DIR/log.txt, config.yaml
-    setup_logging(cfg.OUTPUT_DIR, names=("regionspot",))
-    return cfg
-
-
-def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        if cfg.MODEL.WEIGHTS:
-            RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
-                                                                                  resume=args.resume)
-        else:
-            logger.warning("--untrained-head: evaluating a randomly initialised head (MODEL.WEIGHTS is empty); "
-                           "its AP is chance level for this vocabulary, not RegionSpot's accuracy")
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
-
-def worker_main(args):
-    """:func:`main` in one process of the job: an input error is reported once (rank 0), as
-    one line, and ends the process with exit code 2 (the launcher then ends the job)."""
-    from detectron2.utils import comm
-
-    try:
-        return main(args)
-    except USER_ERRORS as e:
-        if comm.get_rank() == 0:
-            report_user_error("train_net.py", e, args.debug)
-        raise SystemExit(2) from None
-
-
-class _Parser:
-    """Detectron2's argument parser plus ``--register NAME JSON IMAGE_ROOT``. ``--register``,
-    ``--resume`` and ``--eval-only`` are also accepted among the trailing ``KEY VALUE`` config
-    overrides (Detectron2 would take them for config keys)."""
-
-    FLAGS = {"--resume": "resume", "--eval-only": "eval_only", "--debug": "debug", "--untrained-head": "untrained_head"}
-
-    def __init__(self):
-        self.parser = default_argument_parser()
-        add_register_argument(self.parser)
-        add_debug_argument(self.parser)
-        self.parser.add_argument("--untrained-head", action="store_true",
-                                 help="with --eval-only and an empty MODEL.WEIGHTS: evaluate a randomly initialised "
-                                      "head on purpose (otherwise refused)")
-
-    def parse_args(self, argv=None):
-        args = self.parser.parse_args(argv)
-        opts, i = [], 0
-        while i < len(args.opts):
-            item = args.opts[i]
-            if item == "--register":
-                if len(args.opts) < i + 4:
-                    self.parser.error("--register needs NAME JSON IMAGE_ROOT")
-                args.register.append(args.opts[i + 1:i + 4])
-                i += 4
-                continue
-            if item in self.FLAGS:
-                setattr(args, self.FLAGS[item], True)
-            else:
-                opts.append(item)
-            i += 1
-        args.opts = opts
-        return args
-
-
-def get_parser():
-    """Detectron2's argument parser plus ``--register NAME JSON IMAGE_ROOT`` (see :class:`_Parser`)."""
-    return _Parser()
-
-
-def run(argv=None) -> int:
-    """The command line: parse, check the inputs once in this process, then launch the job.
-    An input error is one line on stderr and exit code 2 (the traceback with ``--debug``)."""
-    import torch.multiprocessing as mp
-
-    args = get_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    if args.num_gpus * args.num_machines > 1:
-        # caught here once, not in every process
-        code = run_entry_point(lambda: check_inputs(args) and None, "train_net.py", args.debug)
-        if code:
-            return code
-    try:
-        launch(worker_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    except mp.ProcessExitedException as e:  # a worker ended with an exit code (its error is printed)
-        return e.exit_code or 1
-    except USER_ERRORS as e:  # the launcher's own checks (--dist-url, --num-gpus)
-        return report_user_error("train_net.py", e, args.debug)
-    return 0
-
+from regionspot.tools.train_net import (  # noqa: F401  (the names scripts and tests use)
+    Trainer,
+    check_inputs,
+    get_parser,
+    launch,
+    run,
+    setup,
+    train,
+    worker_main,
+)
+from regionspot.tools.train_net import train as main  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(run())

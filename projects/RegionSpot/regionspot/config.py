@@ -15,6 +15,7 @@ from .config_defaults import (  # noqa: F401  (re-exported: the config's public 
     resolve_config_device,
     resolve_device,
 )
+from .model_zoo import resolve_config_file
 
 
 def check_config(cfg: CN) -> None:
@@ -104,14 +105,12 @@ def load_config(config_file: str, opts=()) -> CN:
         ConfigError: a key that does not exist (one line naming the key, the yaml file or the
             command line it came from, and the closest real keys), overrides of odd length,
             a value of the wrong type, or a value that cannot work (the message names the key).
-        FileNotFoundError: ``config_file`` does not exist.
+        FileNotFoundError: ``config_file`` is neither a file nor a bundled config's name
+            (:func:`regionspot.model_zoo.resolve_config_file`).
     """
-    import os
-
     from detectron2.config import get_cfg
 
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file!r}")
+    config_file = resolve_config_file(config_file)
     opts = list(opts)
     cfg = get_cfg()
     add_regionspot_config(cfg)
@@ -212,10 +211,10 @@ def load_config_for_tool(config_file: str, opts=()) -> CN:
     Raises:
         ConfigError: as described.
     """
-    import os
-
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file not found: {config_file}")
+    try:
+        config_file = resolve_config_file(config_file)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     try:
         return load_config(config_file, list(opts))
     except ConfigError:

@@ -1,4 +1,4 @@
-"""The web app's logic without Gradio (``demo/app.py`` builds the page around it;
+"""The web app's logic without Gradio (``regionspot-app``, :mod:`regionspot.tools.app`, builds the page around it;
 ``regionspot-benchmark app`` times it): sessions, each with its own
 :class:`~regionspot.predictor.RegionSpotPredictor` around one shared model, the image encoded
 once per upload, prompts (two-click boxes, clicked points, "everything"), recognition, drawing,
@@ -17,9 +17,7 @@ import numpy as np
 
 logger = logging.getLogger("regionspot.webapp")
 
-# The checkout (configs/ lives there): projects/RegionSpot/regionspot/webapp.py -> four levels up.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-SAMPLE_CONFIG = os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml")
+SAMPLE_CONFIG = "regionspot_sample_cpu.yaml"  # a bundled config (regionspot.model_zoo)
 BUNDLED = {  # name shown -> regionspot.data.datasets.regionspot_sample.load_sample_image source
     "astronaut": "skimage.data.astronaut", "cat (chelsea)": "skimage.data.chelsea", "coffee": "skimage.data.coffee",
     "rocket": "skimage.data.rocket", "motorcycle": "skimage.data.stereo_motorcycle",

@@ -14,10 +14,12 @@ from typing import Callable, Optional, Sequence
 # Nothing heavy at import (torch, Detectron2, SAM, CLIP): a tool imports this module first and
 # may import the rest under its own warning filters.
 
-# The repository root (regionspot/tools/common.py -> projects/RegionSpot/regionspot/tools -> root):
-# default output folders (``output/...``) and the bundled configs (``configs/...``) live there.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-CONFIGS = os.path.join(REPO, "configs")
+# The tools' default outputs go under ``./output`` in the current folder (never into the installed
+# package); the configs are the package's bundled ones (regionspot.model_zoo), also found by name.
+OUTPUT_ROOT = "output"
+# This package's own folder: the benchmarks record the git commit it was checked out at (None
+# for an installed wheel). Nothing looks outside the package.
+SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class ToolError(ValueError):
@@ -26,8 +28,8 @@ class ToolError(ValueError):
 
 
 def output_path(*parts: str) -> str:
-    """``<repo>/output/<parts...>``: where the tools write by default."""
-    return os.path.join(REPO, "output", *parts)
+    """``output/<parts...>`` under the current folder: where the tools write by default."""
+    return os.path.join(OUTPUT_ROOT, *parts)
 
 
 def synchronize(device) -> None:

@@ -74,6 +74,12 @@ def config_chain(config_file: str) -> List[str]:
     """Real paths of ``config_file`` and of the configs it inherits from (``_BASE_``, recursively)."""
     import yaml
 
+    from regionspot.model_zoo import resolve_config_file
+
+    try:
+        config_file = resolve_config_file(config_file)  # a bundled config's name: its file
+    except FileNotFoundError:
+        return []
     chain, todo = [], [config_file]
     while todo:
         path = os.path.realpath(todo.pop())

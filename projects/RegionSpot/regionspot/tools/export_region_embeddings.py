@@ -42,6 +42,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from regionspot.model_zoo import resolve_config_file
 from regionspot.tools.common import ToolError, load_config, run_tool
 
 PROG = "export_region_embeddings.py"
@@ -173,7 +174,7 @@ def export(args) -> int:
     blob = save(tensors)
     atomic_write(os.path.join(args.output, TENSORS), lambda f: f.write(blob))
     write_json_atomic(os.path.join(args.output, INDEX), {
-        "format": FORMAT, "version": VERSION, "config_file": os.path.abspath(args.config_file),
+        "format": FORMAT, "version": VERSION, "config_file": os.path.abspath(resolve_config_file(args.config_file)),
         "weights": head_weights_record(cfg.MODEL.WEIGHTS), "pair": predictor.model.pair,
         "embed_dim": int(tensors["embeddings"].shape[1]), "logit_scale": float(predictor.model.logit_scale),
         "class_score": predictor.protocol.class_score,

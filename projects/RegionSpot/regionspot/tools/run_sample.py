@@ -38,9 +38,10 @@ import threading
 import time
 import warnings
 
-from regionspot.tools.common import REPO
+from regionspot.model_zoo import get_config_file
+from regionspot.tools.common import output_path
 
-CONFIG = os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml")
+CONFIG = "regionspot_sample_cpu.yaml"  # a bundled config (regionspot.model_zoo)
 DEMO_IMAGE = "astronaut.png"
 BANNER = (
     "NOTE: SAM and CLIP here are small RANDOMLY INITIALISED models (no pretrained weights can be\n"
@@ -72,7 +73,7 @@ def run(step: str, cmd, log_path: str, env=None, heartbeat_s: float = HEARTBEAT_
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     lines: "queue.Queue" = queue.Queue()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
         def read():
             for line in proc.stdout:
@@ -169,7 +170,7 @@ def read_losses(train_dir: str):
 def _config_solver() -> dict:
     import yaml
 
-    with open(CONFIG) as f:
+    with open(get_config_file(CONFIG)) as f:
         return yaml.safe_load(f)["SOLVER"]
 
 
@@ -207,7 +208,10 @@ def explanation(n_classes: int, untrained_ap) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=os.path.join(REPO, "output", "sample"))
+    parser.add_argument("--output", default=output_path("sample"),
+                        help="the run's folder: random weights, outputs, logs, summary (default: ./output/sample "
+                             "under the current folder); the sample's photos go under "
+                             "$DETECTRON2_DATASETS/regionspot_sample (./datasets/regionspot_sample when unset)")
     parser.add_argument("--iters", type=int, default=None,
                         help="training iterations (default: the config's 300); the schedule is scaled to it")
     parser.add_argument("--threads", type=int, default=None,
@@ -250,7 +254,7 @@ def main(argv=None) -> int:
 
     common = ["MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path,
               "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(out, "text_cache")]
-    train_net = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG]
+    train_net = [sys.executable, "-m", "regionspot.tools.train_net", "--config-file", CONFIG]
     train_dir = os.path.join(out, "train")
     folders = {name: os.path.join(out, name) for name, _ in EVALUATIONS}
 
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
 
     vocabulary = MetadataCatalog.get("regionspot_sample").thing_classes
     boxes_file = write_json_atomic(os.path.join(out, "demo_boxes.json"), {DEMO_IMAGE: boxes})
-    run("demo on a photo", [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", CONFIG,
+    run("demo on a photo", [sys.executable, "-m", "regionspot.tools.demo", "--config-file", CONFIG,
                             "--input", os.path.join(image_root, DEMO_IMAGE), "--boxes", boxes_file,
                             "--vocabulary", "custom", "--custom-vocabulary", ",".join(vocabulary),
                             "--output", os.path.join(out, "demo"),

@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Dict, Optional, Sequence
 
-from regionspot.tools.common import REPO
+from regionspot.tools.common import output_path
 
 SUMMARY = "the web app's handlers (and page, with --browser) and the cost of recording attention maps"
 
@@ -48,12 +48,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options, added to ``parser``."""
-    parser.add_argument("--output", default=os.path.join(REPO, "output", "benchmark_app.json"),
+    parser.add_argument("--output", default=output_path("benchmark_app.json"),
                         help="JSON file for the figures")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each measurement (medians)")
     parser.add_argument("--boxes", type=int, default=20, help="boxes per predict() call in the attention measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--sample-dir", default=os.path.join(REPO, "output", "app_sample"),
+    parser.add_argument("--sample-dir", default=output_path("app_sample"),
                         help="where the sample's random weights are (written once)")
     parser.add_argument("--browser", action="store_true", help="also time the page in headless Chromium")
     parser.add_argument("--screenshots", metavar="DIR", default=None,
@@ -141,7 +141,7 @@ def browser_timings(photo_path: str, sample_dir: str, repeats: int, threads: int
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "demo", "app.py"), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "regionspot.tools.app", "--port", str(port),
                                "--sample-dir", sample_dir, "--threads", str(threads)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}/"

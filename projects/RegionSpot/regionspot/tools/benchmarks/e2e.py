@@ -71,7 +71,7 @@ from regionspot.tools.benchmarks.e2e_probes import Clock, Recorder, TimedEvaluat
 from regionspot.tools.benchmarks.e2e_workload import write_synthetic_lvis
 from regionspot.tools.benchmarks.report import add_run_arguments, format_table, run_header, save_progress
 from regionspot.tools.benchmarks.timing import peak_memory, timed, torch_threads
-from regionspot.tools.common import CONFIGS, REPO, load_config, resolve_device, synchronize
+from regionspot.tools.common import load_config, output_path, resolve_device, synchronize
 
 SCHEMA = "regionspot-benchmark-e2e/1"
 PROG = "benchmark.py e2e"
@@ -151,9 +151,9 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
-    args.data_dir = args.data_dir or os.path.join(REPO, "output", "benchmark", "e2e_data")
+    args.data_dir = args.data_dir or output_path("benchmark", "e2e_data")
     if args.output is None:
-        args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_e2e_{args.model}_{args.device}.json")
+        args.output = output_path("benchmark", f"benchmark_e2e_{args.model}_{args.device}.json")
     return args
 
 
@@ -201,7 +201,7 @@ def build_cfg(variant: str, settings: Dict[str, object], device: str, workers: i
     family, sam_preset = localizer_family(localizer_spec)
     # the loader's SAM resize (long side): SAM's and SAM-HQ's input; SAM 2 squashes to its square itself
     sam_input = int(SAM_PRESETS[sam_preset].get("img_size", 1024)) if family != "sam2" else 1024
-    return load_config(os.path.join(CONFIGS, "Base-RegionSpot.yaml"), [
+    return load_config("Base-RegionSpot.yaml", [
         "MODEL.REGIONSPOT.CLIP_INPUT_SIZE", int(clip_size),
         "MODEL.REGIONSPOT.ENCODER_PRECISION", settings["precision"],
         "MODEL.REGIONSPOT.SAM_ATTENTION", settings["attention"],

@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from regionspot.tools.common import REPO, run_tool
+from regionspot.tools.common import SOURCE_DIR, output_path, run_tool
 
 SCHEMA = "regionspot-eval-benchmark/1"
 PROG = "benchmark.py eval"
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     from regionspot.io import write_json_atomic
 
     logging.getLogger("lvis").setLevel(logging.WARNING)
-    output = args.output or os.path.join(REPO, "output", "benchmark", f"eval_{_host()}.json")
+    output = args.output or output_path("benchmark", f"eval_{_host()}.json")
     setup_logging(output + ".log")
     report = {
         "schema": SCHEMA,
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         "host": _host(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "faster_coco_eval_version": faster_coco_eval.__version__,
         "lvis_version": getattr(lvis, "__version__", "0.5.3"),
-        "git_commit": git_commit(REPO),
+        "git_commit": git_commit(SOURCE_DIR),
         "settings": {"images": args.images, "dets_per_image": args.dets_per_image, "seed": args.seed,
                      "segm": args.segm, "segm_images": args.segm_images if args.segm else None,
                      "max_dets_per_image": 300, "tolerance": args.tolerance, "quick": args.quick,

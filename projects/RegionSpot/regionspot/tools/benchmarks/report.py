@@ -11,7 +11,7 @@ import platform
 import warnings
 from typing import Dict, Iterator, List, Sequence
 
-from regionspot.tools.common import REPO
+from regionspot.tools.common import SOURCE_DIR
 
 # Import-time deprecation noise of the dependencies (pkg_resources via clip, TorchScript in
 # SAM 2 / OpenCLIP, nested tensors in nn.TransformerEncoder) that a benchmark's output omits.
@@ -66,7 +66,7 @@ def run_header(schema: str, device) -> Dict[str, object]:
                    "cuda_version": torch.version.cuda if device.type == "cuda" else None},
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "git_commit": git_commit(REPO),
+        "git_commit": git_commit(SOURCE_DIR),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "load_average_before": load_average(),

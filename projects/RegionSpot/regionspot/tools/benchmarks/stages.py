@@ -97,7 +97,7 @@ from regionspot.tools.benchmarks.mask_output import measure_mask_output, random_
 from regionspot.tools.benchmarks.report import add_run_arguments, run_header, save_progress
 from regionspot.tools.benchmarks.report import format_table as format_rows
 from regionspot.tools.benchmarks.timing import summary, timed, torch_threads
-from regionspot.tools.common import REPO, resolve_device
+from regionspot.tools.common import output_path, resolve_device
 
 SCHEMA = "regionspot-benchmark/1"
 PROG = "benchmark.py stages"
@@ -195,7 +195,7 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if args.text_classes is None:
         args.text_classes = 0 if args.device == "cuda" else 1
     if args.output is None:
-        args.output = os.path.join(REPO, "output", "benchmark", f"benchmark_{args.device}.json")
+        args.output = output_path("benchmark", f"benchmark_{args.device}.json")
     return args
 
 

@@ -38,7 +38,7 @@ import torch
 from regionspot.testing.random_backbones import VARIANTS, random_regionspot
 from regionspot.tools.benchmarks.report import run_header, save_progress
 from regionspot.tools.benchmarks.timing import peak_memory, timed, torch_threads
-from regionspot.tools.common import REPO, resolve_device
+from regionspot.tools.common import output_path, resolve_device
 
 SCHEMA = "regionspot-train-benchmark/1"
 PROG = "benchmark.py train"
@@ -98,7 +98,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
     for name in ("batch", "boxes", "classes", "iters"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
-    args.output = args.output or os.path.join(REPO, "output", "benchmark", f"train_{args.device}.json")
+    args.output = args.output or output_path("benchmark", f"train_{args.device}.json")
     return args
 
 
