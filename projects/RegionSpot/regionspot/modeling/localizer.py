@@ -58,6 +58,35 @@ class BoxPrompts(NamedTuple):
     iou_predictions: Optional[torch.Tensor]
 
 
+class OnnxLocalizer(NamedTuple):
+    """A family's ONNX export (:meth:`Localizer.onnx_modules`): two modules the exporter traces,
+    and how the runtime prepares their input and pastes their masks (``regionspot.deploy``).
+
+    Attributes:
+        image_encoder: ``(1, 3, h, w)`` float32 RGB pixels in [0, 255] (the image as
+            ``host_resize`` leaves it) -> a tuple of the embedding tensors named ``embedding_names``.
+        embedding_names: the names of the image encoder's outputs, the prompt module's first inputs.
+        prompt: ``(*embeddings, boxes (N, 4) float32 XYXY pixels of an (H, W) image, image_size
+            (2,) float32 [H, W])`` -> ``(tokens (N, T), low_res_masks (N, 1, 4g, 4g), iou (N,))``,
+            all float32: the boxes' frame change, prompt encoder and single-mask decoder.
+        host_resize: ``"longest_side"``: before the image encoder the image is resized with PIL
+            (bilinear) so that its long side is the input side S (SAM's ``ResizeLongestSide``);
+            ``"none"``: the encoder takes the image as it is.
+        mask_paste: ``"crop_padding"``: a mask is upsampled to S x S (bilinear), cropped to the
+            image's (h, w) inside the input, resized to the output size (SAM's
+            ``postprocess_masks``); ``"whole_input"``: resized from the whole square to the output
+            size (SAM 2's). Thresholded at ``mask_threshold``.
+        mask_threshold: the mask-logit threshold.
+    """
+
+    image_encoder: nn.Module
+    embedding_names: Tuple[str, ...]
+    prompt: nn.Module
+    host_resize: str
+    mask_paste: str
+    mask_threshold: float = 0.0
+
+
 def image_embedding(embeddings: LocalizerEmbedding) -> torch.Tensor:
     """The image embedding of a localizer embedding: the tensor itself, or a dict's ``"image"``
     (the convention of every family whose decoder also reads other maps: SAM-HQ, SAM 2)."""
@@ -245,6 +274,16 @@ class Localizer(nn.Module, abc.ABC):
             ``stability_score``, ``segmentation`` (H, W) bool), with ``counts`` of what each
             filter removed (:class:`~.proposals.sam_auto.FilterCounting`) for filter reports.
         """
+
+    def onnx_modules(self) -> OnnxLocalizer:
+        """The family's export hook (:class:`OnnxLocalizer`): its image encoder and prompt path as
+        modules that ``torch.onnx.export`` traces (``regionspot-export onnx``).
+
+        Raises:
+            NotImplementedError: a family without an ONNX export (the message names it).
+        """
+        raise NotImplementedError(f"the localizer {self.pair_name!r} ({type(self).__name__}) has no ONNX export "
+                                  f"(Localizer.onnx_modules)")
 
     # ----------------------------------------------------------------- the token-source rule
     def prompt_token(self, sparse: torch.Tensor) -> torch.Tensor:
