@@ -24,10 +24,11 @@ Steps, each printing one line saying what it did:
    build, distribution name); ``detectron2._C`` missing (a placeholder module); Pillow>=10
    (``Image.LINEAR``); numpy>=1.24 (``np.int`` & co.); COCOEvaluator's compiled evaluator.
 3. the project itself: ``pip install -e '.[test,app,hub-tokenizers,export,onnxruntime]'`` (the
-   test extra: pytest, and ruff, the linter that ``.ci/run`` runs before the tests; the app extra: Gradio for ``demo/app.py`` and
-   the Playwright package its browser test drives Chromium with; hub-tokenizers: transformers,
-   for OpenCLIP models whose tokenizer is a Hugging Face one, e.g. SigLIP; export and
-   onnxruntime: onnx, onnxscript and ONNX Runtime for `regionspot-export onnx` and its tests).
+   test extra: pytest, and ruff, the linter that ``.ci/run`` runs before the tests; the app
+   extra: Gradio for ``demo/app.py`` and the Playwright package its browser test drives Chromium
+   with; hub-tokenizers: transformers, for OpenCLIP models whose tokenizer is a Hugging Face one,
+   e.g. SigLIP; export and onnxruntime: onnx, onnxscript and ONNX Runtime for
+   ``regionspot-export onnx``, ``regionspot.deploy`` and their tests).
 3b. Chromium for that browser test: Debian's ``chromium`` package (``apt-get install -y
    chromium``) when ``/usr/bin/chromium`` is missing and apt is usable as root; never a browser
    download. This step runs on every run, the up-to-date one too (the browser lives outside

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,14 +136,17 @@ def _export(part: str, module: nn.Module, args: tuple, path: str, input_names: L
 def bpe_tables(tokenizer) -> Optional[dict]:
     """The BPE vocabulary and merges of a CLIP ``SimpleTokenizer`` (OpenAI ``clip``'s, or
     OpenCLIP's), or None for another tokenizer: ``{"vocab": {token: id}, "merges": [(a, b)...],
-    "sot": id, "eot": id}``."""
+    "specials": [start token, end token], "sot": id, "eot": id}``."""
     encoder, ranks = getattr(tokenizer, "encoder", None), getattr(tokenizer, "bpe_ranks", None)
     if not isinstance(encoder, dict) or not isinstance(ranks, dict):
         return None
-    if "<|startoftext|>" not in encoder or "<|endoftext|>" not in encoder:
+    decoder = {v: k for k, v in encoder.items()}
+    sot = getattr(tokenizer, "sot_token_id", encoder.get("<|startoftext|>"))
+    eot = getattr(tokenizer, "eot_token_id", encoder.get("<|endoftext|>"))
+    if sot not in decoder or eot not in decoder:
         return None
-    return {"vocab": dict(encoder), "merges": sorted(ranks, key=ranks.get), "sot": encoder["<|startoftext|>"],
-            "eot": encoder["<|endoftext|>"]}
+    return {"vocab": dict(encoder), "merges": sorted(ranks, key=ranks.get), "specials": [decoder[sot], decoder[eot]],
+            "sot": int(sot), "eot": int(eot)}
 
 
 def write_tokenizer(tables: dict, path: str) -> None:
@@ -155,7 +159,8 @@ def write_tokenizer(tables: dict, path: str) -> None:
     bpe = models.BPE(vocab=tables["vocab"], merges=[tuple(m) for m in tables["merges"]], continuing_subword_prefix="",
                      end_of_word_suffix="</w>", fuse_unk=False)
     tokenizer = Tokenizer(bpe)
-    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    pattern = "|".join(re.escape(s) for s in tables["specials"]) + \
+        r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -169,13 +174,16 @@ def _text_tokenizer(model) -> dict:
         from clip.simple_tokenizer import SimpleTokenizer
 
         tokenizer = SimpleTokenizer()
-    tables = bpe_tables(getattr(tokenizer, "tokenizer", tokenizer))
+    tables = bpe_tables(tokenizer)
     if tables is None:
         raise ExportRefused(f"cannot export the tokenizer: {type(tokenizer).__name__} is not CLIP's BPE "
                             f"SimpleTokenizer (Hugging Face tokenizers such as SigLIP's are not exported yet)")
     clean = getattr(tokenizer, "clean_fn", None)
-    if clean is not None and getattr(clean, "__name__", "") not in ("_clean_lower", "<lambda>"):
-        raise ExportRefused(f"cannot export the tokenizer: its cleaning {clean!r} is not CLIP's lower-casing")
+    if clean is not None and getattr(clean, "__name__", "") != "_clean_lower":
+        raise ExportRefused(f"cannot export the tokenizer: its cleaning {getattr(clean, '__name__', clean)!r} is "
+                            f"not CLIP's lower-casing")
+    if getattr(tokenizer, "reduction_fn", None) is not None:
+        raise ExportRefused("cannot export the tokenizer: it reduces long texts with a reduction_mask, not by cutting")
     return tables
 
 

@@ -87,6 +87,47 @@ class OnnxLocalizer(NamedTuple):
     mask_threshold: float = 0.0
 
 
+class ExportImageEncoder(nn.Module):
+    """The image side of a family's ONNX export: (1, 3, h, w) float32 RGB pixels in [0, 255]
+    -> ``preprocess`` (a function of the pixels that the family gives: normalise, pad or resize)
+    -> :meth:`Localizer.encode_images` -> a tuple of its embeddings in ``names`` order (one
+    tensor, or a dict's entries)."""
+
+    def __init__(self, localizer: "Localizer", preprocess: Callable[[torch.Tensor], torch.Tensor],
+                 names: Sequence[str]):
+        super().__init__()
+        self.localizer = localizer
+        self.preprocess = preprocess
+        self.names = tuple(names)
+
+    def forward(self, pixels: torch.Tensor):
+        out = self.localizer.encode_images(self.preprocess(pixels))
+        return tuple(out[k] for k in self.names) if isinstance(out, dict) else (out,)
+
+
+class ExportPrompt(nn.Module):
+    """The prompt side of a family's ONNX export: ``(*embeddings, boxes (N, 4) float32 XYXY pixels,
+    image_size (2,) float32 [H, W])`` -> ``(tokens, low_res_masks, iou_predictions)``:
+    ``boxes_to_input`` (a tensor version of :meth:`Localizer.boxes_to_input` that the family
+    gives), :meth:`Localizer.encode_boxes`, :meth:`Localizer.decode_prompts` with masks."""
+
+    def __init__(self, localizer: "Localizer", boxes_to_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 names: Sequence[str], as_dict: bool):
+        super().__init__()
+        self.localizer = localizer
+        self.boxes_to_input = boxes_to_input
+        self.names = tuple(names)
+        self.as_dict = as_dict
+
+    def forward(self, *inputs: torch.Tensor):
+        *embeddings, boxes, image_size = inputs
+        embedding = dict(zip(self.names, embeddings)) if self.as_dict else embeddings[0]
+        sparse, dense = self.localizer.encode_boxes(self.boxes_to_input(boxes, image_size))
+        index = torch.zeros_like(boxes[:, 0], dtype=torch.int64)
+        out = self.localizer.decode_prompts(embedding, sparse, dense, index, with_masks=True)
+        return out.tokens, out.low_res_masks, out.iou_predictions
+
+
 def image_embedding(embeddings: LocalizerEmbedding) -> torch.Tensor:
     """The image embedding of a localizer embedding: the tensor itself, or a dict's ``"image"``
     (the convention of every family whose decoder also reads other maps: SAM-HQ, SAM 2)."""

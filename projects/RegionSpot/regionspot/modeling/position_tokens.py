@@ -33,45 +33,12 @@ from .localizer import (  # noqa: F401  (BoxPrompts and the constants: where SAM
     MASK_PASTE_CHUNK,
     MASK_PROMPT_LOGIT,
     BoxPrompts,
+    ExportImageEncoder,
+    ExportPrompt,
     Localizer,
     OnnxLocalizer,
     paste_in_chunks,
 )
-
-
-class _SamImageEncoderExport(nn.Module):
-    """SAM's image side for ONNX: (1, 3, h, w) float32 RGB in [0, 255], long side S (the host's
-    ``ResizeLongestSide`` resize) -> ``Sam.preprocess`` (normalise, zero-pad to S x S) -> the
-    image encoder's (1, 256, g, g) embedding."""
-
-    def __init__(self, localizer: "SamPositionTokens"):
-        super().__init__()
-        self.localizer = localizer
-
-    def forward(self, pixels: torch.Tensor):
-        return (self.localizer.encode_images(self.localizer.sam.preprocess(pixels)),)
-
-
-class _SamPromptExport(nn.Module):
-    """SAM's prompt path for ONNX: the (1, 256, g, g) embedding, (N, 4) XYXY boxes of an (H, W)
-    image and its size [H, W] -> tokens, low-resolution mask logits and predicted IoUs of the
-    single-mask output (:meth:`SamPositionTokens.boxes_to_input`'s frame change written with
-    tensors, then :meth:`~SamPositionTokens.encode_boxes` and
-    :meth:`~SamPositionTokens.decode_prompts`)."""
-
-    def __init__(self, localizer: "SamPositionTokens"):
-        super().__init__()
-        self.localizer = localizer
-
-    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor, image_size: torch.Tensor):
-        h, w = image_size[0], image_size[1]
-        scale = self.localizer.input_size / torch.maximum(h, w)
-        new_h, new_w = torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)  # get_preprocess_shape
-        factor = torch.stack([new_w / w, new_h / h, new_w / w, new_h / h])
-        sparse, dense = self.localizer.encode_boxes(boxes * factor)
-        index = torch.zeros_like(boxes[:, 0], dtype=torch.int64)
-        out = self.localizer.decode_prompts(embedding, sparse, dense, index, with_masks=True)
-        return out.tokens, out.low_res_masks, out.iou_predictions
 
 
 class SamPositionTokens(Localizer):
@@ -213,9 +180,22 @@ class SamPositionTokens(Localizer):
         """SAM's ONNX export (:class:`~.localizer.OnnxLocalizer`): the host resizes the image as
         ``ResizeLongestSide``; the image encoder normalises and pads; masks are pasted as
         ``Sam.postprocess_masks`` does (upsample to S, crop the padding, resize)."""
-        return OnnxLocalizer(_SamImageEncoderExport(self), ("image_embedding",), _SamPromptExport(self),
+        names = self.onnx_embedding_names
+        return OnnxLocalizer(ExportImageEncoder(self, self.sam.preprocess, names), names,
+                             ExportPrompt(self, self.onnx_boxes_to_input, names, as_dict=len(names) > 1),
                              host_resize="longest_side", mask_paste="crop_padding",
                              mask_threshold=float(self.sam.mask_threshold))
+
+    #: The names of the exported embeddings (SAM-HQ's dict keys for SAM-HQ).
+    onnx_embedding_names: Tuple[str, ...] = ("image_embedding",)
+
+    def onnx_boxes_to_input(self, boxes: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """:meth:`boxes_to_input` with the image size as a (2,) float32 tensor [H, W] (for the
+        ONNX graph): ``ResizeLongestSide.get_preprocess_shape``, then each coordinate scaled."""
+        h, w = image_size[0], image_size[1]
+        scale = self.input_size / torch.maximum(h, w)
+        new_h, new_w = torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)
+        return boxes * torch.stack([new_w / w, new_h / h, new_w / w, new_h / h])
 
     # ----------------------------------------------------------------- clicks and masks
     def prompt_points(self, image_embedding: torch.Tensor, sam_input_size: Tuple[int, int],

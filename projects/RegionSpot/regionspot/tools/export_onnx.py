@@ -56,7 +56,8 @@ def run(args) -> int:
             raise ToolError(f"--vocabulary {args.vocabulary!r} names no class")
     predictor = RegionSpotPredictor.from_config(cfg, allow_untrained_head=args.untrained_head)
     manifest = export_onnx(predictor, args.output, vocabulary=vocabulary, log=logger.info)
-    print(f"{PROG}: wrote {args.output} (pair {manifest['pair']}, export {sum(manifest['export_seconds'].values()):.1f} s)")
+    seconds = sum(manifest["export_seconds"].values())
+    print(f"{PROG}: wrote {args.output} (pair {manifest['pair']}, export {seconds:.1f} s)")
     return 0
 
 
