@@ -287,3 +287,31 @@ def test_bad_input_to_the_deployed_predictor(sample_pair):
     with pytest.raises(ValueError, match="providers"):
         type(ours)(str(folder), providers=["NoSuchExecutionProvider"])
     assert ours.predict(np.zeros((0, 4)), vocabulary=["cat"]).labels == []
+
+
+def test_the_demo_recognises_boxes_with_the_onnxruntime_backend(sample_pair, tmp_path):
+    """demo/demo.py --backend onnxruntime --onnx-dir: the PyTorch predictor's labels in its JSON,
+    the drawing written; --proposals (not exported) is refused in one line."""
+    from PIL import Image
+
+    theirs, folder = sample_pair[0], sample_pair[2]
+    image = _photo(PHOTOS[2])
+    Image.fromarray(image).save(tmp_path / "china.png")
+    boxes = _boxes(image.shape, 5, seed=7)
+    (tmp_path / "boxes.json").write_text(json.dumps({"china.png": boxes.tolist()}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "projects", "RegionSpot"), REPO]))
+    base = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--backend", "onnxruntime", "--onnx-dir",
+            str(folder), "--input", str(tmp_path / "china.png"), "--vocabulary", "custom", "--custom-vocabulary",
+            ",".join(VOCABULARY_8), "--output", str(tmp_path / "out")]
+    run = subprocess.run(base + ["--boxes", str(tmp_path / "boxes.json")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = json.loads((tmp_path / "out" / "china.json").read_text())
+    assert (tmp_path / "out" / "china.jpg").stat().st_size > 0
+    theirs.set_image(image)
+    reference = theirs.predict(boxes, vocabulary=VOCABULARY_8)
+    assert [row["label"] for row in written["predictions"]] == reference.labels
+    assert written["weights"]["sha256"] == json.loads((folder / "manifest.json").read_text())["head"]["sha256"]
+    refused = subprocess.run(base + ["--proposals", "sam_auto"], capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 2
+    assert "--backend onnxruntime needs --onnx-dir FOLDER" in refused.stderr.strip().splitlines()[-1]
