@@ -315,3 +315,39 @@ def test_the_demo_recognises_boxes_with_the_onnxruntime_backend(sample_pair, tmp
     refused = subprocess.run(base + ["--proposals", "sam_auto"], capture_output=True, text=True, env=env, timeout=600)
     assert refused.returncode == 2
     assert "--backend onnxruntime needs --onnx-dir FOLDER" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_the_readmes_deploy_section_runs_as_written(sam_path, clip_path, head_path, tmp_path, monkeypatch):
+    """README "Deploy": its export command (from a folder laid out as run_sample.sh leaves the
+    repository: the sample config's random SAM and CLIP, a head at the path it names), then its
+    Python lines, which give labels of the vocabulary for the boxes."""
+    import re
+    import shlex
+
+    from regionspot.config import load_config
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text[text.index("## Deploy\n"):]
+    section = section[:section.index("\n## ", 1)]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ").strip()
+    code = re.search(r"```\n(from regionspot.deploy .*?)```", section, re.S).group(1)
+    os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
+    cfg = load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"))
+    for configured, written in ((cfg.MODEL.REGIONSPOT.SAM_WEIGHTS, sam_path),
+                                (cfg.MODEL.REGIONSPOT.CLIP_WEIGHTS, clip_path),
+                                ("output/sample/train/model_final.pth", head_path)):
+        os.makedirs(tmp_path / os.path.dirname(configured), exist_ok=True)
+        os.symlink(written, tmp_path / configured)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "tools/export_onnx.py"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "projects", "RegionSpot"), REPO]))
+    run = subprocess.run([sys.executable, os.path.join(REPO, argv[1]), *argv[2:]], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    image = _photo(PHOTOS[0])
+    namespace = {"image_rgb": image, "boxes_xyxy": _boxes(image.shape, 3, seed=1)}
+    exec(compile(code, "README.md Deploy", "exec"), namespace)
+    regions = namespace["regions"]
+    assert len(regions.labels) == 3 and set(regions.labels) <= {"cat", "dog", "sofa"}
+    assert regions.masks.shape == (3, *image.shape[:2])
