@@ -24,6 +24,7 @@ What cannot be exported is refused with :class:`ExportRefused`, one line naming 
 """
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -106,13 +107,17 @@ def _first_line(error: BaseException) -> str:
 
 
 def _export(part: str, module: nn.Module, args: tuple, path: str, input_names: List[str],
-            output_names: List[str], dynamic: Dict[str, Dict[int, str]]) -> str:
+            output_names: List[str], dynamic: Dict[str, Dict[int, str]]) -> Tuple[str, List[str]]:
     """``torch.onnx.export`` of one part (dynamo first, TorchScript if dynamo fails), then
-    ``onnx.checker``. Returns the exporter used. Raises :class:`ExportRefused`."""
+    ``onnx.checker``. Returns (the exporter used, why the ones before it failed). Raises
+    :class:`ExportRefused`."""
     import onnx
 
     dims = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic[name]} if name in dynamic else None
                  for name in input_names)  # positional: argument names need not be the inputs'
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if len(parameters) == 1 and parameters[0].kind == inspect.Parameter.VAR_POSITIONAL:
+        dims = (dims,)  # forward(*inputs): torch.export sees one argument, the tuple
     errors = []
     for exporter in ("dynamo", "torchscript"):
         try:
@@ -123,7 +128,7 @@ def _export(part: str, module: nn.Module, args: tuple, path: str, input_names: L
                 torch.onnx.export(module, args, path, dynamo=False, input_names=input_names,
                                   output_names=output_names, opset_version=OPSET, dynamic_axes=dynamic)
             onnx.checker.check_model(path, full_check=True)
-            return exporter
+            return exporter, errors
         except ExportRefused:
             raise
         except Exception as e:  # noqa: BLE001 (any exporter failure: try the other, then refuse)
@@ -259,7 +264,7 @@ def _write_folder(predictor, parts, tables: dict, names, work: str, log) -> dict
     localizer, encoder, clip_model = model.localizer, model.semantic_encoder, model.text_classifier.clip
     previous_attention = localizer.attention
     model.eval()
-    exporters, seconds = {}, {}
+    exporters, seconds, notes = {}, {}, {}
     rng = np.random.default_rng(0)
     image = torch.as_tensor(rng.uniform(0, 255, (1, 3, 200, 300)).astype(np.float32))
     size = localizer.input_size
@@ -291,8 +296,10 @@ def _write_folder(predictor, parts, tables: dict, names, work: str, log) -> dict
         ]
         for key, part, module, args, inputs, outputs, dynamic in steps:
             start = time.perf_counter()
-            exporters[key] = _export(part, module.eval(), args, os.path.join(work, FILES[key]), inputs, outputs,
-                                     dynamic)
+            exporters[key], failed = _export(part, module.eval(), args, os.path.join(work, FILES[key]), inputs,
+                                             outputs, dynamic)
+            if failed:
+                notes[key] = failed
             seconds[key] = round(time.perf_counter() - start, 3)
             log(f"exported {part} -> {FILES[key]} ({exporters[key]} exporter, {seconds[key]:.1f} s)")
     finally:
@@ -313,7 +320,7 @@ def _write_folder(predictor, parts, tables: dict, names, work: str, log) -> dict
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
         "pair": dict(model.pair),
-        "files": dict(FILES), "exporters": exporters, "export_seconds": seconds,
+        "files": dict(FILES), "exporters": exporters, "exporter_failures": notes, "export_seconds": seconds,
         "image_resize": {"min_size": int(resize.short_edge_length[0]), "max_size": int(resize.max_size)},
         "localizer": {"family": localizer.family, "pair_name": localizer.pair_name,
                       "identity": {k: str(v) for k, v in localizer.identity.items()},
