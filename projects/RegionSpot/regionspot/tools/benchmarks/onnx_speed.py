@@ -10,7 +10,8 @@ config's test resize (``configs/regionspot_sample_cpu.yaml``: short side 448):
 
 1. ``regionspot-export onnx``'s work (:func:`regionspot.onnx_export.export_onnx`), timed per part;
 2. per image (``set_image``: both image encoders) and per ``--boxes`` boxes (``predict`` with an
-   8-class vocabulary: prompt decoder, head, masks), medians of ``--repeats`` calls, for:
+   8-class vocabulary: prompt decoder, head, masks), medians of ``--repeats`` calls, the paths
+   taking turns within each repeat, for:
    the PyTorch predictor in float32 (exact), the PyTorch predictor with ``ENCODER_PRECISION
    bfloat16``, and :class:`regionspot.deploy.OnnxRegionSpotPredictor` on ONNX Runtime's CPU
    provider (and on every GPU provider the installed onnxruntime has, with ``--gpu-providers``);
@@ -75,19 +76,21 @@ def _predictor(args, precision: str):
     return RegionSpotPredictor.from_config(cfg, allow_untrained_head=True)
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call allocations, ORT's graph preparation)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return round(statistics.median(samples), 2)
-
-
-def _measure(predictor, image, boxes, repeats: int) -> Dict[str, float]:
-    return {"set_image_ms": _time(lambda: predictor.set_image(image), repeats),
-            "predict_ms": _time(lambda: predictor.predict(boxes, vocabulary=VOCABULARY), repeats)}
+def _interleaved(paths, image, boxes, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Medians of ``set_image`` and ``predict`` per path, the paths taking turns within every
+    repeat (so that a change of the machine's load falls on all of them alike); one warm-up call
+    each first (first-call allocations, ONNX Runtime's graph preparation)."""
+    samples = {name: {"set_image_ms": [], "predict_ms": []} for name, _ in paths}
+    for repeat in range(repeats + 1):
+        for name, predictor in paths:
+            for key, call in (("set_image_ms", lambda p=predictor: p.set_image(image)),
+                              ("predict_ms", lambda p=predictor: p.predict(boxes, vocabulary=VOCABULARY))):
+                start = time.perf_counter()
+                call()
+                if repeat:
+                    samples[name][key].append((time.perf_counter() - start) * 1000.0)
+    return {name: {key: round(statistics.median(values), 2) for key, values in figures.items()}
+            for name, figures in samples.items()}
 
 
 def run(args) -> int:
@@ -128,14 +131,16 @@ def run(args) -> int:
                   for p in providers]
         exact.set_image(image)
         reference = exact.predict(boxes, vocabulary=VOCABULARY)
+        timings = _interleaved(paths, image, boxes, args.repeats)
         for name, predictor in paths:
-            figures = _measure(predictor, image, boxes, args.repeats)
+            figures = timings[name]
+            predictor.set_image(image)
             out = predictor.predict(boxes, vocabulary=VOCABULARY)
             probabilities = np.asarray(out.probabilities, dtype=np.float32)
             figures["max_probability_difference"] = float(np.abs(probabilities - reference.probabilities.numpy()).max())
             figures["top1_agreement"] = float(np.mean(np.asarray(out.classes) == reference.classes.numpy()))
             report["paths"][name] = figures
-            save_progress(args.output, report)
+        save_progress(args.output, report)
     rows = [["path", "set_image ms", f"predict {args.boxes} boxes ms", "max |dp|", "top-1 agree"]]
     rows += [[name, f["set_image_ms"], f["predict_ms"], f"{f['max_probability_difference']:.1e}",
               f"{f['top1_agreement']:.3f}"] for name, f in report["paths"].items()]
