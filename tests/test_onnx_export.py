@@ -351,3 +351,22 @@ def test_the_readmes_deploy_section_runs_as_written(sam_path, clip_path, head_pa
     regions = namespace["regions"]
     assert len(regions.labels) == 3 and set(regions.labels) <= {"cat", "dog", "sofa"}
     assert regions.masks.shape == (3, *image.shape[:2])
+
+
+def test_the_onnx_benchmark_times_every_path_and_records_the_export(tmp_path):
+    """tools/benchmark.py onnx on the sample's sizes, 3 boxes, 1 repeat: the three CPU paths with
+    their times and deviations, the export's time per part, in its JSON and its table."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "projects", "RegionSpot"), REPO]))
+    output = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "onnx", "--variant", "small",
+                          "--boxes", "3", "--repeats", "1", "--threads", "1", "--weights-dir", str(tmp_path / "w"),
+                          "--output", str(output)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert set(report["paths"]) == {"pytorch float32", "pytorch bfloat16", "onnxruntime CPU"}
+    assert report["paths"]["onnxruntime CPU"]["max_probability_difference"] < TOL
+    assert report["paths"]["onnxruntime CPU"]["top1_agreement"] == 1.0
+    assert all(f["set_image_ms"] > 0 and f["predict_ms"] > 0 for f in report["paths"].values())
+    assert set(report["export_parts_s"]) == {"localizer_image_encoder", "localizer_prompt", "semantic_encoder",
+                                             "head", "text_encoder"} and report["export_s"] > 0
+    assert "onnxruntime CPU" in run.stdout and "predict 3 boxes ms" in run.stdout
