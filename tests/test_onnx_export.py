@@ -182,6 +182,9 @@ def test_the_manifest_says_what_was_exported(pair, head_path):
         onnx.checker.check_model(model)
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
     assert [p.name for p in folder.parent.iterdir() if "partial" in p.name] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_the_deployed_predictor_runs_where_torch_cannot_be_imported(sample_pair, tmp_path):

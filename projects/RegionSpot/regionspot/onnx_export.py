@@ -248,6 +248,9 @@ def export_onnx(predictor, output_dir: str, *, vocabulary: Optional[Sequence[str
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; the folder gets the usual mode
     try:
         manifest = _write_folder(predictor, parts, tables, names, work, log)
         os.rename(work, output_dir)
