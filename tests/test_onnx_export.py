@@ -138,6 +138,8 @@ def test_exported_predictions_equal_the_pytorch_predictors(pair):
             reference = theirs.model.prompt_boxes(theirs._features, regions, with_masks=False)[0].tokens.numpy()
             np.testing.assert_allclose(ours.position_tokens(boxes), reference, atol=TOL, rtol=0,
                                        err_msg=f"tokens, {source}, {n} boxes")
+            np.testing.assert_allclose(ours.embed(boxes), theirs.embed(boxes).numpy(), atol=TOL, rtol=0,
+                                       err_msg=f"embed, {source}, {n} boxes")
             for vocabulary in vocabularies:
                 a, b = theirs.predict(boxes, vocabulary=vocabulary), ours.predict(boxes, vocabulary=vocabulary)
                 what = f"{source}, {n} boxes, {len(vocabulary)} classes ({folder.parent.name})"
