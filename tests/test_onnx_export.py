@@ -375,3 +375,32 @@ def test_the_onnx_benchmark_times_every_path_and_records_the_export(tmp_path):
     assert set(report["export_parts_s"]) == {"localizer_image_encoder", "localizer_prompt", "semantic_encoder",
                                              "head", "text_encoder"} and report["export_s"] > 0
     assert "onnxruntime CPU" in run.stdout and "predict 3 boxes ms" in run.stdout
+
+
+def test_the_web_app_recognises_boxes_with_the_onnxruntime_backend(sample_pair):
+    """RegionSpotApp.from_args with --backend onnxruntime: each browser session gets its own
+    predictor on the shared sessions; boxes clicked on a bundled photo get the PyTorch predictor's
+    labels; the modes the export lacks are refused in one line."""
+    import argparse
+
+    from regionspot.data.validation import InputError
+    from regionspot.webapp import BOXES, BUNDLED, EVERYTHING, RegionSpotApp
+
+    theirs, folder = sample_pair[0], sample_pair[2]
+    app = RegionSpotApp.from_args(argparse.Namespace(backend="onnxruntime", onnx_dir=str(folder),
+                                                     max_pixels=40_000_000, max_sessions=4))
+    name = next(iter(BUNDLED))
+    app.set_image("a", bundled=name)
+    app.set_image("b", bundled=list(BUNDLED)[1])
+    assert app.session("a").predictor.sessions is app.session("b").predictor.sessions
+    app.click("a", BOXES, 10, 20)
+    app.click("a", BOXES, 200, 180)
+    status, regions = app.recognise("a", "cat, dog, person", BOXES)
+    assert regions == 1, status
+    theirs.set_image(app.session("a").image)
+    assert app.session("a").predictions.labels == theirs.predict([[10, 20, 200, 180]], ["cat", "dog", "person"]).labels
+    assert len(app.table("a")) == 1 and app.attention_image("a", "0: x", "last") is None
+    with pytest.raises(InputError, match="not available with --backend onnxruntime"):
+        app.recognise("a", "cat", EVERYTHING)
+    with pytest.raises(InputError, match="no boxes yet"):
+        app.recognise("b", "cat", BOXES)

@@ -21,6 +21,7 @@ This module imports neither torch nor detectron2 (``tests/test_onnx_export.py`` 
 process where importing them fails).
 """
 
+import copy
 import html
 import json
 import os
@@ -206,6 +207,14 @@ class OnnxRegionSpotPredictor:
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
         self.reset_image()
+
+    def fork(self) -> "OnnxRegionSpotPredictor":
+        """Another predictor on the same ONNX Runtime sessions (nothing loaded again), with its own
+        image and its own copy of the kept text embeddings (e.g. one per web-app session)."""
+        other = copy.copy(self)
+        other._text_embeddings = OrderedDict(self._text_embeddings)
+        other.reset_image()
+        return other
 
     # ----------------------------------------------------------------- vocabulary
     def set_vocabulary(self, class_names: Sequence[str], text_embeddings: Optional[np.ndarray] = None) -> None:
