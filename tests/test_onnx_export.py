@@ -2,7 +2,8 @@
 ``OnnxRegionSpotPredictor`` (regionspot/deploy.py) against the PyTorch predictor.
 
 Random models in the official formats, one export per pair (module-scoped): SAM + OpenAI CLIP
-with a ViT-B/16-like (BB) and a ViT-L/14-like (BL, patch 14) tower, and SAM 2.1 + OpenCLIP. On
+with a ViT-B/16-like (BB) and a ViT-L/14-like (BL, patch 14) tower, SAM-HQ + OpenAI CLIP, and
+SAM 2.1 + OpenCLIP. On
 bundled photos (square and not), at 1, 7 and 100 boxes and 1, 8 and 1203 classes: tokens and
 logits within 1e-4, the same top-1 labels, masks with IoU >= 0.999. The deployed predictor also
 runs in a process where importing torch fails.
@@ -66,7 +67,7 @@ def exports(sam_path, clip_path, head_path, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=["sam_openai_bb", "sam_openai_bl", "sam2_openclip"])
+@pytest.fixture(scope="module", params=["sam_openai_bb", "sam_openai_bl", "samhq_openai", "sam2_openclip"])
 def pair(request, exports):
     return exports(request.param)
 
@@ -88,6 +89,7 @@ def _export_pair(name, sam_path, clip_path, head_path, tmp_path_factory):
         write_random_clip,
         write_random_open_clip,
         write_random_sam2,
+        write_random_sam_hq,
     )
 
     tmp = tmp_path_factory.mktemp(name)
@@ -103,6 +105,9 @@ def _export_pair(name, sam_path, clip_path, head_path, tmp_path_factory):
     else:
         if name == "sam_openai_bl":
             cfg = make_cfg(sam_path, write_random_clip(str(tmp / "clip_p14.pt"), "tiny-p14", seed=2), tmp / "cache")
+        elif name == "samhq_openai":
+            cfg = make_cfg(write_random_sam_hq(str(tmp / "sam_hq.pth"), seed=2), clip_path, tmp / "cache",
+                           **{"MODEL.REGIONSPOT.LOCALIZER": "sam_hq"})
         else:
             cfg = make_cfg(write_random_sam2(str(tmp / "sam2.pt"), seed=3),
                            write_random_open_clip(str(tmp / "open_clip"), seed=1), tmp / "cache",
