@@ -186,7 +186,7 @@ class SamPositionTokens(Localizer):
                              host_resize="longest_side", mask_paste="crop_padding",
                              mask_threshold=float(self.sam.mask_threshold))
 
-    #: The names of the exported embeddings (SAM-HQ's dict keys for SAM-HQ).
+    #: The names of the exported embeddings: SAM's one tensor (SAM-HQ: its dict's keys).
     onnx_embedding_names: Tuple[str, ...] = ("image_embedding",)
 
     def onnx_boxes_to_input(self, boxes: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
