@@ -277,6 +277,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(sample_pair, tmp_path, m
     with pytest.raises(ExportRefused) as refused:
         export_onnx(theirs, str(tmp_path / "b"))
     assert str(refused.value).startswith("cannot export the head: ") and "\n" not in str(refused.value)
+    assert "a part no exporter can trace" in str(refused.value) and "\x1b" not in str(refused.value)
     assert sorted(os.listdir(tmp_path)) == []
 
 

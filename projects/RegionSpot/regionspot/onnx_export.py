@@ -102,7 +102,8 @@ class _TextExport(nn.Module):
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    """The error's type and first line, without terminal colour codes, at most 300 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
