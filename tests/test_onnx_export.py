@@ -410,3 +410,20 @@ def test_the_web_app_recognises_boxes_with_the_onnxruntime_backend(sample_pair):
         app.recognise("a", "cat", EVERYTHING)
     with pytest.raises(InputError, match="no boxes yet"):
         app.recognise("b", "cat", BOXES)
+
+
+def test_the_cli_refuses_an_existing_folder_in_one_line(sample_pair, sam_path, clip_path, tmp_path):
+    """tools/export_onnx.py onnx --output an existing export: exit status 2, one error line naming
+    the folder, the folder untouched."""
+    folder = sample_pair[2]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "projects", "RegionSpot"), REPO]))
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_onnx.py"), "onnx", "--config-file",
+                          os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), "--output", str(folder),
+                          "--untrained-head", "--opts", "MODEL.REGIONSPOT.SAM_WEIGHTS", sam_path,
+                          "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip_path, "MODEL.REGIONSPOT.TEXT_CACHE_DIR",
+                          str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("regionspot-export: error: ") and f"{folder} exists" in last
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before

@@ -15,6 +15,7 @@ What cannot be exported is refused in one line naming the part and the reason (e
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -48,6 +49,9 @@ def run(args) -> int:
     from regionspot.onnx_export import export_onnx
     from regionspot.predictor import RegionSpotPredictor
 
+    if os.path.exists(args.output):  # refused before any model is built (export_onnx checks again)
+        raise ToolError(f"the output folder {os.path.abspath(args.output)} exists: choose a new one (nothing is "
+                        f"overwritten)")
     cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
     vocabulary = None
     if args.vocabulary is not None:
