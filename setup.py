@@ -54,6 +54,7 @@ TOOLS = {
     "regionspot-convert-openimages": "convert_openimages",
     "regionspot-run-sample": "run_sample",
     "regionspot-export-region-embeddings": "export_region_embeddings",
+    "regionspot-export": "export_onnx",
     # The entry points a checkout also runs as train_net.py, demo/demo.py and demo/app.py.
     "regionspot-train": "train_net",
     "regionspot-demo": "demo",
@@ -134,6 +135,13 @@ setup(
         # An extra (the installer installs it) so that the GPU wheel bundle, which carries
         # install_requires only, stays small; without it the error names this extra.
         "hub-tokenizers": ["transformers>=4.40"],
+        # regionspot-export onnx (regionspot/onnx_export.py): torch.onnx's dynamo exporter needs
+        # onnxscript; onnx.checker checks every file.
+        "export": ["onnx>=1.17", "onnxscript"],
+        # regionspot.deploy.OnnxRegionSpotPredictor, torch-free: ONNX Runtime, the exported BPE
+        # tokenizer (tokenizers) with CLIP's cleaning (ftfy), PIL and OpenCV resizes.
+        "onnxruntime": ["onnxruntime>=1.20", "tokenizers>=0.15", "ftfy", "numpy", "pillow>=9.4",
+                        "opencv-python-headless"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

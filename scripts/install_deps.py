@@ -23,10 +23,12 @@ Steps, each printing one line saying what it did:
    docstring says which, tests/test_install_deps.py shows it): the sdist's setup.py (C++
    build, distribution name); ``detectron2._C`` missing (a placeholder module); Pillow>=10
    (``Image.LINEAR``); numpy>=1.24 (``np.int`` & co.); COCOEvaluator's compiled evaluator.
-3. the project itself: ``pip install -e '.[test,app,hub-tokenizers]'`` (the test extra: pytest, and ruff, the
-   linter that ``.ci/run`` runs before the tests; the app extra: Gradio for ``demo/app.py`` and
-   the Playwright package its browser test drives Chromium with; hub-tokenizers: transformers,
-   for OpenCLIP models whose tokenizer is a Hugging Face one, e.g. SigLIP).
+3. the project itself: ``pip install -e '.[test,app,hub-tokenizers,export,onnxruntime]'`` (the
+   test extra: pytest, and ruff, the linter that ``.ci/run`` runs before the tests; the app
+   extra: Gradio for ``demo/app.py`` and the Playwright package its browser test drives Chromium
+   with; hub-tokenizers: transformers, for OpenCLIP models whose tokenizer is a Hugging Face one,
+   e.g. SigLIP; export and onnxruntime: onnx, onnxscript and ONNX Runtime for
+   ``regionspot-export onnx``, ``regionspot.deploy`` and their tests).
 3b. Chromium for that browser test: Debian's ``chromium`` package (``apt-get install -y
    chromium``) when ``/usr/bin/chromium`` is missing and apt is usable as root; never a browser
    download. This step runs on every run, the up-to-date one too (the browser lives outside
@@ -602,7 +604,7 @@ def patch_lvis_numpy124_float(eval_py: Path) -> int:
 
 def ensure_project() -> None:
     step = "project"
-    pip(step, "-e", ".[test,app,hub-tokenizers]", cwd=REPO_ROOT)
+    pip(step, "-e", ".[test,app,hub-tokenizers,export,onnxruntime]", cwd=REPO_ROOT)
     location = project_location()
     if location is None or PROJECT_PACKAGE_DIR not in [location, *location.parents]:
         raise StepError(step, f"regionspot resolves to {location}, not to {PROJECT_PACKAGE_DIR}")
@@ -611,7 +613,8 @@ def ensure_project() -> None:
     if rc != 0:
         raise StepError(step, "ruff (the [test] extra) does not run", ruff_version, out)
     say(step, f"installed regionspot (editable, from {location.relative_to(REPO_ROOT)}) "
-              f"with its [test] extra (pytest, {last_line(out)}) and [app] extra (gradio, playwright)")
+              f"with its [test] extra (pytest, {last_line(out)}), [app] extra (gradio, playwright), "
+              f"[export] (onnx, onnxscript) and [onnxruntime] extras")
 
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -128,7 +128,7 @@ def test_one_command_and_no_import_cycle():
 
     from regionspot.tools import benchmark
 
-    assert list(benchmark.SUBCOMMANDS) == ["stages", "e2e", "eval", "text", "train", "pairs", "app"]
+    assert list(benchmark.SUBCOMMANDS) == ["stages", "e2e", "eval", "text", "train", "pairs", "app", "onnx"]
     modules = set(benchmark.SUBCOMMANDS.values())
     folder = os.path.join(os.path.dirname(benchmark.__file__), "benchmarks")
     for name in sorted(os.listdir(folder)):

@@ -18,7 +18,8 @@ lower layer, never a higher layer nor another part of its own layer:
 2. ``modeling/``;
 3. ``config`` (loads a config file and checks it, asking data/, evaluation/ and modeling/ for
    their allowed values; the parts import only ``config_defaults``);
-4. ``engine/`` | ``predictor`` with ``predictions`` and ``predictor_inputs`` | ``cli`` (the entry
+4. ``engine/`` | ``predictor`` with ``predictions``, ``predictor_inputs`` and the ONNX route
+   (``onnx_export``, ``deploy``) | ``cli`` (the entry
    points' logging and error handling) | ``testing/`` (random-weight fixtures, built with modeling/);
 5. ``webapp`` with ``drawing`` and ``attention_maps`` (the app's pictures);
 6. ``tools/`` (the console commands);
@@ -50,7 +51,7 @@ LAYERS: Tuple[Tuple[Tuple[str, ...], ...], ...] = (
     (("data",), ("evaluation",)),
     (("modeling",),),
     (("config",),),
-    (("engine",), ("predictor", "predictions", "predictor_inputs"), ("cli",), ("testing",)),
+    (("engine",), ("predictor", "predictions", "predictor_inputs", "deploy", "onnx_export"), ("cli",), ("testing",)),
     (("webapp", "drawing", "attention_maps"),),
     (("tools",),),
     (("",),),  # the package's __init__ (exactly "regionspot", not its submodules)

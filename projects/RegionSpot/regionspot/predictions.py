@@ -3,13 +3,18 @@ the regions of one image (boxes, labels, scores, probabilities, masks, region em
 attention maps, and what each selection step removed), with selection by index or score and
 the JSON rows the demo writes."""
 
+from __future__ import annotations
+
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import torch
+import numpy as np
 
 from .filter_report import FilterReport
+
+if TYPE_CHECKING:  # torch is imported where used: regionspot.deploy fills these with numpy arrays, torch-free
+    import torch
 
 # The predictor's logger (the name its log lines have always carried): above_score's warning.
 logger = logging.getLogger("regionspot.predictor")
@@ -18,6 +23,9 @@ logger = logging.getLogger("regionspot.predictor")
 @dataclass
 class RegionPredictions:
     """Predictions for N boxes of one image (all tensors on the CPU), in box order.
+
+    :class:`regionspot.deploy.OnnxRegionSpotPredictor` gives the same fields as numpy arrays
+    (the methods work on both).
 
     Attributes:
         boxes: (N, 4) float32, XYXY_ABS pixels of the image given to ``set_image``.
@@ -59,13 +67,20 @@ class RegionPredictions:
 
     def select(self, keep: torch.Tensor) -> "RegionPredictions":
         """The predictions of the boxes where ``keep`` ((N,) bool or int64 indices) says so."""
-        keep = torch.as_tensor(keep)
+        if isinstance(self.boxes, np.ndarray):
+            keep = np.asarray(keep)
+            indices = np.arange(len(self.labels))[keep].tolist()
+        else:
+            import torch
+
+            keep = torch.as_tensor(keep)
+            indices = torch.arange(len(self.labels))[keep].tolist()
 
         def part(t):
             return None if t is None else t[keep]
         return RegionPredictions(
             boxes=self.boxes[keep], classes=self.classes[keep],
-            labels=[self.labels[i] for i in torch.arange(len(self.labels))[keep].tolist()],
+            labels=[self.labels[i] for i in indices],
             scores=self.scores[keep], probabilities=self.probabilities[keep],
             proposal_scores=self.proposal_scores[keep], masks=self.masks[keep], vocabulary=self.vocabulary,
             filters=self.filters.copy(), embeddings=part(self.embeddings), attention=part(self.attention),
@@ -76,7 +91,11 @@ class RegionPredictions:
         k = min(k, len(self.vocabulary))
         if not len(self.labels) or k == 0:
             return [[] for _ in self.labels]
-        values, indices = self.probabilities.topk(k, dim=1)
+        if isinstance(self.probabilities, np.ndarray):
+            indices = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+            values = np.take_along_axis(self.probabilities, indices, axis=1)
+        else:
+            values, indices = self.probabilities.topk(k, dim=1)
         return [[(self.vocabulary[i], float(v)) for v, i in zip(vs, ids)]
                 for vs, ids in zip(values.tolist(), indices.tolist())]
 

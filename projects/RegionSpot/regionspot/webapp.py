@@ -81,8 +81,11 @@ class RegionSpotApp:
     """
 
     def __init__(self, model, min_size: int, max_size: int, sample: bool = False, max_pixels: int = 40_000_000,
-                 max_sessions: int = 16):
+                 max_sessions: int = 16, deployed=None):
         self.model = model
+        # --backend onnxruntime: an OnnxRegionSpotPredictor (regionspot.deploy) whose sessions every
+        # browser session shares (boxes only: no proposals, clicks or attention maps); model is None.
+        self.deployed = deployed
         self.min_size, self.max_size = min_size, max_size
         self.sample = sample
         self.max_pixels = max_pixels
@@ -99,6 +102,14 @@ class RegionSpotApp:
         from regionspot.checkpoint import RegionSpotCheckpointer
         from regionspot.config import load_config
 
+        if getattr(args, "backend", "pytorch") == "onnxruntime":
+            from regionspot.deploy import OnnxRegionSpotPredictor
+
+            if not getattr(args, "onnx_dir", None):
+                raise ValueError("--backend onnxruntime needs --onnx-dir FOLDER (written by regionspot-export onnx)")
+            deployed = OnnxRegionSpotPredictor(args.onnx_dir)
+            return cls(None, 0, 0, sample=deployed.manifest["head"]["sha256"] == "untrained",
+                       max_pixels=args.max_pixels, max_sessions=args.max_sessions, deployed=deployed)
         sample = args.sample or not args.config_file
         if sample:
             cfg = sample_config(args.sample_dir, args.opts)
@@ -119,7 +130,8 @@ class RegionSpotApp:
         from regionspot.predictor import RegionSpotPredictor
 
         if key not in self.sessions:
-            self.sessions[key] = Session(RegionSpotPredictor(self.model, self.min_size, self.max_size))
+            self.sessions[key] = Session(self.deployed.fork() if self.deployed is not None else
+                                         RegionSpotPredictor(self.model, self.min_size, self.max_size))
             while len(self.sessions) > self.max_sessions:
                 self.sessions.popitem(last=False)
         self.sessions.move_to_end(key)
@@ -282,8 +294,15 @@ class RegionSpotApp:
         names = self.parse_vocabulary(vocabulary_text)
         predictor = session.predictor
         start = time.perf_counter()
+        if self.deployed is not None and mode != BOXES:
+            raise InputError(f"{mode!r} is not available with --backend onnxruntime (the export recognises boxes "
+                             f"only): choose the boxes prompt")
         with self.lock:
-            if mode == EVERYTHING:
+            if self.deployed is not None:
+                if not session.boxes:
+                    raise InputError("no boxes yet: click two opposite corners of a box on the image")
+                out = predictor.predict(session.boxes, names)
+            elif mode == EVERYTHING:
                 out = predictor.predict(proposals="sam_auto", vocabulary=names, return_attention=True)
             elif mode == BOXES:
                 if not session.boxes:

@@ -58,6 +58,76 @@ class BoxPrompts(NamedTuple):
     iou_predictions: Optional[torch.Tensor]
 
 
+class OnnxLocalizer(NamedTuple):
+    """A family's ONNX export (:meth:`Localizer.onnx_modules`): two modules the exporter traces,
+    and how the runtime prepares their input and pastes their masks (``regionspot.deploy``).
+
+    Attributes:
+        image_encoder: ``(1, 3, h, w)`` float32 RGB pixels in [0, 255] (the image as
+            ``host_resize`` leaves it) -> a tuple of the embedding tensors named ``embedding_names``.
+        embedding_names: the names of the image encoder's outputs, the prompt module's first inputs.
+        prompt: ``(*embeddings, boxes (N, 4) float32 XYXY pixels of an (H, W) image, image_size
+            (2,) float32 [H, W])`` -> ``(tokens (N, T), low_res_masks (N, 1, 4g, 4g), iou (N,))``,
+            all float32: the boxes' frame change, prompt encoder and single-mask decoder.
+        host_resize: ``"longest_side"``: before the image encoder the image is resized with PIL
+            (bilinear) so that its long side is the input side S (SAM's ``ResizeLongestSide``);
+            ``"none"``: the encoder takes the image as it is.
+        mask_paste: ``"crop_padding"``: a mask is upsampled to S x S (bilinear), cropped to the
+            image's (h, w) inside the input, resized to the output size (SAM's
+            ``postprocess_masks``); ``"whole_input"``: resized from the whole square to the output
+            size (SAM 2's). Thresholded at ``mask_threshold``.
+        mask_threshold: the mask-logit threshold.
+    """
+
+    image_encoder: nn.Module
+    embedding_names: Tuple[str, ...]
+    prompt: nn.Module
+    host_resize: str
+    mask_paste: str
+    mask_threshold: float = 0.0
+
+
+class ExportImageEncoder(nn.Module):
+    """The image side of a family's ONNX export: (1, 3, h, w) float32 RGB pixels in [0, 255]
+    -> ``preprocess`` (a function of the pixels that the family gives: normalise, pad or resize)
+    -> :meth:`Localizer.encode_images` -> a tuple of its embeddings in ``names`` order (one
+    tensor, or a dict's entries)."""
+
+    def __init__(self, localizer: "Localizer", preprocess: Callable[[torch.Tensor], torch.Tensor],
+                 names: Sequence[str]):
+        super().__init__()
+        self.localizer = localizer
+        self.preprocess = preprocess
+        self.names = tuple(names)
+
+    def forward(self, pixels: torch.Tensor):
+        out = self.localizer.encode_images(self.preprocess(pixels))
+        return tuple(out[k] for k in self.names) if isinstance(out, dict) else (out,)
+
+
+class ExportPrompt(nn.Module):
+    """The prompt side of a family's ONNX export: ``(*embeddings, boxes (N, 4) float32 XYXY pixels,
+    image_size (2,) float32 [H, W])`` -> ``(tokens, low_res_masks, iou_predictions)``:
+    ``boxes_to_input`` (a tensor version of :meth:`Localizer.boxes_to_input` that the family
+    gives), :meth:`Localizer.encode_boxes`, :meth:`Localizer.decode_prompts` with masks."""
+
+    def __init__(self, localizer: "Localizer", boxes_to_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 names: Sequence[str], as_dict: bool):
+        super().__init__()
+        self.localizer = localizer
+        self.boxes_to_input = boxes_to_input
+        self.names = tuple(names)
+        self.as_dict = as_dict
+
+    def forward(self, *inputs: torch.Tensor):
+        *embeddings, boxes, image_size = inputs
+        embedding = dict(zip(self.names, embeddings)) if self.as_dict else embeddings[0]
+        sparse, dense = self.localizer.encode_boxes(self.boxes_to_input(boxes, image_size))
+        index = torch.zeros_like(boxes[:, 0], dtype=torch.int64)
+        out = self.localizer.decode_prompts(embedding, sparse, dense, index, with_masks=True)
+        return out.tokens, out.low_res_masks, out.iou_predictions
+
+
 def image_embedding(embeddings: LocalizerEmbedding) -> torch.Tensor:
     """The image embedding of a localizer embedding: the tensor itself, or a dict's ``"image"``
     (the convention of every family whose decoder also reads other maps: SAM-HQ, SAM 2)."""
@@ -245,6 +315,16 @@ class Localizer(nn.Module, abc.ABC):
             ``stability_score``, ``segmentation`` (H, W) bool), with ``counts`` of what each
             filter removed (:class:`~.proposals.sam_auto.FilterCounting`) for filter reports.
         """
+
+    def onnx_modules(self) -> OnnxLocalizer:
+        """The family's export hook (:class:`OnnxLocalizer`): its image encoder and prompt path as
+        modules that ``torch.onnx.export`` traces (``regionspot-export onnx``).
+
+        Raises:
+            NotImplementedError: a family without an ONNX export (the message names it).
+        """
+        raise NotImplementedError(f"the localizer {self.pair_name!r} ({type(self).__name__}) has no ONNX export "
+                                  f"(Localizer.onnx_modules)")
 
     # ----------------------------------------------------------------- the token-source rule
     def prompt_token(self, sparse: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,10 @@ from .localizer import (  # noqa: F401  (BoxPrompts and the constants: where SAM
     MASK_PASTE_CHUNK,
     MASK_PROMPT_LOGIT,
     BoxPrompts,
+    ExportImageEncoder,
+    ExportPrompt,
     Localizer,
+    OnnxLocalizer,
     paste_in_chunks,
 )
 
@@ -172,6 +175,27 @@ class SamPositionTokens(Localizer):
         masks = (hyper[:, None, :] @ upscaled.flatten(2)).view(n, 1, *upscaled.shape[-2:])
         iou = decoder.iou_prediction_head(hs[:, 0])[:, 0]
         return BoxPrompts(token.float(), masks.float(), iou.float())
+
+    def onnx_modules(self) -> OnnxLocalizer:
+        """SAM's ONNX export (:class:`~.localizer.OnnxLocalizer`): the host resizes the image as
+        ``ResizeLongestSide``; the image encoder normalises and pads; masks are pasted as
+        ``Sam.postprocess_masks`` does (upsample to S, crop the padding, resize)."""
+        names = self.onnx_embedding_names
+        return OnnxLocalizer(ExportImageEncoder(self, self.sam.preprocess, names), names,
+                             ExportPrompt(self, self.onnx_boxes_to_input, names, as_dict=len(names) > 1),
+                             host_resize="longest_side", mask_paste="crop_padding",
+                             mask_threshold=float(self.sam.mask_threshold))
+
+    #: The names of the exported embeddings: SAM's one tensor (SAM-HQ: its dict's keys).
+    onnx_embedding_names: Tuple[str, ...] = ("image_embedding",)
+
+    def onnx_boxes_to_input(self, boxes: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """:meth:`boxes_to_input` with the image size as a (2,) float32 tensor [H, W] (for the
+        ONNX graph): ``ResizeLongestSide.get_preprocess_shape``, then each coordinate scaled."""
+        h, w = image_size[0], image_size[1]
+        scale = self.input_size / torch.maximum(h, w)
+        new_h, new_w = torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)
+        return boxes * torch.stack([new_w / w, new_h / h, new_w / w, new_h / h])
 
     # ----------------------------------------------------------------- clicks and masks
     def prompt_points(self, image_embedding: torch.Tensor, sam_input_size: Tuple[int, int],

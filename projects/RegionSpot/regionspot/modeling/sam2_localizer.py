@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..weights_files import WeightsError, localizer_state_dict, require_file, sam2_architecture
-from .localizer import BoxPrompts, Localizer, paste_in_chunks
+from .localizer import BoxPrompts, ExportImageEncoder, ExportPrompt, Localizer, OnnxLocalizer, paste_in_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +243,35 @@ class Sam2PositionTokens(Localizer):
             feats[-1] = feats[-1] + model.no_mem_embed
         maps = [f.permute(1, 2, 0).reshape(pixels.shape[0], -1, *size) for f, size in zip(feats, sizes)]
         return {"image": maps[-1], "high_res_0": maps[0], "high_res_1": maps[1]}
+
+    # ----------------------------------------------------------------- ONNX export
+    onnx_embedding_names = ("image", "high_res_0", "high_res_1")  # encode_images' dict, exported in this order
+
+    def onnx_modules(self) -> OnnxLocalizer:
+        """SAM 2's ONNX export (:class:`~.localizer.OnnxLocalizer`): the image encoder takes the
+        image as it is and squashes it to S x S itself (:meth:`onnx_preprocess`); masks are resized
+        from the whole square to the output size (``SAM2Transforms.postprocess_masks``)."""
+        names = self.onnx_embedding_names
+        return OnnxLocalizer(ExportImageEncoder(self, self.onnx_preprocess, names), names,
+                             ExportPrompt(self, self.onnx_boxes_to_input, names, as_dict=True),
+                             host_resize="none", mask_paste="whole_input", mask_threshold=0.0)
+
+    def onnx_preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`preprocess` on (1, 3, H, W) float32 pixels in [0, 255], written with tensor ops for
+        the ONNX graph (``SAM2Transforms.transforms`` is TorchScript): /255, torchvision's
+        ``Resize((S, S))`` on a tensor (bilinear, antialiased), ``Normalize``."""
+        size = self.input_size
+        x = torch.nn.functional.interpolate(pixels / 255.0, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        mean = torch.tensor(self.transforms.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.transforms.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def onnx_boxes_to_input(self, boxes: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """:meth:`boxes_to_input` with the image size as a (2,) float32 tensor [H, W] (for the
+        ONNX graph): corners divided by (W, H), times S (``SAM2Transforms.transform_coords``)."""
+        corners = boxes.reshape(-1, 2, 2)
+        return corners / torch.stack([image_size[1], image_size[0]]) * self.input_size
 
     # ----------------------------------------------------------------- prompt side
     def boxes_to_input(self, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:

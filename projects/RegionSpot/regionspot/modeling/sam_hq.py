@@ -140,6 +140,7 @@ class SamHqPositionTokens(SamPositionTokens):
     """
 
     family = "sam_hq"
+    onnx_embedding_names = ("image", "interm")  # encode_images' dict, exported in this order
 
     def __init__(self, sam: nn.Module, *args, **kwargs):
         MaskDecoderHQ = hq_package().modeling.MaskDecoderHQ

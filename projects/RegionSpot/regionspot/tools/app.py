@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the sample's random weights and text cache are written (once; default: "
                              "./output/app_sample under the current folder)")
     parser.add_argument("--untrained-head", action="store_true", help="allow an empty MODEL.WEIGHTS with a config")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="onnxruntime: the export in --onnx-dir on ONNX Runtime (boxes only)")
+    parser.add_argument("--onnx-dir", metavar="FOLDER",
+                        help="with --backend onnxruntime: a folder written by regionspot-export onnx")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted, in pixels")

@@ -16,7 +16,9 @@ Subcommands (``regionspot-benchmark SUBCOMMAND --help`` for each one's options a
 - ``pairs``: each localizer's and vision-language model's cost per image and the FLOP-bound
   GPU-hours of each pair (:mod:`regionspot.tools.benchmarks.pairs`);
 - ``app``: the web app's handlers and the cost of recording attention
-  (:mod:`regionspot.tools.benchmarks.app`).
+  (:mod:`regionspot.tools.benchmarks.app`);
+- ``onnx``: the exported model on ONNX Runtime vs the PyTorch CPU path (float32 and bfloat16),
+  and the export's time (:mod:`regionspot.tools.benchmarks.onnx_speed`).
 
 Each writes its figures to a JSON file (``--output``) as it goes; how to read them:
 ``docs/speed.md``. Bad options end with one line ``benchmark.py SUBCOMMAND: error: <message>``
@@ -43,6 +45,7 @@ SUBCOMMANDS = {
     "train": "train",
     "pairs": "pairs",
     "app": "app",
+    "onnx": "onnx_speed",
 }
 
 

@@ -38,6 +38,13 @@ Visualizer) and ``<output>/<name>.json`` (the predictions), and the run's log in
 thresholds, the ``PROPOSAL_*`` selection, ``--min-score``) and the key that controls it; a
 step that removes everything is also logged, in one warning line.
 
+With ``--backend onnxruntime --onnx-dir FOLDER`` the boxes are recognised by the folder that
+``regionspot-export onnx`` wrote, on ONNX Runtime (:class:`regionspot.deploy.OnnxRegionSpotPredictor`;
+``--boxes`` only; the config is not read, the folder holds the model):
+
+    regionspot-demo --backend onnxruntime --onnx-dir out/regionspot_onnx --input photo.jpg \
+        --boxes boxes.json --vocabulary custom --custom-vocabulary "cat,sofa" --output out/
+
 Every input is checked before a model is loaded or anything is written, and a problem ends
 the demo with one line and exit code 2 (``--debug`` for the traceback): the config, the
 vocabulary, ``MODEL.WEIGHTS`` (empty only with ``--untrained-head``), each image (it exists
@@ -109,6 +116,11 @@ def get_parser() -> argparse.ArgumentParser:
                              "(its labels are chance); refused otherwise")
     add_register_argument(parser)
     add_debug_argument(parser)
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch (default): the config's model; onnxruntime: the export in --onnx-dir "
+                             "(--boxes only)")
+    parser.add_argument("--onnx-dir", metavar="FOLDER",
+                        help="with --backend onnxruntime: a folder written by regionspot-export onnx")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -263,19 +275,37 @@ def run(args) -> int:
     if args.mask and (args.boxes or args.proposals):
         raise InputError("--mask is a prompt of one object: use it alone or with --points, not with "
                          "--boxes or --proposals")
+    onnx = args.backend == "onnxruntime"
+    if onnx and (not args.onnx_dir or not args.boxes or args.points or args.mask or args.attention):
+        raise InputError("--backend onnxruntime needs --onnx-dir FOLDER (written by regionspot-export onnx) and "
+                         "--boxes FILE; it has no --proposals, --points, --mask or --attention")
+    if onnx and not os.path.isfile(os.path.join(args.onnx_dir, "manifest.json")):
+        raise InputError(f"--onnx-dir {args.onnx_dir!r} has no manifest.json: write the folder with "
+                         f"regionspot-export onnx")
     mask = read_mask(args.mask) if args.mask else None
     register_from_args(args.register)
     box_table = read_boxes_file(args.boxes) if args.boxes else None
     vocabulary = vocabulary_by_name(args.vocabulary, args.custom_vocabulary or None)
-    cfg = setup_cfg(args)
+    cfg = None if onnx else setup_cfg(args)
     paths = expand_inputs(args.input)
     given_boxes = check_images(paths, box_table, args.boxes)
     plan = plan_outputs(paths, args.output)
     os.makedirs(args.output, exist_ok=True)
     setup_logging(os.path.join(args.output, LOG_FILE))  # everything from here on is also in the log file
-    predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary, allow_untrained_head=args.untrained_head)
-    weights = head_weights_record(cfg.MODEL.WEIGHTS)
-    if cfg.MODEL.WEIGHTS:
+    if onnx:
+        from regionspot.deploy import OnnxRegionSpotPredictor
+
+        predictor = OnnxRegionSpotPredictor(args.onnx_dir, vocabulary=vocabulary)
+        head = predictor.manifest["head"]
+        weights = {"onnx_dir": os.path.abspath(args.onnx_dir), "head": head["weights"], "sha256": head["sha256"]}
+        logger.info("ONNX Runtime (%s): %s, head %s", ", ".join(predictor.providers), args.onnx_dir, head["weights"])
+    else:
+        predictor = RegionSpotPredictor.from_config(cfg, vocabulary=vocabulary,
+                                                    allow_untrained_head=args.untrained_head)
+        weights = head_weights_record(cfg.MODEL.WEIGHTS)
+    if onnx:
+        pass  # the folder's head, logged above
+    elif cfg.MODEL.WEIGHTS:
         logger.info("head: %s", weights)
     else:
         logger.warning("--untrained-head: recognising with a randomly initialised head; its labels are chance")
@@ -288,7 +318,9 @@ def run(args) -> int:
             image = read_image(path, "RGB")
             predictor.set_image(image)
             attention = args.attention
-            if box_table is not None:
+            if onnx:
+                predictions = predictor.predict(given_boxes[path].numpy())
+            elif box_table is not None:
                 predictions = predictor.predict(given_boxes[path], return_attention=attention)
             elif args.points or mask is not None:
                 points = [p[:2] for p in args.points] if args.points else None
