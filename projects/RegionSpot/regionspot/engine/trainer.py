@@ -37,7 +37,7 @@ from ..evaluation.protocol import evaluation_protocol
 from ..filter_report import FilterReport, FilterReportEvaluator
 from ..io import write_json_atomic
 from ..modeling.text_classifier import vocabulary_from_config
-from .launch import wrap_ddp
+from .launch import restart_count, wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
 
 logger = logging.getLogger("regionspot")
@@ -125,8 +125,17 @@ class RegionSpotTrainer(DefaultTrainer):
         return self._trainer.data_loader.batch_sampler
 
     def resume_or_load(self, resume: bool = True):
-        """Detectron2's resume, then the data order continues where the checkpoint left it."""
-        super().resume_or_load(resume=resume)
+        """Detectron2's resume, then the data order continues where the checkpoint left it.
+
+        After an elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0, :func:`restart_count`) the
+        run always resumes from ``OUTPUT_DIR``'s last complete checkpoint, and says from which
+        iteration."""
+        restarts = restart_count()
+        super().resume_or_load(resume=resume or restarts > 0)
+        if restarts:
+            logger.warning("elastic restart %d: resuming from iteration %d (%s)", restarts, self.start_iter,
+                           self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint()
+                           else "no checkpoint yet: from the start")
         self.train_sampler.set_start_iter(self.start_iter)
         # Detectron2 0.6 starts the loader's iterator when the step object is built: restart it.
         self._trainer._data_loader_iter = iter(self._trainer.data_loader)
