@@ -3,8 +3,7 @@ one line naming the folder, the bytes needed and the bytes free; no partial file
 a final name; ``last_checkpoint`` names a complete checkpoint, which loads; once there is room,
 ``--resume`` (or a rerun of the extraction) continues to the same result as a clean run.
 
-The small disk is a tmpfs where the test can mount one (root), else a free-space shim
-(tests/small_disk/sitecustomize.py) that reports the folder as a disk of that size."""
+The small disk: tests/small_disk.py (a tmpfs, or a free-space shim where none can be mounted)."""
 
 import os
 import subprocess
@@ -13,55 +12,15 @@ import sys
 import pytest
 import torch
 
+from small_disk import small_disks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM = os.path.join(REPO, "tests", "small_disk")
 MB = 1 << 20
-
-
-def _mount(folder, size):
-    if os.environ.get("REGIONSPOT_TEST_DISK_SHIM"):  # to test the shim where tmpfs works
-        return False
-    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder]
-    return os.geteuid() == 0 and subprocess.run(cmd, capture_output=True).returncode == 0
-
-
-class SmallDisk:
-    """A folder on a disk of ``size`` bytes; :meth:`resize` gives it more room."""
-
-    def __init__(self, folder, size):
-        self.folder = str(folder)
-        os.makedirs(self.folder)
-        self.tmpfs = _mount(self.folder, size)
-        self.size = size
-
-    def resize(self, size):
-        self.size = size
-        if self.tmpfs:
-            subprocess.run(["mount", "-o", f"remount,size={size}", self.folder], check=True)
-
-    def env(self, **extra):
-        env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-        if not self.tmpfs:
-            env["PYTHONPATH"] = os.pathsep.join([SHIM, env.get("PYTHONPATH", "")])
-            env["REGIONSPOT_TEST_DISK"] = f"{self.folder}:{self.size}"
-        return env
-
-    def close(self):
-        if self.tmpfs:
-            subprocess.run(["umount", "-l", self.folder], check=True)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    disks = []
-
-    def make(size):
-        disks.append(SmallDisk(tmp_path / f"disk{len(disks)}", size))
-        return disks[-1]
-
-    yield make
-    for disk in disks:
-        disk.close()
+    yield from small_disks(tmp_path)
 
 
 def _no_temporary_files(folder):
