@@ -331,3 +331,23 @@ def test_disk_full_then_rerun_gives_the_clean_cache(sam_path, data, reference_ca
     assert set(kept) <= set(os.listdir(directory))  # the finished shards were kept, not rewritten
     assert_same_cache(reference_cache, disk.folder, "tok_synth", "tok_full", data[2], identity)
     tc.SamTokenCache(disk.folder, "tok_full", identity).verify(data[2])
+
+
+def test_two_processes_under_torchrun(sam_path, data, reference_cache, identity, tmp_path):
+    """``torchrun --nproc-per-node 2``: the two processes join one group (before: two one-process
+    runs over the whole dataset) and write the same cache as ``--num-gpus 2``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *_cli(sam_path, data, tmp_path, "--shard-size", "2", dataset="tok_torchrun")[1:]]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("to extract with 2 process(es)") == 1
+    directory = tmp_path / "tok_torchrun"
+    report = json.load(open(directory / "last_run.json"))
+    assert sorted((s["rank"], s["images"]) for s in report["summaries"]) == [(0, 3), (1, 2)] and report["complete"]
+    ref = tc.SamTokenCache(reference_cache, "tok_synth", identity)
+    got = tc.SamTokenCache(str(tmp_path), "tok_torchrun", identity)
+    for r in data[2]:
+        for flip in (False, True):
+            (ta, ba), (tb, bb) = ref.lookup_record(r, flip), got.lookup_record(r, flip)
+            assert torch.equal(ba, bb) and torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
