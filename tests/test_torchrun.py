@@ -3,6 +3,7 @@ rendezvous), ``--num-gpus`` through ``elastic_launch``, a rank killed with and w
 ``--max-restarts``, and one job per output folder. CPU, gloo, two processes, the tiny random
 models; every command is the real entry point in a subprocess."""
 
+import json
 import os
 import signal
 import subprocess
@@ -135,3 +136,20 @@ def test_second_job_on_a_held_folder_is_refused(tmp_path, sam_path, clip_path):
     assert "is in use by a running job" in lines[-1] and f"pid {os.getpid()}" in lines[-1]
     assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing of the refused job written
 
+
+
+def test_evaluation_under_torchrun_equals_one_process(tmp_path, sam_path, clip_path, head_path):
+    """``--eval-only`` with two torchrun processes shards the images and gives one process's AP."""
+    aps = []
+    for name, launcher in (("one", [sys.executable]), ("two", _torchrun("--standalone", "--nproc-per-node", "2"))):
+        out = str(tmp_path / name)
+        opts = _opts(out, sam_path, clip_path, 1)
+        opts = opts[:opts.index("DATASETS.TEST")]  # the sample's test set
+        proc = subprocess.run([*launcher, "train_net.py", "--eval-only", *opts, "MODEL.WEIGHTS", head_path], cwd=REPO,
+                              env=_env(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (folder,) = os.listdir(os.path.join(out, "inference"))
+        with open(os.path.join(out, "inference", folder, "metrics.json")) as f:
+            aps.append(json.load(f)["results"]["bbox"])
+    assert "World size: 2" in open(os.path.join(str(tmp_path / "two"), "log.txt")).read()
+    assert aps[0] == aps[1]
