@@ -1,7 +1,9 @@
 """Atomic file writing: results, checkpoints and weights are never left half-written; JSON is
 written strictly (RFC 8259: no bare ``NaN`` / ``Infinity``, which strict parsers reject)."""
 
+import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -140,3 +142,93 @@ def write_json_atomic(path: str, obj: Any, indent: Any = 2, **kwargs) -> str:
     """
     data = dumps_strict_json(obj, indent=indent, **kwargs).encode("utf-8")  # before the file is opened
     return atomic_write_bytes(path, data)
+
+
+class AtomicFile:
+    """A file opened for writing that reaches ``path`` only when closed without an error: the
+    content is kept in memory, then written by :func:`atomic_write_bytes` (free space checked,
+    :class:`DiskFullError` when there is none). For writers that open their own files
+    (Detectron2's evaluators, ``torch.save``), see :func:`atomic_opens`.
+
+    Args:
+        path: the final file.
+        mode: "w" (text, UTF-8) or "wb".
+    """
+
+    def __init__(self, path: str, mode: str = "wb"):
+        self.path = path
+        self.buffer = io.StringIO() if "b" not in mode else io.BytesIO()
+        self.closed = False
+
+    def write(self, data):
+        return self.buffer.write(data)
+
+    def __getattr__(self, name):  # seek, tell, flush, writelines ... of the buffer
+        return getattr(self.buffer, name)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            data = self.buffer.getvalue()
+            atomic_write_bytes(self.path, data.encode("utf-8") if isinstance(data, str) else data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.closed = True  # an interrupted write: nothing reaches ``path``
+
+
+@contextlib.contextmanager
+def atomic_opens(manager: Any, folder: str):
+    """Within the block, ``manager.open(path, "w"/"wb")`` of a path under ``folder`` returns an
+    :class:`AtomicFile`: files that a library writes in place (Detectron2's evaluators write
+    ``instances_predictions.pth`` and ``lvis_instances_results.json`` through iopath's
+    ``PathManager``) are written atomically, and a full disk is a :class:`DiskFullError`.
+
+    Args:
+        manager: an object with an ``open(path, mode, ...)`` method (iopath's ``PathManager``).
+        folder: the folder whose files are written atomically ("" or None: none).
+    """
+    if not folder:
+        yield
+        return
+    root = os.path.abspath(folder) + os.sep
+    original = manager.open
+    own = "open" in vars(manager)
+
+    def open_(path, mode="r", *args, **kwargs):
+        if isinstance(path, str) and mode in ("w", "wb") and os.path.abspath(path).startswith(root):
+            return AtomicFile(path, mode)
+        return original(path, mode, *args, **kwargs)
+
+    manager.open = open_
+    try:
+        yield
+    finally:
+        if own:
+            manager.open = original
+        else:
+            del manager.open  # the class's method again
+
+
+class SpaceCheckedStream:
+    """A writable text stream whose every ``write`` first checks that its folder has room for
+    the text (:func:`check_free_space`), so an append-only log (Detectron2's ``metrics.json``)
+    stops with a :class:`DiskFullError` before a partial line is written, not in the middle of one.
+    Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: IO, path: str):
+        self._stream = stream
+        self._folder = os.path.dirname(os.path.abspath(path))
+        self._name = os.path.basename(path)
+
+    def write(self, text: str) -> int:
+        check_free_space(self._folder, len(text.encode("utf-8")) + 4096, self._name)  # + a page for the file system
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

@@ -35,7 +35,7 @@ from ..data.build import build_regionspot_test_loader, build_regionspot_train_lo
 from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
 from ..filter_report import FilterReport, FilterReportEvaluator
-from ..io import write_json_atomic
+from ..io import SpaceCheckedStream, write_json_atomic
 from ..modeling.text_classifier import vocabulary_from_config
 from .launch import restart_count, wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
@@ -82,6 +82,13 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
             return super().step(closure=closure)
 
     return FullModelClipped
+
+
+def space_checked(writer: JSONWriter) -> JSONWriter:
+    """Detectron2's ``JSONWriter`` whose lines are written only where there is room for them: a
+    full disk is a :class:`~regionspot.io.DiskFullError` naming the folder, not a partial line."""
+    writer._file_handle = SpaceCheckedStream(writer._file_handle, writer._file_handle.name)
+    return writer
 
 
 def unwrap(model):
@@ -195,7 +202,7 @@ class RegionSpotTrainer(DefaultTrainer):
 
     def build_writers(self):
         writers = [ProgressWriter(self.max_iter, self.cfg.SOLVER.IMS_PER_BATCH),
-                   JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+                   space_checked(JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")))]
         try:
             from detectron2.utils.events import TensorboardXWriter
 
