@@ -96,7 +96,7 @@ def test_killed_rank_is_restarted_and_the_run_finishes(tmp_path, sam_path, clip_
     checkpoint without ``--resume`` and ends at the configured iteration."""
     out = str(tmp_path / "run")
     cmd = [sys.executable, "train_net.py", "--num-gpus", "2", "--max-restarts", "1",
-           *_opts(out, sam_path, clip_path, 40, "SOLVER.CHECKPOINT_PERIOD", "5")]
+           *_opts(out, sam_path, clip_path, 25, "SOLVER.CHECKPOINT_PERIOD", "5")]
     proc, pid = _start_and_kill_rank0(tmp_path, out, cmd, "model_0000004.pth")
     stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]

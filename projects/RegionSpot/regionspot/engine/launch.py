@@ -206,7 +206,13 @@ def run_in_group(main_func, args=(), timeout: timedelta = DEFAULT_TIMEOUT):
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+    # env:// through the launcher's store, under a prefix of this start: the elastic agent keeps
+    # its store across restarts, and a restarted gloo group must not read the dead group's
+    # addresses (it would wait to connect to them)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"regionspot/start_{restart_count()}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
     _set_local_group(world_size, per_machine, int(os.environ.get("GROUP_RANK", dist.get_rank() // per_machine)))
     comm.synchronize()
     try:
