@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO
 from regionspot.data import token_cache as tc
+from small_disk import small_disks
 from test_token_cache import image_tensor, make_dataset
 
 TOOL = os.path.join(REPO, "tools", "extract_sam_tokens.py")
@@ -298,3 +299,55 @@ def test_existing_cache_foreign_or_stale_is_refused_then_overwrite_rebuilds(tool
     os.remove(out / "tok_stale" / "manifest.json")
     assert tool.main(args + ["--finalize"] + opts) == 0
     assert "manifest.json: 2 of 2 images, 3 boxes, 2 shards; complete" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from small_disks(tmp_path)
+
+
+def test_disk_full_then_rerun_gives_the_clean_cache(sam_path, data, reference_cache, identity, tmp_path, small_disk):
+    """A disk too small for the cache: one error line (folder, bytes needed, bytes free), exit 2,
+    finished shards kept and no partial file; with room, a rerun completes the cache, equal to
+    an uninterrupted run's (up to float rounding: the batches differ after the resume)."""
+    disk = small_disk(16 * 1024)  # a few shards of one image (2.5-7 KB each) fit, not all five
+    directory = os.path.join(disk.folder, "tok_full")
+    cmd = _cli(sam_path, data, disk.folder, "--shard-size", "1", "--batch-size", "2", dataset="tok_full")
+    env = disk.env(DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"extract_sam_tokens.py: error: no space left in {os.path.realpath(directory)} for "), \
+        proc.stderr[-2000:]  # a shard, or the manifest / progress file written after each shard
+    assert "it needs " in last and "bytes are free" in last
+    kept = sorted(f for f in os.listdir(directory) if f.startswith("shard-"))
+    assert len(kept) < 5 and not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+
+    disk.resize(1 << 20)
+    proc = subprocess.run(cmd, env=disk.env(DETECTRON2_DATASETS=str(tmp_path / "datasets")), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{len(kept)} already cached in {len(kept)} shards" in proc.stdout
+    assert set(kept) <= set(os.listdir(directory))  # the finished shards were kept, not rewritten
+    assert_same_cache(reference_cache, disk.folder, "tok_synth", "tok_full", data[2], identity)
+    tc.SamTokenCache(disk.folder, "tok_full", identity).verify(data[2])
+
+
+def test_two_processes_under_torchrun(sam_path, data, reference_cache, identity, tmp_path):
+    """``torchrun --nproc-per-node 2``: the two processes join one group (before: two one-process
+    runs over the whole dataset) and write the same cache as ``--num-gpus 2``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *_cli(sam_path, data, tmp_path, "--shard-size", "2", dataset="tok_torchrun")[1:]]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("to extract with 2 process(es)") == 1
+    directory = tmp_path / "tok_torchrun"
+    report = json.load(open(directory / "last_run.json"))
+    assert sorted((s["rank"], s["images"]) for s in report["summaries"]) == [(0, 3), (1, 2)] and report["complete"]
+    ref = tc.SamTokenCache(reference_cache, "tok_synth", identity)
+    got = tc.SamTokenCache(str(tmp_path), "tok_torchrun", identity)
+    for r in data[2]:
+        for flip in (False, True):
+            (ta, ba), (tb, bb) = ref.lookup_record(r, flip), got.lookup_record(r, flip)
+            assert torch.equal(ba, bb) and torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ Files are written atomically (temporary file, then rename), so an interrupted sa
 leaves a truncated checkpoint behind.
 """
 
+import io
 import os
 from typing import Dict
 
@@ -22,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from .io import atomic_write
+from .io import atomic_write_bytes
 
 HEAD_PREFIX = "head."
 # Released layout: the core module is `self.model`, holding the head and the frozen encoders.
@@ -112,7 +113,12 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         self._source = None
 
     def save(self, name: str, **kwargs) -> None:
-        """Write ``<save_dir>/<name>.pth`` atomically: head weights, checkpointables, ``kwargs``."""
+        """Write ``<save_dir>/<name>.pth`` atomically: head weights, checkpointables, ``kwargs``.
+
+        Raises:
+            DiskFullError: no room for the file (checked before writing; the message names the
+                folder, the bytes needed and free); ``last_checkpoint`` still names the previous one.
+        """
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": {HEAD_PREFIX + k: v for k, v in self.model.head.state_dict().items()},
@@ -123,13 +129,15 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        atomic_write(path, lambda f: torch.save(data, f), "wb")
+        buffer = io.BytesIO()  # the size is known before the disk is touched; a full disk is
+        torch.save(data, buffer)  # a DiskFullError, not torch's "unexpected pos" zip error
+        atomic_write_bytes(path, buffer.getvalue())
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically record the newest checkpoint's name in ``<save_dir>/last_checkpoint``."""
         path = os.path.join(self.save_dir, "last_checkpoint")
-        atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+        atomic_write_bytes(path, last_filename_basename.encode("utf-8"))
 
     def load(self, path: str, checkpointables=None):
         """Load ``path`` (see :meth:`_load_model`); a missing local file is a clear error."""

@@ -165,6 +165,10 @@ def add_regionspot_config(cfg: CN) -> None:
     # "auto": the GPU when there is one, else the CPU (with a notice); "cuda", "cuda:1", "cpu"
     # ask for that device and are an error if it is not there.
     cfg.MODEL.DEVICE = "auto"
+    # Minutes a process waits in a collective (all-reduce, barrier, all-gather) before the
+    # process group gives up: the longest a job hangs when a rank dies without the launcher
+    # noticing (torch's default for gloo and NCCL is 30).
+    cfg.DIST_TIMEOUT_MINUTES = 30
 
 
 class ConfigError(ValueError):

@@ -35,9 +35,9 @@ from ..data.build import build_regionspot_test_loader, build_regionspot_train_lo
 from ..evaluation import RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator
 from ..evaluation.protocol import evaluation_protocol
 from ..filter_report import FilterReport, FilterReportEvaluator
-from ..io import write_json_atomic
+from ..io import SpaceCheckedStream, write_json_atomic
 from ..modeling.text_classifier import vocabulary_from_config
-from .launch import wrap_ddp
+from .launch import restart_count, wrap_ddp
 from .train_loop import MixedPrecisionTrainer, ProgressWriter
 
 logger = logging.getLogger("regionspot")
@@ -84,6 +84,13 @@ def with_full_model_clipping(optimizer_cls, max_norm: float):
     return FullModelClipped
 
 
+def space_checked(writer: JSONWriter) -> JSONWriter:
+    """Detectron2's ``JSONWriter`` whose lines are written only where there is room for them: a
+    full disk is a :class:`~regionspot.io.DiskFullError` naming the folder, not a partial line."""
+    writer._file_handle = SpaceCheckedStream(writer._file_handle, writer._file_handle.name)
+    return writer
+
+
 def unwrap(model):
     """The RegionSpot module inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
@@ -125,8 +132,17 @@ class RegionSpotTrainer(DefaultTrainer):
         return self._trainer.data_loader.batch_sampler
 
     def resume_or_load(self, resume: bool = True):
-        """Detectron2's resume, then the data order continues where the checkpoint left it."""
-        super().resume_or_load(resume=resume)
+        """Detectron2's resume, then the data order continues where the checkpoint left it.
+
+        After an elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0, :func:`restart_count`) the
+        run always resumes from ``OUTPUT_DIR``'s last complete checkpoint, and says from which
+        iteration."""
+        restarts = restart_count()
+        super().resume_or_load(resume=resume or restarts > 0)
+        if restarts:
+            logger.warning("elastic restart %d: resuming from iteration %d (%s)", restarts, self.start_iter,
+                           self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint()
+                           else "no checkpoint yet: from the start")
         self.train_sampler.set_start_iter(self.start_iter)
         # Detectron2 0.6 starts the loader's iterator when the step object is built: restart it.
         self._trainer._data_loader_iter = iter(self._trainer.data_loader)
@@ -186,7 +202,7 @@ class RegionSpotTrainer(DefaultTrainer):
 
     def build_writers(self):
         writers = [ProgressWriter(self.max_iter, self.cfg.SOLVER.IMS_PER_BATCH),
-                   JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+                   space_checked(JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")))]
         try:
             from detectron2.utils.events import TensorboardXWriter
 

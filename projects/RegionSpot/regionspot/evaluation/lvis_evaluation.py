@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils.file_io import PathManager
 
-from ..io import atomic_write, dumps_strict_json
+from ..io import atomic_opens, atomic_write, dumps_strict_json
 from ..structures import SharedMasks
 from .fast_lvis import LVISFormatError, check_evaluator_backend, check_lvis_format, evaluate_predictions_on_lvis_fast
 from .mask_annotations import fill_missing_masks_with_boxes, mask_annotation_counts, no_masks_message
@@ -163,9 +164,13 @@ class _RegionSpotOutputs:
             self._predictions.append(prediction)
 
     def evaluate(self):
+        """Detectron2's ``evaluate``, with its output files (``instances_predictions.pth``, the
+        results JSON) written atomically: never a partial file under the final name, and a
+        full disk is one :class:`~regionspot.io.DiskFullError` naming the folder."""
         if self.protocol:
             logger.info("Evaluating with protocol: %s", self.protocol)
-        return super().evaluate()
+        with atomic_opens(PathManager, self._output_dir):
+            return super().evaluate()
 
 
 class RegionSpotLVISEvaluator(_RegionSpotOutputs, LVISEvaluator):

@@ -24,15 +24,18 @@ defaults to the config's ``MODEL.REGIONSPOT.TOKEN_CACHE_DIR`` (the key training 
   dataset's cache files first. An existing cache written with other SAM weights, token
   source or dtype, or whose boxes no longer match the dataset's annotations, is refused
   (one error line, exit 2) unless ``--overwrite``.
-- Several processes: ``--num-gpus N`` (RegionSpot's ``launch``, Detectron2's protocol; one process per GPU, or
-  N CPU processes with gloo on a machine without CUDA); rank r takes the images i with
-  i % world_size == r and writes its own shards; rank 0 writes ``manifest.json`` when all
-  have finished (``--finalize`` does it later, e.g. after separate jobs per machine).
+- Several processes: ``--num-gpus N`` (PyTorch's elastic agent through ``regionspot.engine.launch``;
+  one process per GPU, or N CPU processes with gloo on a machine without CUDA), or started by
+  ``torchrun --nproc-per-node N tools/extract_sam_tokens.py ...`` (several machines too); rank r
+  takes the images i with i % world_size == r and writes its own shards; rank 0 writes
+  ``manifest.json`` when all have finished (``--finalize`` does it later, e.g. after separate jobs per machine).
 - Progress: a tqdm bar on rank 0 (images, rate, ETA); at the end a summary (images, boxes,
   bytes, seconds, images/s) and the images that could not be read, which are skipped
-  (exit status 1 then). Bad input (unknown dataset, config without SAM weights, ...): one
-  ``extract_sam_tokens.py: error:`` line, exit 2 (``--debug``: with the traceback). The last
-  run's summary is also written to ``<output dir>/<dataset>/last_run.json``.
+  (exit status 1 then). A full disk stops the run with one line naming the folder, the bytes
+  needed and free (exit 2); the finished shards stay, and a rerun with room continues. Bad
+  input (unknown dataset, config without SAM weights, ...): one ``extract_sam_tokens.py: error:``
+  line, exit 2 (``--debug``: with the traceback). The last run's summary
+  is also written to ``<output dir>/<dataset>/last_run.json``.
 - Log: the project's lines (SAM loaded, ...) on the console (rank 0) and in
   ``<output dir>/<dataset>/log.txt`` (``log.txt.rank<N>`` for the other ranks).
 
@@ -354,7 +357,22 @@ def format_summary(summaries: Sequence[Mapping], manifest: Mapping, seconds: flo
 
 def _launched_main(options: Dict[str, Any]) -> None:
     """Per-process entry point (``regionspot.engine.launch``): load SAM, extract this rank's share,
-    then rank 0 writes the manifest, prints the summary and the run report."""
+    then rank 0 writes the manifest, prints the summary and the run report. A full disk in one
+    of several processes is one error line from that process and exit status 2."""
+    from detectron2.utils import comm
+
+    from regionspot.io import DiskFullError
+
+    try:
+        _extract_in_process(options)
+    except DiskFullError as e:  # one line from the rank that hit it; the launcher ends the others
+        if comm.get_world_size() <= 1:
+            raise  # one process: run_tool reports it
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _extract_in_process(options: Dict[str, Any]) -> None:
     import torch
     from detectron2.utils import comm
 
@@ -416,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from regionspot.cli import setup_logging
     from regionspot.data import token_cache as tc
-    from regionspot.engine.launch import launch
+    from regionspot.engine.launch import JobFailed, env_rank, env_world_size, launch, under_torchrun
 
     started = time.perf_counter()
     for name in ("batch_size", "shard_size", "num_gpus", "num_machines"):
@@ -430,6 +448,9 @@ def run(args: argparse.Namespace) -> int:
     records = dataset_records(args.dataset, args.register)
     directory = os.path.join(cache_dir, args.dataset)
     setup_logging(directory)  # <directory>/log.txt, once the dataset is known to exist
+    if args.overwrite and env_world_size() > 1:
+        raise ToolError("--overwrite deletes the cache while other torchrun processes read it: run it in one "
+                        "process first (or use --num-gpus)")
     if args.overwrite:
         removed = remove_cache_files(directory) if os.path.isdir(directory) else 0
         print(f"--overwrite: removed {removed} cache files from {directory}")
@@ -446,19 +467,24 @@ def run(args: argparse.Namespace) -> int:
 
     shards = check_existing(cache_dir, args.dataset, identity, records)
     cached = {str(i) for s in shards for i in s.image_ids} & {str(i) for i in ids}
-    world = args.num_gpus * args.num_machines
-    print(f"SAM-token cache {directory}: {len(records)} images in {args.dataset}, {len(cached)} already cached in "
+    world = env_world_size() if under_torchrun() else args.num_gpus * args.num_machines
+    lead = env_rank() == 0  # the one process of a torchrun job that reports
+    if lead:
+        print(f"SAM-token cache {directory}: {len(records)} images in {args.dataset}, {len(cached)} already cached in "
           f"{len(shards)} shards, {len(records) - len(cached)} to extract with {world} process(es) on "
           f"{cfg.MODEL.DEVICE} ({identity.token_dim}-d {identity.token_source} tokens, {identity.dtype}, "
           f"shard size {args.shard_size}, batch size {args.batch_size})", flush=True)
     if len(cached) == len(records):  # nothing to extract: no SAM, no processes
+        if not lead:
+            return 0
         try:
             manifest = tc.finalize_cache(cache_dir, args.dataset, identity, ids)
         except tc.TokenCacheError as e:
             raise ToolError(str(e)) from e
         print(format_summary([], manifest, time.perf_counter() - started), flush=True)
         return 0 if manifest["complete"] else 1
-    run_id = uuid.uuid4().hex
+    run_id = (os.environ.get("TORCHELASTIC_RUN_ID", "") + os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+              if under_torchrun() else uuid.uuid4().hex)  # the same in every process of a torchrun job
     options = {"config_file": args.config_file, "opts": list(args.opts), "dataset": args.dataset,
                "register": [list(r) for r in args.register], "cache_dir": cache_dir,
                "identity": identity.to_dict(), "shard_size": args.shard_size, "batch_size": args.batch_size,
@@ -467,9 +493,14 @@ def run(args: argparse.Namespace) -> int:
     dist_url = args.dist_url
     if dist_url == "auto" and args.num_machines > 1:
         raise ToolError("--dist-url is required with --num-machines > 1 (e.g. tcp://HOST:PORT)")
-    launch(_launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=dist_url, args=(options,))
-    if args.machine_rank != 0:
+    try:
+        launch(_launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=dist_url, args=(options,))
+    except JobFailed as e:  # a process failed: its own error is printed above unless it died by a signal
+        if e.exit_code != 2:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.machine_rank != 0 or not lead:
         return 0
     try:
         with open(os.path.join(directory, REPORT), "r", encoding="utf-8") as f:

@@ -15,24 +15,29 @@ an RPN or SAM's automatic masks as proposals (the bundled eval_lvis_{gt,glip,rpn
 Your own COCO- or LVIS-format dataset, its vocabulary from its categories:
     regionspot-train --config-file regionspot_bl.yaml --eval-only \
         --register mydata mydata.json images/ MODEL.WEIGHTS W DATASETS.TEST "('mydata',)"
-Several processes (one per GPU; gloo processes on a machine without GPUs) and machines:
+Several processes (one per GPU; gloo processes on a machine without GPUs) and machines, through
+PyTorch's elastic agent (--max-restarts K restarts the group from the last checkpoint if a rank dies):
     regionspot-train --config-file regionspot_bl_stage2.yaml --num-gpus 8 \
         --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:29500
+or started by torchrun (docs/training.md: several machines, SLURM):
+    torchrun --nproc-per-node 8 --max-restarts 2 -m regionspot.tools.train_net --config-file regionspot_bl_stage2.yaml
 """
 
 import fnmatch
 import logging
 import os
 import sys
+from datetime import timedelta
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.cli import USER_ERRORS, add_debug_argument, report_user_error, run_entry_point, setup_logging
+from regionspot.cli import USER_ERRORS, add_debug_argument, report_user_error, setup_logging
 from regionspot.config import load_config
 from regionspot.data.datasets.user import add_register_argument, register_from_args
-from regionspot.engine.launch import launch
+from regionspot.engine.launch import DEFAULT_TIMEOUT, JobFailed, env_rank, launch, under_torchrun
+from regionspot.engine.output_lock import lock_output_dir
 from regionspot.engine.trainer import RegionSpotTrainer as Trainer
 from regionspot.model_zoo import resolve_config_file
 from regionspot.modeling.weights import require_file
@@ -122,6 +127,10 @@ def setup(args):
     setup_logging(names=("regionspot",))  # the console, from the first line
     cfg = check_inputs(args)
     cfg.freeze()
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 0:  # one job per OUTPUT_DIR, refused before anything is written
+        lock_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)  # Detectron2's and fvcore's loggers, OUTPUT_DIR/log.txt, config.yaml
     setup_logging(cfg.OUTPUT_DIR, names=("regionspot",))
     return cfg
@@ -180,6 +189,9 @@ class _Parser:
         self.parser.add_argument("--untrained-head", action="store_true",
                                  help="with --eval-only and an empty MODEL.WEIGHTS: evaluate a randomly initialised "
                                       "head on purpose (otherwise refused)")
+        self.parser.add_argument("--max-restarts", type=int, default=0,
+                                 help="restart all processes from the last checkpoint up to this many times when one "
+                                      "dies (PyTorch's elastic agent, as torchrun's --max-restarts)")
 
     def parse_args(self, argv=None):
         args = self.parser.parse_args(argv)
@@ -210,23 +222,26 @@ def run(argv=None) -> int:
     """The command line: parse, check the inputs once in this process, then launch the job.
     An input error is one line on stderr and exit code 2 (the traceback with ``--debug``),
     prefixed with the command's name as typed (``regionspot-train`` or ``train_net.py``)."""
-    import torch.multiprocessing as mp
-
     args = get_parser().parse_args(argv)
     args.prog = _prog()
-    print("Command Line Args:", args)
-    if args.num_gpus * args.num_machines > 1:
-        # caught here once, not in every process
-        code = run_entry_point(lambda: check_inputs(args) and None, args.prog, args.debug)
-        if code:
-            return code
+    if env_rank() == 0:
+        print("Command Line Args:", args)
+    timeout = DEFAULT_TIMEOUT
+    if args.num_gpus * args.num_machines > 1 or args.max_restarts > 0 or under_torchrun():
+        # caught here once, not in every process (under torchrun: reported by rank 0 only)
+        try:
+            timeout = timedelta(minutes=check_inputs(args).DIST_TIMEOUT_MINUTES)
+        except USER_ERRORS as e:
+            return report_user_error(args.prog, e, args.debug) if env_rank() == 0 else 2
     try:
         launch(worker_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+               dist_url=args.dist_url, args=(args,), max_restarts=args.max_restarts, timeout=timeout)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
-    except mp.ProcessExitedException as e:  # a worker ended with an exit code (its error is printed)
-        return e.exit_code or 1
+    except JobFailed as e:  # a worker failed: its error is printed above unless it died by a signal
+        if e.exit_code != 2:
+            print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except USER_ERRORS as e:  # the launcher's own checks (--dist-url, --num-gpus)
         return report_user_error(args.prog, e, args.debug)
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ...io import atomic_write, write_json_atomic
+from ...io import atomic_write_bytes, write_json_atomic
 from .identity import CacheIdentity, check_shard_metadata
 from .layout import (
     CACHE_FORMAT,
@@ -110,7 +110,7 @@ class ShardWriter:
                     "image_ids": json.dumps(ids), "num_boxes": str(num_boxes)}
         data = save(tensors, metadata=metadata)
         name = f"shard-r{self.rank:05d}-{self._next:06d}.safetensors"
-        atomic_write(os.path.join(self.directory, name), lambda f: f.write(data))
+        atomic_write_bytes(os.path.join(self.directory, name), data)  # a full disk: DiskFullError, no shard
         record = ShardRecord(name, self.rank, len(data), hashlib.sha256(data).hexdigest(), num_boxes, ids)
         self._next += 1
         self._pending = []
