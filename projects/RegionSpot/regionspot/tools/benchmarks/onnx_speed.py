@@ -28,8 +28,6 @@ import tempfile
 import time
 from typing import Dict
 
-from regionspot.tools.common import REPO
-
 SUMMARY = "ONNX Runtime (regionspot.deploy) vs the PyTorch CPU path, float32 and bfloat16, and the export time"
 
 VARIANTS = {"small": ("tiny", "tiny"), "bb": ("vit_b", "ViT-B/16"), "bl": ("vit_b", "ViT-L/14")}
@@ -45,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch and of ONNX Runtime")
     parser.add_argument("--gpu-providers", action="store_true",
                         help="also time the GPU execution providers the installed onnxruntime has")
-    parser.add_argument("--weights-dir", default=os.path.join(REPO, "output", "benchmark_onnx_weights"),
-                        help="where the random weights are written once")
-    parser.add_argument("--output", default=os.path.join(REPO, "output", "benchmark_onnx.json"),
+    parser.add_argument("--weights-dir", default=os.path.join("output", "benchmark_onnx_weights"),
+                        help="where the random weights are written once (default under the current folder)")
+    parser.add_argument("--output", default=os.path.join("output", "benchmark_onnx.json"),
                         help="JSON file for the figures")
 
 
@@ -55,6 +53,7 @@ def _predictor(args, precision: str):
     import torch
 
     from regionspot.config import load_config
+    from regionspot.model_zoo import get_config_file
     from regionspot.predictor import RegionSpotPredictor
     from regionspot.testing.random_backbones import write_random_clip, write_random_sam
 
@@ -68,7 +67,7 @@ def _predictor(args, precision: str):
     if not os.path.exists(clip):
         write_random_clip(clip, clip_preset, seed=args.seed)
     size = 256 if sam_preset == "tiny" else 1024
-    cfg = load_config(os.path.join(REPO, "configs", "regionspot_sample_cpu.yaml"), [
+    cfg = load_config(get_config_file("regionspot_sample_cpu.yaml"), [
         "MODEL.REGIONSPOT.SAM_WEIGHTS", sam, "MODEL.REGIONSPOT.CLIP_WEIGHTS", clip,
         "MODEL.REGIONSPOT.SAM_INPUT_SIZE", str(size), "MODEL.REGIONSPOT.TEXT_CACHE_DIR", os.path.join(folder, "text"),
         "MODEL.REGIONSPOT.ENCODER_PRECISION", precision, "MODEL.DEVICE", "cpu"])
