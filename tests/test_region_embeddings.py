@@ -166,3 +166,14 @@ def test_text_search_checks_the_vision_language_model_only(export, tmp_path):
     assert search_with({"localizer": "sam2:sam2.1_hiera_s", "vl_model": vl_model}).returncode == 0
     refused = search_with({"localizer": "sam", "vl_model": "open_clip:ViT-B-16"})
     assert refused.returncode == 2 and "vision-language model 'open_clip:ViT-B-16'" in refused.stderr
+
+
+def test_under_torchrun_with_several_processes_the_export_is_refused_in_one_line(export, tmp_path):
+    """Two processes of the export would write the same files: refused before anything is read."""
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="x", LOCAL_RANK="0", RANK="0", WORLD_SIZE="2", GROUP_RANK="0",
+               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    run = subprocess.run(export["base"] + ["--input", str(export["folder"] / "in" / "*"), "--output",
+                                           str(tmp_path / "out"), "--opts"] + export["opts"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert run.returncode == 2 and "WORLD_SIZE=2" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

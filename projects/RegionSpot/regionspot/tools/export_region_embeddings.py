@@ -293,7 +293,11 @@ def search(args) -> int:
 
 def run(args) -> int:
     from regionspot.data.datasets.user import register_from_args
+    from regionspot.engine.launch import env_world_size
 
+    if env_world_size() > 1:  # every process would write the same files: one export is one process
+        raise ToolError(f"started by torchrun with WORLD_SIZE={env_world_size()}: the export runs in one process "
+                        "(its files are written once); run it without torchrun, or with --nproc-per-node 1")
     register_from_args(args.register)
     if args.search:
         return search(args)
