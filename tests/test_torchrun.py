@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from regionspot.engine.launch import _free_port
@@ -152,4 +153,8 @@ def test_evaluation_under_torchrun_equals_one_process(tmp_path, sam_path, clip_p
         with open(os.path.join(out, "inference", folder, "metrics.json")) as f:
             aps.append(json.load(f)["results"]["bbox"])
     assert "World size: 2" in open(os.path.join(str(tmp_path / "two"), "log.txt")).read()
-    assert aps[0] == aps[1]
+    # the same images through the same model, one thread per process either way: equal up to the
+    # scores' float rounding, which could reorder a near-tie (a lost or doubled image moves AP by points)
+    assert aps[0].keys() == aps[1].keys()
+    for key, value in aps[0].items():
+        assert (aps[1][key] is None) if value is None else aps[1][key] == pytest.approx(value, abs=0.05), key
