@@ -152,7 +152,15 @@ def test_exported_predictions_equal_the_pytorch_predictors(pair):
                 text_b = ours.text_embeddings_for(vocabulary)
                 np.testing.assert_allclose(scale * b.embeddings @ text_b.T, scale * a.embeddings.numpy() @ text_a.T,
                                            atol=TOL, rtol=0, err_msg=f"logits, {what}")
-                assert b.labels == a.labels, what
+                # the same top-1 label for every box, except where the reference's two best classes lie
+                # within the tolerance (a tie at float rounding, which another CPU may break either way):
+                # there the deployed label must be one of the tied ones
+                probs = a.probabilities.numpy()
+                best = probs.max(axis=1)
+                for i, (got, expected) in enumerate(zip(b.labels, a.labels)):
+                    if got != expected:
+                        tied = {vocabulary[j] for j in np.flatnonzero(probs[i] >= best[i] - 2 * TOL)}
+                        assert len(tied) > 1 and got in tied, (what, i, got, expected)
                 np.testing.assert_allclose(b.probabilities, a.probabilities.numpy(), atol=TOL, rtol=0, err_msg=what)
                 np.testing.assert_allclose(b.boxes, a.boxes.numpy(), atol=1e-3, rtol=0, err_msg=what)
                 masks_a, masks_b = a.masks.numpy(), b.masks
