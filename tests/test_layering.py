@@ -47,7 +47,7 @@ PACKAGE = "regionspot"
 # for that module and everything under it. Parts of one layer are peers: they import only lower layers.
 LAYERS: Tuple[Tuple[Tuple[str, ...], ...], ...] = (
     (("io", "transforms", "proposal_sources", "filter_report", "structures", "weights_files", "checkpoint",
-      "config_defaults", "environment", "model_zoo"),),
+      "config_defaults", "environment", "model_zoo", "input_checks"),),
     (("data",), ("evaluation",)),
     (("modeling",),),
     (("config",),),

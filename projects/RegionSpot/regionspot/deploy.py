@@ -33,16 +33,13 @@ import numpy as np
 
 from .data.vocabularies import check_vocabulary, clean_class_name, names_for_text
 from .filter_report import FilterReport
+from .input_checks import InputError, check_image_array
+from .input_checks import check_box_array as check_boxes
 from .predictions import RegionPredictions
 
-BOX_TOLERANCE_PX = 1.0  # as regionspot.data.validation: a box may overhang by this much (clipped)
 BOX_CHUNK = 64  # boxes per prompt-decoder call (each holds a copy of the image embedding)
 TEXT_BATCH = 256  # prompts per text-tower call
 TEXT_EMBEDDINGS_KEPT = 8
-
-
-class InputError(ValueError):
-    """An image or boxes given to the predictor are not usable; the message names them."""
 
 
 def _import_onnxruntime():
@@ -75,36 +72,6 @@ def resize_uint8(image: np.ndarray, h: int, w: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-
-def check_boxes(boxes, image_size, what: str = "boxes") -> np.ndarray:
-    """(N, 4) XYXY pixel boxes of an (H, W) image, validated as the PyTorch predictor validates
-    them, clipped to the image. Returns (N, 4) float32.
-
-    Raises:
-        InputError: wrong shape, NaN, zero area, or more than 1 px outside the image.
-    """
-    try:
-        b = np.asarray(boxes, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be an (N, 4) array of XYXY pixel boxes, got {boxes!r:.80}") from None
-    if b.size == 0:
-        return b.reshape(0, 4)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise InputError(f"{what} must be an (N, 4) array of XYXY pixel boxes, got shape {b.shape}")
-    h, w = image_size
-    for i, box in enumerate(b):
-        if not np.isfinite(box).all():
-            raise InputError(f"{what}: box {i} {box.tolist()} contains NaN or infinity")
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise InputError(f"{what}: box {i} {box.tolist()} has zero area (expected XYXY with x1 > x0, y1 > y0)")
-        t = BOX_TOLERANCE_PX
-        if box[0] < -t or box[1] < -t or box[2] > w + t or box[3] > h + t:
-            raise InputError(f"{what}: box {i} {box.tolist()} lies outside the {w}x{h} (WxH) image")
-    b = b.copy()
-    b[:, 0::2] = b[:, 0::2].clip(0, w)
-    b[:, 1::2] = b[:, 1::2].clip(0, h)
-    return b
 
 
 class ClipTokenizer:
@@ -286,15 +253,8 @@ class OnnxRegionSpotPredictor:
         Raises:
             InputError: not an (H, W, 3) uint8 array, or an unknown ``image_format``.
         """
-        if image_format not in ("RGB", "BGR"):
-            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(f"image must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
-        if image_format == "BGR":
-            image = image[..., ::-1]
+        image = check_image_array(image, image_format)
         self.reset_image()
-        image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
         resize = self.manifest["image_resize"]
         rh, rw = shortest_edge_size(h, w, resize["min_size"], resize["max_size"])

@@ -28,6 +28,7 @@ from .checkpoint import RegionSpotCheckpointer
 from .data.validation import InputError, check_boxes
 from .data.vocabularies import check_vocabulary
 from .filter_report import FilterReport
+from .input_checks import check_image_array
 from .predictions import RegionPredictions
 from .predictor_inputs import (  # noqa: F401 (PREDICTOR_SOURCES and the checks: re-exported, demo/demo.py)
     PREDICTOR_SOURCES,
@@ -173,13 +174,7 @@ class RegionSpotPredictor:
         Raises:
             InputError: not an (H, W, 3) uint8 array, or an unknown ``image_format``.
         """
-        if image_format not in ("RGB", "BGR"):
-            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(f"image must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
-        if image_format == "BGR":
-            image = image[..., ::-1]
+        image = check_image_array(image, image_format)
         self.reset_image()
         transform = self.resize.get_transform(image)  # the test mapper's resize
         resized = transform.apply_image(image)

@@ -5,23 +5,19 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-# A box may overhang the image by this many pixels (rounding in annotation tools); it is clipped.
-BOX_TOLERANCE_PX = 1.0
-
-
-class InputError(ValueError):
-    """An image or box given to RegionSpot is not usable; the message names it."""
+from ..input_checks import BOX_TOLERANCE_PX, InputError, check_box_array  # noqa: F401  (re-exported)
 
 
 def check_boxes(boxes, image_size: Tuple[int, int], what: str = "boxes") -> torch.Tensor:
-    """Validate region boxes and return them as a tensor clipped to the image.
+    """Validate region boxes and return them as a tensor clipped to the image
+    (:func:`~regionspot.input_checks.check_box_array`, which the ONNX Runtime predictor shares).
 
     Args:
-        boxes: (N, 4) array-like, XYXY_ABS pixels of an image of ``image_size`` = (H, W).
+        boxes: (N, 4) array-like or tensor, XYXY_ABS pixels of an image of ``image_size`` = (H, W).
         what: how to name the boxes in errors (e.g. ``"boxes of 'cat.jpg'"``).
 
     Returns:
-        (N, 4) float32 tensor, clipped to [0, W] x [0, H].
+        (N, 4) float32 tensor (on the device of a tensor ``boxes``), clipped to [0, W] x [0, H].
 
     Raises:
         InputError: wrong shape; NaN or infinite values; zero or negative width/height;
@@ -29,34 +25,9 @@ def check_boxes(boxes, image_size: Tuple[int, int], what: str = "boxes") -> torc
             names the first offending box by index.
     """
     if torch.is_tensor(boxes):
-        t = boxes.float()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(boxes, dtype=np.float32))
-        except (TypeError, ValueError):
-            shown = repr(boxes) if len(repr(boxes)) <= 80 else repr(boxes)[:77] + "..."
-            raise InputError(f"{what} must be an (N, 4) array of XYXY pixel boxes, got {shown}") from None
-    if t.numel() == 0:
-        return t.reshape(0, 4)
-    if t.dim() != 2 or t.shape[1] != 4:
-        raise InputError(f"{what} must be an (N, 4) array of XYXY pixel boxes, got shape {tuple(t.shape)}")
-    h, w = image_size
-    bad = ~torch.isfinite(t).all(dim=1)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise InputError(f"{what}: box {i} {t[i].tolist()} contains NaN or infinity")
-    empty = (t[:, 2] <= t[:, 0]) | (t[:, 3] <= t[:, 1])
-    if empty.any():
-        i = int(empty.nonzero()[0])
-        raise InputError(f"{what}: box {i} {t[i].tolist()} has zero area (expected XYXY with x1 > x0, y1 > y0)")
-    tol = BOX_TOLERANCE_PX
-    outside = (t[:, 0] < -tol) | (t[:, 1] < -tol) | (t[:, 2] > w + tol) | (t[:, 3] > h + tol)
-    if outside.any():
-        i = int(outside.nonzero()[0])
-        raise InputError(f"{what}: box {i} {t[i].tolist()} lies outside the {w}x{h} (WxH) image")
-    t[:, 0::2] = t[:, 0::2].clamp(0, w)
-    t[:, 1::2] = t[:, 1::2].clamp(0, h)
-    return t
+        checked = check_box_array(boxes.detach().float().cpu().numpy(), image_size, what)
+        return torch.from_numpy(checked).to(boxes.device)
+    return torch.from_numpy(check_box_array(boxes, image_size, what))
 
 
 def image_size(file_name: str) -> Tuple[int, int]:
