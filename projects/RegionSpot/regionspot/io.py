@@ -3,6 +3,7 @@ written strictly (RFC 8259: no bare ``NaN`` / ``Infinity``, which strict parsers
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import math
@@ -10,6 +11,16 @@ import os
 import shutil
 import tempfile
 from typing import IO, Any, Callable, Optional
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks (the token cache's shards, the exported
+    head's checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class DiskFullError(OSError):

@@ -23,7 +23,6 @@ under a temporary name beside the target and renamed at the end: a failed export
 What cannot be exported is refused with :class:`ExportRefused`, one line naming the part and why.
 """
 
-import hashlib
 import inspect
 import json
 import logging
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import write_json_atomic
+from .io import sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +192,6 @@ def _text_tokenizer(model) -> dict:
     return tables
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> Dict[str, str]:
     from importlib import metadata
 
@@ -346,7 +337,7 @@ def _write_folder(predictor, parts, tables: dict, names, work: str, log) -> dict
         "logit_scale": float(model.logit_scale),
         "text": text,
         "head": {"weights": os.path.basename(weights) if weights else "",
-                 "sha256": _sha256(weights) if weights and os.path.isfile(weights) else "untrained"},
+                 "sha256": sha256_file(weights) if weights and os.path.isfile(weights) else "untrained"},
         "versions": _versions(),
     }
     write_json_atomic(os.path.join(work, "manifest.json"), manifest)

@@ -3,7 +3,6 @@ dtypes, file names, the record of a finished shard, and the helpers every part o
 uses to name a dataset's folder, an image's tensors and a shard's header."""
 
 import dataclasses
-import hashlib
 import os
 from typing import Any, Dict, List, Optional
 
@@ -58,15 +57,6 @@ def cache_where(cache_dir: str, dataset_name: str) -> str:
 def image_key(image_id: Any) -> str:
     """The key of an image in shards and the index: ``str(image_id)`` (tensor names ``tokens/<key>``, ...)."""
     return str(image_id)
-
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_header(path: str):

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ...io import sha256_file
 from .compute import annotation_boxes
 from .identity import CacheIdentity, check_shard_metadata
 from .layout import (
@@ -24,7 +25,6 @@ from .layout import (
     cache_where,
     dataset_dir,
     image_key,
-    sha256_file,
 )
 
 

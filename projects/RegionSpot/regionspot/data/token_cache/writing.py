@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ...io import atomic_write_bytes, write_json_atomic
+from ...io import atomic_write_bytes, sha256_file, write_json_atomic
 from .identity import CacheIdentity, check_shard_metadata
 from .layout import (
     CACHE_FORMAT,
@@ -26,7 +26,6 @@ from .layout import (
     dataset_dir,
     image_key,
     read_header,
-    sha256_file,
 )
 
 
